@@ -1,0 +1,40 @@
+"""Agent types and the ``make_agent`` factory.
+
+``AGENT_TYPES`` maps a type name to its class; a new agent type is one class
+plus one line here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envs.agents.chat import ChatAgent
+from envs.agents.hf import HFAgent
+from envs.base import Agent
+from envs.tools.base import Tool
+
+AGENT_TYPES: dict[str, type[ChatAgent]] = {
+    "hf": HFAgent,
+}
+
+
+def make_agent(
+    agent_type: str,
+    tokenizer: Any,
+    tools: list[Tool],
+    template: str | None = None,
+    system_prompt: str | None = None,
+    prompt_key: str = "question",
+) -> Agent:
+    """An agent of ``agent_type`` rendering with ``template`` (default: the tokenizer's own).
+
+    ``prompt_key`` is the dataset field holding the question.
+    """
+    try:
+        cls = AGENT_TYPES[agent_type]
+    except KeyError:
+        raise KeyError(f"unknown agent type '{agent_type}'; known: {sorted(AGENT_TYPES)}") from None
+    return cls(tokenizer, tools, template=template, system_prompt=system_prompt, prompt_key=prompt_key)
+
+
+__all__ = ["AGENT_TYPES", "ChatAgent", "HFAgent", "make_agent"]

@@ -1,0 +1,57 @@
+"""Tool registry: names (and aliases) to ``Tool`` objects; dotted paths for user tools.
+
+``get_tool`` resolves, in order: the alias table ``TOOL_ALIASES``; the registry
+(built-in tools register themselves when ``envs.tools`` is imported); a dotted
+path ``my_pkg.my_tools:my_tool`` or ``my_pkg.my_tools.my_tool`` naming a
+``Tool`` (or a plain function, which is wrapped with ``@tool``).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from envs.tools.base import Tool, tool
+
+TOOL_ALIASES: dict[str, str] = {
+    "python_executor": "code_interpreter",
+    "python": "code_interpreter",
+    "google_search": "search",
+}
+"""Other frameworks' names for our built-in tools (AgentFly, verl, prime-rl configs)."""
+
+_REGISTRY: dict[str, Tool] = {}
+
+
+def register_tool(t: Tool, *, name: str | None = None) -> Tool:
+    """Add ``t`` under ``name`` (default ``t.name``); re-registering a name is an error."""
+    key = name or t.name
+    if key in _REGISTRY and _REGISTRY[key] is not t:
+        raise ValueError(f"tool name '{key}' is already registered")
+    if key in TOOL_ALIASES:
+        raise ValueError(f"tool name '{key}' is an alias of '{TOOL_ALIASES[key]}'")
+    _REGISTRY[key] = t
+    return t
+
+
+def registered_tools() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_tool(name: str) -> Tool:
+    """The ``Tool`` for a registered name, an alias, or a dotted path."""
+    key = TOOL_ALIASES.get(name, name)
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    if ":" in key or "." in key:
+        module_name, sep, attr = key.partition(":") if ":" in key else key.rpartition(".")
+        module = importlib.import_module(module_name)
+        try:
+            obj = getattr(module, attr)
+        except AttributeError:
+            raise KeyError(f"module '{module_name}' has no tool '{attr}'") from None
+        if isinstance(obj, Tool):
+            return obj
+        if callable(obj):
+            return tool(obj)
+        raise TypeError(f"'{name}' is a {type(obj).__name__}, not a Tool or function")
+    raise KeyError(f"unknown tool '{name}'; registered: {registered_tools()}, aliases: {sorted(TOOL_ALIASES)}")

@@ -1,0 +1,184 @@
+import asyncio
+import sys
+import textwrap
+
+import pytest
+
+from envs.base import ToolResult
+from envs.tools import CHARS_PER_TOKEN, Tool, get_tool, register_tool, tool, truncate
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def call(t: Tool, timeout_s: float = 5.0, max_output_tokens: int = 100, count_tokens=None, **arguments) -> ToolResult:
+    return run(t.call(arguments, timeout_s=timeout_s, max_output_tokens=max_output_tokens, count_tokens=count_tokens))
+
+
+def test_schema_from_signature_hints_and_docstring():
+    @tool
+    def lookup(query: str, k: int = 3, exact: bool | None = None, tags: list[str] | None = None) -> str:
+        """Find things.
+
+        Args:
+            query: What to look for.
+            k: How many results,
+                at most 10.
+        """
+        return query
+
+    assert lookup.name == "lookup"
+    assert lookup.schema == {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "description": "Find things.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "query": {"type": "string", "description": "What to look for."},
+                    "k": {"type": "integer", "description": "How many results, at most 10."},
+                    "exact": {"type": "boolean"},
+                    "tags": {"type": "array", "items": {"type": "string"}},
+                },
+                "required": ["query"],
+            },
+        },
+    }
+
+
+def test_calculator_results():
+    calc = get_tool("calculator")
+    assert call(calc, expression="123*45").text == "5535"
+    assert call(calc, expression="10/4").text == "2.5"
+    assert call(calc, expression="10/2").text == "5"
+    assert call(calc, expression="-(3+4)*2").text == "-14"
+    assert call(calc, expression="7//2 + 7%2").text == "4"
+    assert call(calc, expression="2**10").text == "1024"
+    assert call(calc, expression=" 1.5 * 2 ").text == "3"
+
+
+@pytest.mark.parametrize(
+    "expression",
+    ["__import__('os').system('true')", "1/0", "2**100000", "9**9**9", "'a'*3", "x+1", "1 if 1 else 2", "True+1", "(1"],
+)
+def test_calculator_refuses_unsafe_or_invalid(expression):
+    result = call(get_tool("calculator"), expression=expression)
+    assert result.error and result.text.startswith("Error: ")
+
+
+def test_answer_tool_sets_final_answer():
+    result = call(get_tool("answer"), answer="42")
+    assert result.final_answer == "42" and not result.error
+
+
+def test_bad_arguments_are_error_observations():
+    calc = get_tool("calculator")
+    assert call(calc).error  # missing
+    assert call(calc, expression="1", extra=2).error  # unknown
+    assert run(calc.call(["1"], timeout_s=1, max_output_tokens=10)).error  # not an object
+
+
+def test_exceptions_sync_and_async_become_errors():
+    @tool
+    def boom(x: int) -> str:
+        raise RuntimeError("kaput")
+
+    @tool
+    async def aboom(x: int) -> str:
+        raise KeyError("gone")
+
+    assert call(boom, x=1) == ToolResult(text="Error: RuntimeError: kaput", error=True)
+    assert call(aboom, x=1) == ToolResult(text="Error: KeyError: 'gone'", error=True)
+
+
+def test_timeout_async_and_sync():
+    @tool
+    async def slow_async() -> str:
+        await asyncio.sleep(60)
+        return "never"
+
+    @tool
+    def slow_sync() -> str:
+        import time
+
+        time.sleep(1.0)
+        return "late"
+
+    r1 = call(slow_async, timeout_s=0.05)
+    r2 = call(slow_sync, timeout_s=0.05)
+    assert r1.error and "timed out" in r1.text
+    assert r2.error and "timed out" in r2.text
+
+
+def test_truncation_character_fallback():
+    text = "x" * 1000
+    out = truncate(text, max_output_tokens=10)
+    assert len(out) == 10 * CHARS_PER_TOKEN
+    assert out.startswith("xxx") and "truncated" in out
+    assert truncate("short", max_output_tokens=10) == "short"
+
+
+def test_truncation_with_token_counter():
+    words = " ".join(f"w{i}" for i in range(200))
+    count = lambda s: len(s.split())  # noqa: E731  one token per word
+    out = truncate(words, max_output_tokens=20, count_tokens=count)
+    assert count(out) <= 20
+    assert out.startswith("w0 w1 w2") and "truncated" in out
+
+
+def test_tool_output_truncated_through_call():
+    @tool
+    def big() -> str:
+        return "y" * 10_000
+
+    result = call(big, max_output_tokens=5)
+    assert len(result.text) == 5 * CHARS_PER_TOKEN and not result.error
+
+
+def test_aliases_resolve_to_one_tool():
+    from envs.tools import TOOL_ALIASES
+
+    assert TOOL_ALIASES["python_executor"] == "code_interpreter"
+    assert TOOL_ALIASES["google_search"] == "search"
+
+
+def test_register_and_dotted_paths(tmp_path, monkeypatch):
+    module = tmp_path / "my_tools_pkg_for_test.py"
+    module.write_text(
+        textwrap.dedent(
+            '''
+            from envs.tools import tool
+
+            @tool
+            def shout(text: str) -> str:
+                """Upper-case the text."""
+                return text.upper()
+
+            def plain(n: int) -> int:
+                """Double n."""
+                return 2 * n
+            '''
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        shout = get_tool("my_tools_pkg_for_test:shout")
+        assert call(shout, text="hi").text == "HI"
+        assert get_tool("my_tools_pkg_for_test.shout") is shout
+        plain = get_tool("my_tools_pkg_for_test:plain")
+        assert plain.schema["function"]["parameters"]["properties"] == {"n": {"type": "integer"}}
+        assert call(plain, n=21).text == "42"
+    finally:
+        sys.modules.pop("my_tools_pkg_for_test", None)
+
+    @tool(name="echo_for_registry_test")
+    def echo(text: str) -> str:
+        """Echo."""
+        return text
+
+    register_tool(echo)
+    assert get_tool("echo_for_registry_test") is echo
+    with pytest.raises(KeyError):
+        get_tool("no_such_tool_anywhere")
