@@ -1,0 +1,445 @@
+"""The typed Relay configuration: one pydantic model per section.
+
+Key names follow verl (``actor_rollout_ref.actor.optim.lr``,
+``algorithm.adv_estimator``...); AgentFly spellings (``agent.max_steps``,
+``agent.init_args.*``, ``agent.backend``) are accepted by the loader through
+its alias table (``configs/loader.py``) and land on these canonical fields.
+
+Rules kept here:
+
+- every field has a docstring (it becomes the field's description) and a
+  default that runs the embedded tiny arithmetic demo on CPU;
+- validators only *check*; values that follow from other values (run
+  directory, clip bounds, critic model path...) are left as ``None`` or as a
+  template here and filled in by ``configs.loader.derive``, the one place
+  derived values are computed;
+- no torch import: the CLI imports this module before torch so ``--help`` is
+  instant.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+
+def _one_or_many(value: object) -> object:
+    """Accept a single string where a list of strings is expected."""
+    return [value] if isinstance(value, str) else value
+
+
+StrList = Annotated[list[str], BeforeValidator(_one_or_many)]
+"""A list of strings; a single string is read as a one-element list."""
+
+KlEstimator = Literal["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "full"]
+"""verl's KL estimators: ``kl``/``k1`` log-ratio, ``abs``, ``mse``/``k2`` half squared
+log-ratio, ``low_var_kl``/``k3`` Schulman's unbiased low-variance estimator, ``full``."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, docstrings are descriptions,
+    values are not coerced across types (``true`` is not a number, ``2.5`` not an
+    integer). The loader passes numbers typed for a text field as text."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        use_attribute_docstrings=True,
+        strict=True,
+        validate_assignment=True,
+    )
+
+
+# --------------------------------------------------------------------------- agent
+
+
+class AgentConfig(Section):
+    """The tool-using agent that plays each episode (AgentFly's ``agent`` section)."""
+
+    use_agent: bool = True
+    """Run multi-turn agent episodes with tools; false = one plain completion per prompt."""
+    agent_type: Literal["hf", "react", "code"] = "hf"
+    """Turn logic: ``hf`` (chat template tool calls), ``react`` (Thought/Action text), ``code`` (code blocks)."""
+    tools: StrList = ["calculator"]
+    """Names of the tools the agent may call, from the tool registry in ``envs/tools``."""
+    template: str | None = None
+    """Named chat template from ``envs``; None uses the tokenizer's own chat template."""
+    reward_name: str = "math_reward_string_equal"
+    """Reward function name from the reward registry in ``envs/rewards``."""
+    max_turns: int = Field(4, ge=1)
+    """Most assistant turns per episode (AgentFly: ``max_steps``)."""
+    num_chains: int = Field(8, ge=1)
+    """Episodes sampled per prompt, the GRPO/RLOO group size (verl: ``actor_rollout_ref.rollout.n``)."""
+    max_tokens_per_turn: int = Field(48, ge=1)
+    """Most tokens sampled in one assistant turn."""
+    tool_timeout_s: float = Field(10.0, gt=0)
+    """A tool call running longer than this returns a timeout error to the model."""
+    tool_max_output_tokens: int = Field(256, ge=1)
+    """Tool output is truncated to this many tokens before it is shown to the model."""
+    system_prompt: str | None = None
+    """System prompt text; None uses the agent type's built-in prompt (which lists the tools)."""
+
+
+# --------------------------------------------------------------------------- algorithm
+
+
+class KlControlConfig(Section):
+    """Controller of the KL-in-reward coefficient (verl ``algorithm.kl_ctrl``).
+
+    Kept as one flat model rather than a union on ``type`` because verl configs
+    set ``target_kl``/``horizon`` even with the fixed controller.
+    """
+
+    type: Literal["fixed", "adaptive"] = "fixed"
+    """``fixed`` keeps ``kl_coef``; ``adaptive`` steers it towards ``target_kl`` (Ziegler et al.)."""
+    kl_coef: float = Field(0.001, ge=0)
+    """Initial (fixed: constant) coefficient of the KL penalty subtracted from the reward."""
+    target_kl: float = Field(0.1, gt=0)
+    """Adaptive controller only: the KL per step it aims for."""
+    horizon: int = Field(10000, ge=1)
+    """Adaptive controller only: steps over which the coefficient adapts."""
+
+
+class AlgorithmConfig(Section):
+    """Advantage estimation, KL-in-reward and off-policy handling (verl ``algorithm``)."""
+
+    adv_estimator: Literal[
+        "gae", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "remax"
+    ] = "grpo"
+    """Advantage estimator; ``gae`` trains the critic, the others are critic-free."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount factor over tokens (GAE, REINFORCE++)."""
+    lam: float = Field(1.0, ge=0, le=1)
+    """GAE lambda."""
+    norm_adv_by_std_in_grpo: bool = True
+    """GRPO: divide group-centred rewards by the group's std (false = Dr. GRPO)."""
+    use_kl_in_reward: bool = False
+    """Subtract ``kl_ctrl.kl_coef * KL(policy || ref)`` from the token rewards."""
+    kl_penalty: KlEstimator = "kl"
+    """KL estimator used for the in-reward penalty."""
+    kl_ctrl: KlControlConfig = Field(default_factory=KlControlConfig)
+    """KL-in-reward coefficient controller."""
+    max_staleness: int = Field(1, ge=0)
+    """Most policy versions a trajectory may lag the learner before it is dropped; 0 = synchronous on-policy."""
+    off_policy_correction: Literal["none", "decoupled", "tis"] = "decoupled"
+    """Stale-sample correction: ``none``; ``decoupled`` PPO (clip against the recomputed
+    behaviour-version log-probs, importance-weight by actor/recomputed ratio);
+    ``tis`` truncated importance sampling capped at ``tis_cap``."""
+    tis_cap: float = Field(2.0, gt=0)
+    """Upper bound of the truncated importance weight (``tis`` and ``decoupled``)."""
+    log_ratio_clamp: float = Field(20.0, gt=0)
+    """Log-ratios are clamped to +-this before ``exp`` to keep ratios finite."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DataConfig(Section):
+    """Prompt datasets (verl ``data``)."""
+
+    train_files: StrList = ["runs/demo/data/train.jsonl"]
+    """JSONL/parquet training prompt files, paths relative to the working directory."""
+    val_files: StrList = ["runs/demo/data/test.jsonl"]
+    """JSONL/parquet validation prompt files."""
+    train_batch_size: int = Field(8, ge=1)
+    """Prompts per learner step (each expands to ``agent.num_chains`` episodes)."""
+    val_batch_size: int = Field(32, ge=1)
+    """Prompts per validation batch."""
+    prompt_key: str = "question"
+    """Column of a dataset row holding the prompt text."""
+    shuffle: bool = True
+    """Shuffle the training prompts every epoch."""
+    seed: int = 0
+    """Seed of the training-prompt shuffle."""
+    max_prompt_length: int = Field(128, ge=1)
+    """Longest prompt in tokens; longer prompts are dropped when the dataset is loaded."""
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+class TrainerConfig(Section):
+    """Run bookkeeping: length, logging, checkpoints, hardware (verl ``trainer``)."""
+
+    project_name: str = "relay"
+    """Project name for loggers and the run directory."""
+    experiment_name: str = "demo"
+    """Experiment name for loggers and the run directory."""
+    logger: list[Literal["console", "jsonl", "wandb", "tensorboard"]] = ["console", "jsonl"]
+    """Metric sinks; ``jsonl`` writes ``metrics.jsonl`` in the run directory."""
+    total_training_steps: int | None = Field(None, ge=1)
+    """Learner steps to run; None = ``total_epochs`` passes over the training prompts."""
+    total_epochs: int = Field(1, ge=1)
+    """Passes over the training prompts when ``total_training_steps`` is None."""
+    nnodes: int = Field(1, ge=1)
+    """Nodes running learner processes."""
+    n_gpus_per_node: int = Field(2, ge=1)
+    """Learner processes per node (one per GPU; on CPU, CPU ranks)."""
+    save_freq: int = -1
+    """Save a checkpoint every this many learner steps; -1 disables periodic saves."""
+    test_freq: int = -1
+    """Validate every this many learner steps; -1 disables periodic validation."""
+    val_before_train: bool = True
+    """Run one validation pass before the first learner step."""
+    critic_warmup: int = Field(0, ge=0)
+    """Learner steps that train only the critic before the actor starts updating (``gae``)."""
+    resume_mode: Literal["auto", "disable", "resume_path"] = "auto"
+    """``auto`` resumes from the newest checkpoint in the run directory if any; ``disable``
+    starts fresh; ``resume_path`` resumes from ``resume_from_path``."""
+    resume_from_path: str | None = None
+    """Checkpoint directory to resume from when ``resume_mode`` is ``resume_path``."""
+    default_local_dir: str = "runs/{project_name}/{experiment_name}"
+    """Run directory (checkpoints, metrics, logs); ``{project_name}`` and
+    ``{experiment_name}`` are filled in by ``derive``."""
+    max_ckpt_to_keep: int = Field(2, ge=1)
+    """Newest checkpoints kept in the run directory; older ones are deleted."""
+    seed: int = 0
+    """Global seed of model init, sampling and the learner."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where learner and actors run; ``auto`` = cuda when a GPU is visible, else cpu."""
+
+
+# --------------------------------------------------------------------------- actor_rollout_ref
+
+
+class OptimConfig(Section):
+    """AdamW optimizer with an optional warmup and cosine schedule (verl ``optim``)."""
+
+    lr: float = Field(1e-4, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW decoupled weight decay."""
+    betas: tuple[float, float] = Field((0.9, 0.999), strict=False)
+    """AdamW (beta1, beta2)."""
+    lr_warmup_steps_ratio: float = Field(0.0, ge=0, le=1)
+    """Fraction of the total learner steps spent warming the learning rate up linearly from 0."""
+    warmup_style: Literal["constant", "cosine"] = "constant"
+    """Schedule after warmup: ``constant`` or ``cosine`` decay to ``min_lr_ratio * lr``."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """Cosine schedule floor as a fraction of ``lr``."""
+
+
+class FsdpConfig(Section):
+    """FSDP memory options of one model (verl ``fsdp_config``)."""
+
+    param_offload: bool = False
+    """Keep parameters on CPU between uses (GPU only)."""
+    optimizer_offload: bool = False
+    """Keep optimizer state on CPU between steps (GPU only)."""
+
+
+class ActorConfig(Section):
+    """The policy's PPO-style update (verl ``actor_rollout_ref.actor``)."""
+
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    """Policy optimizer."""
+    ppo_mini_batch_size: int = Field(4, ge=1)
+    """Prompts per optimizer step (all ``agent.num_chains`` episodes of each); must divide
+    ``data.train_batch_size``."""
+    ppo_micro_batch_size_per_gpu: int = Field(8, ge=1)
+    """Trajectories per forward/backward pass on one learner process (gradient accumulation)."""
+    ppo_epochs: int = Field(1, ge=1)
+    """Passes over each learner batch."""
+    grad_clip: float = Field(1.0, gt=0)
+    """Global gradient-norm clip."""
+    clip_ratio: float = Field(0.2, gt=0)
+    """PPO clip epsilon; default for ``clip_ratio_low`` and ``clip_ratio_high``."""
+    clip_ratio_low: float | None = Field(None, gt=0)
+    """Lower clip epsilon (ratio >= 1 - low); None = ``clip_ratio`` (filled by ``derive``)."""
+    clip_ratio_high: float | None = Field(None, gt=0)
+    """Upper clip epsilon (ratio <= 1 + high, DAPO clip-higher); None = ``clip_ratio``."""
+    clip_ratio_c: float = Field(3.0, gt=1)
+    """Dual-clip bound for negative advantages (Ye et al. 2020); must exceed 1."""
+    loss_agg_mode: Literal[
+        "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
+    ] = "token-mean"
+    """How token losses are reduced to one number (verl names)."""
+    entropy_coeff: float = 0.0
+    """Weight of the entropy bonus (subtracted from the loss)."""
+    use_kl_loss: bool = False
+    """Add ``kl_loss_coef * KL(policy || ref)`` to the loss (GRPO-style); needs the ref model."""
+    kl_loss_coef: float = Field(0.001, ge=0)
+    """Weight of the KL loss."""
+    kl_loss_type: KlEstimator = "low_var_kl"
+    """KL estimator of the KL loss."""
+    fsdp_config: FsdpConfig = Field(default_factory=FsdpConfig)
+    """FSDP memory options of the policy."""
+
+
+class ModelConfig(Section):
+    """The policy model (verl ``actor_rollout_ref.model``)."""
+
+    path: str = "tiny"
+    """Hugging Face id or local directory; ``tiny`` = the embedded tiny demo model."""
+    enable_gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    use_remove_padding: bool = True
+    """Pack sequences without padding in the learner's forward (flash-attention varlen, GPU only)."""
+    lora_rank: int = Field(0, ge=0)
+    """LoRA rank; 0 trains all weights."""
+    lora_alpha: int = Field(16, ge=1)
+    """LoRA scaling alpha."""
+    target_modules: list[str] | str = "all-linear"
+    """Modules LoRA wraps: ``all-linear`` or a list of module names."""
+
+
+class RolloutConfig(Section):
+    """Actor processes and their inference engine (verl ``actor_rollout_ref.rollout``)."""
+
+    name: Literal["hf", "vllm"] = "hf"
+    """Inference engine: ``hf`` (transformers, CPU or GPU) or ``vllm``."""
+    num_actors: int = Field(2, ge=1)
+    """Actor processes generating episodes."""
+    temperature: float = Field(1.0, ge=0)
+    """Sampling temperature for training episodes."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass; 1.0 disables it."""
+    top_k: int = -1
+    """Top-k sampling; -1 disables it."""
+    response_length: int = Field(256, ge=1)
+    """Total tokens the model may sample in one episode, summed over turns."""
+    max_concurrent_episodes: int = Field(64, ge=1)
+    """Episodes one actor runs at once."""
+    tensor_model_parallel_size: int = Field(1, ge=1)
+    """vLLM tensor-parallel GPUs per actor."""
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    """Fraction of GPU memory vLLM may take."""
+    cpu_kvcache_space_gb: float = Field(1, gt=0)
+    """KV-cache size of vLLM on CPU, in GiB."""
+    log_prob_micro_batch_size_per_gpu: int = Field(16, ge=1)
+    """Trajectories per forward pass when the learner recomputes old log-probs."""
+    weight_update_mode: Literal["between_episodes", "in_flight"] = "between_episodes"
+    """``between_episodes``: new weights are loaded once running episodes finish;
+    ``in_flight``: loaded between turns, so one episode may span policy versions."""
+    val_temperature: float = Field(0.0, ge=0)
+    """Sampling temperature for validation (0 = greedy); verl ``val_kwargs.temperature``."""
+
+
+class RefConfig(Section):
+    """The frozen reference policy used for KL terms (verl ``actor_rollout_ref.ref``)."""
+
+    fsdp_config: FsdpConfig = Field(default_factory=FsdpConfig)
+    """FSDP memory options of the reference model."""
+    log_prob_micro_batch_size_per_gpu: int = Field(16, ge=1)
+    """Trajectories per forward pass when computing reference log-probs."""
+
+
+class ActorRolloutRefConfig(Section):
+    """Policy model, its update, its rollout engine and the reference model."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """The policy model."""
+    actor: ActorConfig = Field(default_factory=ActorConfig)
+    """The policy update."""
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    """Actor processes and sampling."""
+    ref: RefConfig = Field(default_factory=RefConfig)
+    """Reference model for KL terms."""
+
+
+# --------------------------------------------------------------------------- critic
+
+
+class CriticModelConfig(Section):
+    """The value model (verl ``critic.model``)."""
+
+    path: str | None = None
+    """Hugging Face id or local directory; None = the policy's ``actor_rollout_ref.model.path``."""
+
+
+class CriticConfig(Section):
+    """The value model and its update, used only by ``algorithm.adv_estimator=gae``."""
+
+    model: CriticModelConfig = Field(default_factory=CriticModelConfig)
+    """The value model."""
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    """Critic optimizer."""
+    ppo_mini_batch_size: int | None = Field(None, ge=1)
+    """Prompts per critic optimizer step; None = the actor's ``ppo_mini_batch_size``."""
+    ppo_micro_batch_size_per_gpu: int | None = Field(None, ge=1)
+    """Trajectories per critic forward/backward pass; None = the actor's value."""
+    cliprange_value: float = Field(0.5, gt=0)
+    """Value-function clip range around the old values."""
+    ppo_epochs: int = Field(1, ge=1)
+    """Passes over each learner batch for the critic."""
+
+
+# --------------------------------------------------------------------------- transport
+
+
+class TransportConfig(Section):
+    """How actors and learner talk: ZMQ trajectories/control and the weight channel."""
+
+    host: str = "127.0.0.1"
+    """Address actors connect to to reach the learner."""
+    bind_host: str = "127.0.0.1"
+    """Interface the learner binds (loopback by default; multi-node: an interface address or 0.0.0.0)."""
+    port: int = Field(0, ge=0, le=65534)
+    """Learner's first port (it uses ``port`` and ``port + 1``); 0 = pick free ports."""
+    trajectory_hwm: int = Field(1024, ge=1)
+    """ZMQ high-water mark of the trajectory socket: trajectories queued before senders block."""
+    heartbeat_interval_s: float = Field(2.0, gt=0)
+    """Seconds between heartbeats each peer sends."""
+    peer_timeout_s: float = Field(60.0, gt=0)
+    """A peer silent this long is declared dead."""
+    recv_timeout_s: float = Field(600.0, gt=0)
+    """Longest blocking receive before it gives up with an error naming what it waited for."""
+    weights: Literal["zmq", "filesystem", "nccl"] = "zmq"
+    """Weight channel learner -> actors: ``zmq`` (chunked over the socket), ``filesystem``
+    (safetensors in ``weights_dir``), ``nccl`` (GPU broadcast)."""
+    weights_dir: str | None = None
+    """Directory for ``weights=filesystem``; None = ``<trainer.default_local_dir>/weights``."""
+    weights_chunk_mb: int = Field(64, ge=1)
+    """Size of one weight message chunk, MiB."""
+
+
+# --------------------------------------------------------------------------- root
+
+
+class RelayConfig(Section):
+    """A whole Relay run. Build it with ``configs.loader.load_config``."""
+
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+    """The tool-using agent."""
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    """Advantage estimator, KL-in-reward, staleness."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Prompt datasets."""
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    """Run length, logging, checkpoints, hardware."""
+    actor_rollout_ref: ActorRolloutRefConfig = Field(default_factory=ActorRolloutRefConfig)
+    """Policy model, update, rollout and reference."""
+    critic: CriticConfig = Field(default_factory=CriticConfig)
+    """Value model (``gae`` only)."""
+    transport: TransportConfig = Field(default_factory=TransportConfig)
+    """Actor-learner messaging."""
+
+    @model_validator(mode="after")
+    def _check(self) -> RelayConfig:
+        """Cross-section checks; each message names the keys involved."""
+        actor = self.actor_rollout_ref.actor
+        if self.data.train_batch_size % actor.ppo_mini_batch_size:
+            raise ValueError(
+                f"data.train_batch_size ({self.data.train_batch_size}) must be a multiple of "
+                f"actor_rollout_ref.actor.ppo_mini_batch_size ({actor.ppo_mini_batch_size})"
+            )
+        critic_mini = self.critic.ppo_mini_batch_size
+        if critic_mini is not None and self.data.train_batch_size % critic_mini:
+            raise ValueError(
+                f"data.train_batch_size ({self.data.train_batch_size}) must be a multiple of "
+                f"critic.ppo_mini_batch_size ({critic_mini})"
+            )
+        if self.algorithm.adv_estimator in ("grpo", "rloo") and self.agent.num_chains < 2:
+            raise ValueError(
+                f"algorithm.adv_estimator={self.algorithm.adv_estimator} compares episodes of "
+                f"one prompt: agent.num_chains (actor_rollout_ref.rollout.n) must be >= 2, "
+                f"got {self.agent.num_chains}"
+            )
+        if self.trainer.resume_mode == "resume_path" and not self.trainer.resume_from_path:
+            raise ValueError("trainer.resume_mode=resume_path needs trainer.resume_from_path")
+        if self.transport.heartbeat_interval_s >= self.transport.peer_timeout_s:
+            raise ValueError(
+                f"transport.heartbeat_interval_s ({self.transport.heartbeat_interval_s}) must be "
+                f"below transport.peer_timeout_s ({self.transport.peer_timeout_s})"
+            )
+        return self
