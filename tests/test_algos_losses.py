@@ -1,0 +1,249 @@
+"""Policy/value losses, aggregation and log-prob helpers against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from learner.algos.losses import (
+    OFF_POLICY_CORRECTIONS,
+    PolicyLossConfig,
+    PolicyLossInputs,
+    agg_loss,
+    entropy_from_logits,
+    logprobs_from_logits,
+    policy_loss,
+    value_loss,
+)
+
+T = torch.tensor
+LN2 = math.log(2.0)
+
+
+# --------------------------------------------------------------------------
+# log-probs and entropy
+
+
+def test_logprobs_from_logits_hand_values():
+    # softmax([0, 0, ln 2]) = [.25, .25, .5]
+    logits = T([[[0.0, 0.0, LN2], [0.0, 0.0, LN2]]])
+    out = logprobs_from_logits(logits, T([[2, 0]]))
+    torch.testing.assert_close(out, T([[math.log(0.5), math.log(0.25)]]))
+
+
+def test_logprobs_from_logits_chunks_bf16_and_grad_match_log_softmax():
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 4, 11, generator=gen) * 30).requires_grad_()
+    labels = torch.randint(0, 11, (2, 4), generator=gen)
+    out = logprobs_from_logits(logits, labels, chunk_size=3)  # 8 rows -> chunks of 3, 3, 2
+    ref = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(out, ref)
+    (grad,) = torch.autograd.grad(out.sum(), logits)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), logits)
+    torch.testing.assert_close(grad, ref_grad)
+    out_bf16 = logprobs_from_logits(logits.detach().bfloat16(), labels)
+    assert out_bf16.dtype == torch.float32
+    ref_bf16 = torch.log_softmax(logits.detach().bfloat16().float(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(out_bf16, ref_bf16)
+
+
+def test_entropy_from_logits_hand_values():
+    logits = T([[[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, LN2, -math.inf]]], requires_grad=True)
+    # uniform over 4: ln 4; [.25, .25, .5, 0]: .5 ln 4 + .5 ln 2 = 1.5 ln 2
+    entropy = entropy_from_logits(logits, chunk_size=1)
+    torch.testing.assert_close(entropy, T([[math.log(4.0), 1.5 * LN2]]))
+    (grad,) = torch.autograd.grad(entropy.sum(), logits)
+    assert torch.isfinite(grad).all()
+
+
+# --------------------------------------------------------------------------
+# aggregation: row 0 has an observation token in the middle, row 1 right
+# padding, row 2 no tokens at all.
+
+LOSS = T([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0], [9.0, 9.0, 9.0, 9.0]])
+AGG_MASK = T([[1, 0, 1, 0], [1, 1, 1, 0], [0, 0, 0, 0]])
+
+
+@pytest.mark.parametrize(
+    "mode, norm_horizon, expected",
+    [
+        ("token-mean", None, 22 / 5),  # (1 + 3 + 5 + 6 + 7) / 5
+        ("seq-mean-token-sum", None, (4 + 18) / 2),  # empty row 2 excluded
+        ("seq-mean-token-mean", None, (2 + 6) / 2),
+        ("seq-mean-token-sum-norm", None, 22 / 4),  # default horizon T = 4
+        ("seq-mean-token-sum-norm", 10, 22 / 10),
+    ],
+)
+def test_agg_loss_modes(mode, norm_horizon, expected):
+    assert agg_loss(LOSS, AGG_MASK, mode, norm_horizon).item() == pytest.approx(expected)
+
+
+def test_agg_loss_empty_mask_is_zero_and_unknown_mode_raises():
+    for mode in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"):
+        assert agg_loss(LOSS, torch.zeros_like(AGG_MASK), mode).item() == 0.0
+    with pytest.raises(ValueError, match="valid modes"):
+        agg_loss(LOSS, AGG_MASK, "seq-mean")
+
+
+# --------------------------------------------------------------------------
+# policy loss. One row of four tokens plus a padding token with garbage.
+#   ratio vs old r = [1, 1.5, .5, 5], advantages [1, 1, -1, -1], clip .2, c = 3
+#   t0: max(-1, -1) = -1
+#   t1: max(-1.5, -1.2) = -1.2                      (clipped)
+#   t2: max(.5, .8) = .8, min(.8, 3) = .8           (clipped)
+#   t3: max(5, 1.2) = 5, min(5, 3) = 3              (dual clip)
+#   token-mean = (-1 - 1.2 + .8 + 3) / 4 = .4
+
+OLD = T([[-1.0, -1.0, -1.0, -1.0, -1.0]])
+RATIO = T([[1.0, 1.5, 0.5, 5.0, 1.0]])
+ADV = T([[1.0, 1.0, -1.0, -1.0, 50.0]])
+PMASK = T([[1, 1, 1, 1, 0]])
+WEIGHT = T([[2.0, 0.5, 1.0, 4.0, 1.0]])  # pi_old / pi_behaviour
+
+
+def make_inputs(behaviour=OLD, ratio=RATIO):
+    logprobs = (OLD + ratio.log()).requires_grad_()
+    return PolicyLossInputs(logprobs, OLD, behaviour, ADV, PMASK)
+
+
+def test_ppo_clip_and_dual_clip_hand_values():
+    inputs = make_inputs()
+    loss, metrics = policy_loss(inputs, PolicyLossConfig(off_policy_correction="none"))
+    assert loss.item() == pytest.approx(0.4)
+    assert metrics["pg_loss"] == pytest.approx(0.4)
+    assert metrics["pg_clipfrac"] == pytest.approx(0.5)  # t1, t2
+    assert metrics["pg_clipfrac_lower"] == pytest.approx(0.25)  # t3
+    assert metrics["ppo_kl"] == pytest.approx(-math.log(1.5 * 0.5 * 5.0) / 4)
+    assert metrics["is_weight_mean"] == pytest.approx(1.0)
+    (grad,) = torch.autograd.grad(loss, inputs.logprobs)
+    # only t0 is unclipped: d(-A r)/d logp / 4 = -1 * 1 / 4
+    torch.testing.assert_close(grad, T([[-0.25, 0.0, 0.0, 0.0, 0.0]]))
+
+
+def test_asymmetric_clip_higher():
+    loss, _ = policy_loss(make_inputs(), PolicyLossConfig(off_policy_correction="none", clip_ratio_high=0.28))
+    # t1 becomes -1.28: (-1 - 1.28 + .8 + 3) / 4
+    assert loss.item() == pytest.approx(0.38)
+
+
+def test_policy_loss_uses_agg_mode():
+    cfg = PolicyLossConfig(off_policy_correction="none", loss_agg_mode="seq-mean-token-sum")
+    loss, _ = policy_loss(make_inputs(), cfg)
+    assert loss.item() == pytest.approx(1.6)
+
+
+def test_none_correction_clips_against_behaviour():
+    behaviour = OLD - WEIGHT.log()
+    loss, metrics = policy_loss(make_inputs(behaviour), PolicyLossConfig(off_policy_correction="none"))
+    # ratio vs behaviour = r * w = [2, .75, .5, 20]
+    #   t0: max(-2, -1.2) = -1.2; t1: max(-.75, -.8) = -.75; t2: .8; t3: min(20, 3) = 3
+    assert loss.item() == pytest.approx((-1.2 - 0.75 + 0.8 + 3.0) / 4)
+    assert metrics["is_weight_mean"] == pytest.approx(1.0)
+
+
+def test_decoupled_correction_weights_clipped_loss():
+    behaviour = OLD - WEIGHT.log()
+    inputs = make_inputs(behaviour)
+    loss, metrics = policy_loss(inputs, PolicyLossConfig(off_policy_correction="decoupled"))
+    # per-token PPO loss vs old [-1, -1.2, .8, 3] times w = [2, .5, 1, 4]
+    assert loss.item() == pytest.approx((-2.0 - 0.6 + 0.8 + 12.0) / 4)
+    assert metrics["is_weight_mean"] == pytest.approx(7.5 / 4)
+    assert metrics["is_weight_max"] == pytest.approx(4.0)
+    (grad,) = torch.autograd.grad(loss, inputs.logprobs)
+    torch.testing.assert_close(grad, T([[-0.5, 0.0, 0.0, 0.0, 0.0]]))  # w0 * (-.25)
+
+
+def test_tis_correction_truncates_weight():
+    behaviour = OLD - WEIGHT.log()
+    loss, metrics = policy_loss(make_inputs(behaviour), PolicyLossConfig(off_policy_correction="tis", tis_cap=2.0))
+    # weights [2, .5, 1, min(4, 2) = 2]
+    assert loss.item() == pytest.approx((-2.0 - 0.6 + 0.8 + 6.0) / 4)
+    assert metrics["is_weight_truncfrac"] == pytest.approx(0.25)
+    assert metrics["is_weight_max"] == pytest.approx(2.0)
+
+
+def test_log_ratio_is_clamped_before_exp():
+    ratio_logs = T([[0.0, 0.0, 0.0, 100.0, 0.0]])
+    inputs = PolicyLossInputs((OLD + ratio_logs).requires_grad_(), OLD, OLD, T([[0.0, 0.0, 0.0, 1.0, 0.0]]), PMASK)
+    loss, _ = policy_loss(inputs, PolicyLossConfig(off_policy_correction="none", log_ratio_clamp=20.0))
+    # t3: A = 1, ratio exp(20) is clipped to 1.2 -> loss -1.2 / 4, finite
+    assert loss.item() == pytest.approx(-1.2 / 4)
+
+
+def test_policy_loss_config_validation():
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        PolicyLossConfig(clip_ratio_c=1.0)
+    with pytest.raises(ValueError, match="valid"):
+        PolicyLossConfig(off_policy_correction="vtrace")
+    with pytest.raises(ValueError, match="valid modes"):
+        PolicyLossConfig(loss_agg_mode="mean")
+    with pytest.raises(ValueError, match="tis_cap"):
+        PolicyLossConfig(tis_cap=0.5)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.data(),
+    st.integers(1, 3),
+    st.integers(1, 5),
+    st.sampled_from(["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]),
+)
+def test_corrections_equal_plain_ppo_when_behaviour_is_old(data, batch, length, mode):
+    n = batch * length
+    floats = st.lists(st.floats(-5, 0, width=32), min_size=n, max_size=n)
+    old = T(data.draw(floats)).reshape(batch, length)
+    new = T(data.draw(floats)).reshape(batch, length)
+    adv = T(data.draw(st.lists(st.floats(-3, 3, width=32), min_size=n, max_size=n))).reshape(batch, length)
+    mask = T(data.draw(st.lists(st.integers(0, 1), min_size=n, max_size=n))).reshape(batch, length)
+    results = {}
+    for name in OFF_POLICY_CORRECTIONS:
+        logprobs = new.clone().requires_grad_()
+        loss, _ = policy_loss(
+            PolicyLossInputs(logprobs, old, old.clone(), adv, mask),
+            PolicyLossConfig(off_policy_correction=name, loss_agg_mode=mode),
+        )
+        (grad,) = torch.autograd.grad(loss, logprobs)
+        results[name] = (loss.detach(), grad)
+    for name in ("decoupled", "tis"):
+        torch.testing.assert_close(results[name][0], results["none"][0])
+        torch.testing.assert_close(results[name][1], results["none"][1])
+
+
+# --------------------------------------------------------------------------
+# value loss
+
+
+def test_value_loss_clipped_hand_values():
+    values = T([[1.0, 2.0, 0.0]], requires_grad=True)
+    old = T([[0.5, 2.0, 0.0]])
+    returns = T([[2.0, 1.0, 5.0]])
+    loss, metrics = value_loss(values, old, returns, T([[1, 1, 0]]), cliprange_value=0.2)
+    # t0: v_clip = .7; max((1 - 2)^2, (.7 - 2)^2) = 1.69; t1: max(1, 1) = 1; t2 padded
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0) / 2)
+    assert metrics["vf_clipfrac"] == pytest.approx(0.5)
+    assert metrics["vpred_mean"] == pytest.approx(1.5)
+    (grad,) = torch.autograd.grad(loss, values)
+    # t0 clipped (no grad to values); t1: .5 * 2 (v - R) / 2 = .5
+    torch.testing.assert_close(grad, T([[0.0, 0.5, 0.0]]))
+
+
+def test_nan_outside_mask_reaches_neither_loss_nor_grad():
+    nan_pad = T([[0.0, 0.0, 0.0, 0.0, float("nan")]])
+    for name in OFF_POLICY_CORRECTIONS:
+        logprobs = (OLD + RATIO.log()).requires_grad_()
+        inputs = PolicyLossInputs(logprobs, OLD + nan_pad, OLD + nan_pad, ADV + nan_pad, PMASK)
+        loss, metrics = policy_loss(inputs, PolicyLossConfig(off_policy_correction=name))
+        assert loss.item() == pytest.approx(0.4), name
+        (grad,) = torch.autograd.grad(loss, logprobs)
+        torch.testing.assert_close(grad, T([[-0.25, 0.0, 0.0, 0.0, 0.0]]))
+        assert all(math.isfinite(v) for v in metrics.values()), name
+
+
+def test_value_loss_ignores_nan_outside_mask():
+    values = T([[1.0, 2.0, 0.0]], requires_grad=True)
+    loss, _ = value_loss(values, T([[0.5, 2.0, float("nan")]]), T([[2.0, 1.0, float("nan")]]), T([[1, 1, 0]]), 0.2)
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0) / 2)
+    (grad,) = torch.autograd.grad(loss, values)
+    torch.testing.assert_close(grad, T([[0.0, 0.5, 0.0]]))
