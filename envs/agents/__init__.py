@@ -9,12 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 from envs.agents.chat import ChatAgent
+from envs.agents.code import CodeAgent
 from envs.agents.hf import HFAgent
+from envs.agents.react import ReActAgent
 from envs.base import Agent
 from envs.tools.base import Tool
 
 AGENT_TYPES: dict[str, type[ChatAgent]] = {
     "hf": HFAgent,
+    "react": ReActAgent,
+    "code": CodeAgent,
 }
 
 
@@ -37,4 +41,4 @@ def make_agent(
     return cls(tokenizer, tools, template=template, system_prompt=system_prompt, prompt_key=prompt_key)
 
 
-__all__ = ["AGENT_TYPES", "ChatAgent", "HFAgent", "make_agent"]
+__all__ = ["AGENT_TYPES", "ChatAgent", "CodeAgent", "HFAgent", "ReActAgent", "make_agent"]

@@ -1,6 +1,16 @@
-"""Reward functions: the registry and the built-ins (registered on import)."""
+"""Reward functions: the registry and the built-ins (registered on import).
 
-from envs.rewards import math_rewards as _math_rewards  # noqa: F401  (registers the built-ins)
+Built-ins: ``math_reward_string_equal``, ``gsm8k_reward``, ``math_reward``,
+``math_reward_format`` (components ``correct``/``format``/``tool``),
+``qa_em``, ``qa_f1_reward``, ``code_reward``.
+"""
+
+from envs.rewards import code as _code  # noqa: F401  (registers the built-ins)
+from envs.rewards import math_rewards as _math_rewards  # noqa: F401
+from envs.rewards import qa as _qa  # noqa: F401
 from envs.rewards.base import RewardFn, TrajectoryInfo, get_reward, registered_rewards, reward
 
-__all__ = ["RewardFn", "TrajectoryInfo", "get_reward", "registered_rewards", "reward"]
+FORMAT_COMPONENTS = ("format", "tool")
+"""Component names that reward form rather than correctness (see ``envs.monitors``)."""
+
+__all__ = ["FORMAT_COMPONENTS", "RewardFn", "TrajectoryInfo", "get_reward", "registered_rewards", "reward"]

@@ -7,10 +7,14 @@ Built-ins: ``calculator``, ``answer`` (ends the episode through
 
 from envs.tools.base import CHARS_PER_TOKEN, Tool, token_counter, tool, truncate
 from envs.tools.builtin import answer, calculator
-from envs.tools.registry import TOOL_ALIASES, get_tool, register_tool, registered_tools
+from envs.tools.code import make_code_interpreter
+from envs.tools.registry import TOOL_ALIASES, get_tool, register_tool, register_tool_factory, registered_tools
+from envs.tools.search import make_search
 
 register_tool(calculator)
 register_tool(answer)
+register_tool_factory("code_interpreter", make_code_interpreter)
+register_tool_factory("search", make_search)
 
 __all__ = [
     "CHARS_PER_TOKEN",
@@ -19,7 +23,10 @@ __all__ = [
     "answer",
     "calculator",
     "get_tool",
+    "make_code_interpreter",
+    "make_search",
     "register_tool",
+    "register_tool_factory",
     "registered_tools",
     "token_counter",
     "tool",

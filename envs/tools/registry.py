@@ -9,6 +9,7 @@ path ``my_pkg.my_tools:my_tool`` or ``my_pkg.my_tools.my_tool`` naming a
 from __future__ import annotations
 
 import importlib
+from typing import Any, Callable
 
 from envs.tools.base import Tool, tool
 
@@ -20,12 +21,13 @@ TOOL_ALIASES: dict[str, str] = {
 """Other frameworks' names for our built-in tools (AgentFly, verl, prime-rl configs)."""
 
 _REGISTRY: dict[str, Tool] = {}
+_FACTORIES: dict[str, Callable[..., Tool]] = {}
 
 
 def register_tool(t: Tool, *, name: str | None = None) -> Tool:
     """Add ``t`` under ``name`` (default ``t.name``); re-registering a name is an error."""
     key = name or t.name
-    if key in _REGISTRY and _REGISTRY[key] is not t:
+    if key in _FACTORIES or (key in _REGISTRY and _REGISTRY[key] is not t):
         raise ValueError(f"tool name '{key}' is already registered")
     if key in TOOL_ALIASES:
         raise ValueError(f"tool name '{key}' is an alias of '{TOOL_ALIASES[key]}'")
@@ -33,13 +35,28 @@ def register_tool(t: Tool, *, name: str | None = None) -> Tool:
     return t
 
 
+def register_tool_factory(name: str, factory: Callable[..., Tool]) -> None:
+    """Register a tool that needs options (``search`` needs a corpus): ``factory(**options) -> Tool``."""
+    if name in _REGISTRY or name in _FACTORIES or name in TOOL_ALIASES:
+        raise ValueError(f"tool name '{name}' is already registered")
+    _FACTORIES[name] = factory
+
+
 def registered_tools() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted([*_REGISTRY, *_FACTORIES])
 
 
-def get_tool(name: str) -> Tool:
-    """The ``Tool`` for a registered name, an alias, or a dotted path."""
+def get_tool(name: str, **options: Any) -> Tool:
+    """The ``Tool`` for a registered name, an alias, or a dotted path.
+
+    ``options`` go to a factory-registered tool (``get_tool("search", corpus="c.jsonl")``,
+    ``get_tool("code_interpreter", wall_s=5)``); plain tools take none.
+    """
     key = TOOL_ALIASES.get(name, name)
+    if key in _FACTORIES:
+        return _FACTORIES[key](**options)
+    if options:
+        raise TypeError(f"tool '{name}' takes no options, got {sorted(options)}")
     if key in _REGISTRY:
         return _REGISTRY[key]
     if ":" in key or "." in key:

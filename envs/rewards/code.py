@@ -1,0 +1,56 @@
+"""``code_reward``: the fraction of the row's test cases the final answer's code passes.
+
+The row's ``tests`` field is a list of Python statements (typically
+``assert f(2) == 4``). The program is the last ```` ```python ```` block of the
+final answer (the whole answer when there is none). Each test runs in its own
+sandbox process (``envs.sandbox``) as ``program + test + print(nonce)``; it
+passes when the process exits 0 and its output ends with the nonce line, so a
+program that exits early does not pass. Not closed: a program that reads its
+own ``main.py`` can find the nonce. The function blocks (it runs its own event
+loop in a worker thread); call it off the actor's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import re
+import secrets
+
+from envs.rewards.base import TrajectoryInfo, reward
+from envs.sandbox import SandboxLimits, run_python
+
+TEST_LIMITS = SandboxLimits(wall_s=10.0, cpu_s=5, max_output_bytes=16_000)
+TEST_CONCURRENCY = 4
+
+_CODE_BLOCK = re.compile(r"```(?:python|py)[ \t]*\n(.*?)```", re.DOTALL)
+
+
+def extract_program(final_answer: str) -> str:
+    blocks = _CODE_BLOCK.findall(final_answer)
+    return blocks[-1] if blocks else final_answer
+
+
+async def _passes(program: str, test: str, gate: asyncio.Semaphore) -> bool:
+    nonce = secrets.token_hex(16)
+    async with gate:
+        result = await run_python(f"{program}\n\n{test}\nprint({nonce!r})\n", TEST_LIMITS)
+    return result.ok and result.output.rstrip("\n").endswith(nonce)
+
+
+async def _count_passed(program: str, tests: list[str]) -> int:
+    gate = asyncio.Semaphore(TEST_CONCURRENCY)
+    return sum(await asyncio.gather(*(_passes(program, t, gate) for t in tests)))
+
+
+@reward("code_reward")
+def code_reward(final_answer: str | None, trajectory: TrajectoryInfo, tests: list[str]) -> float:
+    """Fraction of ``tests`` passed by the final answer's program (0 with no answer)."""
+    if not tests:
+        raise ValueError("code_reward: the row has no tests")
+    if not final_answer:
+        return 0.0
+    program = extract_program(final_answer)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        passed = pool.submit(asyncio.run, _count_passed(program, list(tests))).result()
+    return passed / len(tests)

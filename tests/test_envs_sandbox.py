@@ -1,0 +1,104 @@
+"""Each escape or runaway comes back as an error observation within its limits."""
+
+import asyncio
+import socket
+
+import pytest
+
+from envs.sandbox import SandboxLimits, isolation, run_python
+from envs.tools import get_tool
+
+LIMITS = SandboxLimits(wall_s=8.0, cpu_s=2, memory_bytes=512 << 20, max_processes=8, max_output_bytes=10_000)
+NAMESPACES = isolation() == "namespaces"
+needs_namespaces = pytest.mark.skipif(not NAMESPACES, reason=f"isolation here is {isolation()!r}, not 'namespaces'")
+
+
+def run(code, limits=LIMITS, **kw):
+    return asyncio.run(run_python(code, limits, **kw))
+
+
+def interpreter(code, **limits):
+    tool = get_tool("python_executor", **{"wall_s": 8.0, "cpu_s": 2, **limits})
+    return asyncio.run(tool.call({"code": code}, timeout_s=30, max_output_tokens=2000))
+
+
+def test_prints_and_workdir_is_writable():
+    r = run("open('f.txt', 'w').write('abc')\nprint(open('f.txt').read(), 6 * 7)")
+    assert r.ok and r.output == "abc 42\n" and r.exit_code == 0
+
+
+def test_interpreter_success_and_exception():
+    assert interpreter("print(sum(range(10)))").text == "45\n"
+    assert interpreter("x = 1").text == "(no output)"
+    bad = interpreter("raise ValueError('nope')")
+    assert bad.error and bad.text.startswith("Error: exit status 1") and "ValueError: nope" in bad.text
+
+
+@needs_namespaces
+def test_reading_files_outside_is_refused():
+    for path in ("/work/main/pyproject.toml", "/etc/shadow", "/root/.bashrc"):
+        result = interpreter(f"print(open({path!r}).read())")
+        assert result.error, path
+        assert "FileNotFoundError" in result.text or "PermissionError" in result.text
+
+
+@needs_namespaces
+def test_writing_outside_is_refused():
+    result = interpreter("open('/usr/owned', 'w').write('x')")
+    assert result.error and "Read-only file system" in result.text
+
+
+@needs_namespaces
+def test_network_is_refused_even_to_host_loopback():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    try:
+        result = interpreter(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=3)\nprint('connected')")
+        assert result.error and "\nconnected" not in result.text and "Error" in result.text
+        result = interpreter("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=3)")
+        assert result.error and "OSError" in result.text
+    finally:
+        server.close()
+
+
+def test_network_guard_in_weaker_modes():
+    r = run("import socket\nsocket.socket()", mode="rlimits")
+    assert not r.ok and "network access is disabled" in r.output
+
+
+def test_fork_bomb():
+    result = interpreter("import os\nwhile True:\n    os.fork()")
+    assert result.error
+
+
+def test_memory_bomb():
+    result = interpreter("x = bytearray(4 << 30)\nprint('allocated')", memory_bytes=512 << 20)
+    assert result.error and "MemoryError" in result.text
+
+
+def test_infinite_loop_hits_cpu_limit():
+    result = interpreter("while True:\n    pass")
+    assert result.error and "CPU-time limit" in result.text
+
+
+def test_sleeping_forever_hits_wall_limit():
+    result = interpreter("import time\ntime.sleep(600)", wall_s=2.0)
+    assert result.error and "wall-time limit" in result.text
+
+
+def test_100mb_of_output_is_cut_and_killed():
+    r = run("import sys\nfor _ in range(1600):\n    sys.stdout.write('x' * 65536)")
+    assert not r.ok and "output exceeded" in r.error
+    assert len(r.output) == LIMITS.max_output_bytes
+
+
+def test_tool_timeout_shorter_than_wall_kills_the_run():
+    tool = get_tool("code_interpreter", wall_s=60.0)
+    result = asyncio.run(tool.call({"code": "import time\ntime.sleep(600)"}, timeout_s=1.0, max_output_tokens=100))
+    assert result.error and "timed out" in result.text
+
+
+def test_isolation_mode_is_reported():
+    assert isolation() in ("namespaces", "uid", "rlimits")
