@@ -131,3 +131,53 @@ def test_make_agent_unknown_type(tokenizers):
     with pytest.raises(KeyError, match="unknown agent type"):
         make_agent("nope", tokenizers["chatml"], [])
 
+
+
+# ----------------------------------------------------------------------------- react and code
+
+
+def test_react_parse_action_final_and_errors(tokenizers):
+    agent = make_agent("react", tokenizers["chatml"], [get_tool("calculator")], template="chatml")
+    system = agent.start({"question": "q"}).messages[0]["content"]
+    assert "calculator: Evaluate an arithmetic expression" in system and "Final Answer:" in system
+
+    text = 'Thought: multiply\nAction: calculator\nAction Input: {"expression": "123*45"}\nObservation: 5535 (made up)'
+    assert agent.parse(text).tool_calls == [ToolCall(name="calculator", arguments={"expression": "123*45"})]
+    plain = agent.parse("Action: calculator\nAction Input: 2+2")
+    assert plain.tool_calls == [ToolCall(name="calculator", arguments={"expression": "2+2"})]
+    final = agent.parse("Thought: I now know the final answer\nFinal Answer: 5535")
+    assert final.final and final.final_answer == "5535"
+    assert "Final Answer" in agent.parse("I think it is 5535").parse_error
+
+
+def test_react_episode_text_equals_full_render(tokenizers):
+    tok = tokenizers["qwen2.5"]
+    agent = make_agent("react", tok, [get_tool("calculator")], template="qwen2.5")
+    conv = agent.start({"question": "What is 123*45?"})
+    text = agent.prompt_text(conv)
+    turn = 'Thought: use it\nAction: calculator\nAction Input: {"expression": "123*45"}'
+    action = agent.parse(turn)
+    agent.add_assistant(conv, turn)
+    obs = agent.observation_text(conv, action, [ToolResult(text="5535")])
+    assert obs == "\n<|im_start|>user\nObservation: 5535<|im_end|>\n<|im_start|>assistant\n"
+    text += turn + "<|im_end|>" + obs
+    assert text == tok.apply_chat_template(conv.messages, add_generation_prompt=True, tokenize=False)
+
+
+def test_code_agent_parse_and_run(tokenizers):
+    import asyncio
+
+    interpreter = get_tool("code_interpreter", wall_s=8.0)
+    agent = make_agent("code", tokenizers["qwen2.5"], [interpreter], template="qwen2.5")
+    text = "First:\n```python\nx = 6\n```\nthen\n```py\nprint(x * 7)\n```"
+    action = agent.parse(text)
+    assert action.tool_calls == [ToolCall(name="code_interpreter", arguments={"code": "x = 6\nprint(x * 7)\n"})]
+    conv = agent.start({"question": "6*7?"})
+    agent.add_assistant(conv, text)
+    result = asyncio.run(interpreter.call(action.tool_calls[0].arguments, timeout_s=30, max_output_tokens=100))
+    obs = agent.observation_text(conv, action, [result])
+    assert obs == "\n<|im_start|>user\nOutput:\n42\n<|im_end|>\n<|im_start|>assistant\n"
+    assert agent.parse("The answer is 42.").final_answer == "The answer is 42."
+    assert agent.parse("```python\nprint(1)\n").parse_error == "unclosed ```python block"
+    with pytest.raises(ValueError, match="code_interpreter"):
+        make_agent("code", tokenizers["qwen2.5"], [get_tool("calculator")], template="qwen2.5")

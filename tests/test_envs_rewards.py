@@ -56,3 +56,64 @@ def test_dotted_path_reward():
     assert fn("7", TRAJ, answer="7") == {"reward": 1.0}
     with pytest.raises(KeyError):
         get_reward("no_such_reward")
+
+
+# ----------------------------------------------------------------------------- step 2 rewards
+
+from envs.monitors import EpisodeSummary, monitor_batch  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "final,answer,expected",
+    [
+        ("The answer is $\\frac{1}{2}$", "0.5", 1.0),
+        ("\\boxed{(x+1)^2}", "x^2+2x+1", 1.0),
+        ("so she makes 18 dollars", "Work...\n#### 18", 1.0),
+        ("\\boxed{3}", "4", 0.0),
+        (None, "4", 0.0),
+    ],
+)
+def test_math_reward_equivalence(final, answer, expected):
+    assert get_reward("math_reward")(final, TRAJ, answer=answer) == {"reward": expected}
+
+
+def test_math_reward_format_components():
+    with_tool = TrajectoryInfo(messages=[], num_turns=2, tool_calls=["calculator"], truncated=False, response_text="")
+    out = get_reward("math_reward_format")("\\boxed{4}", with_tool, answer="4")
+    assert out == {"correct": 1.0, "format": 0.1, "tool": 0.1, "reward": pytest.approx(1.2)}
+    out = get_reward("math_reward_format")("\\boxed{5}", TRAJ, answer="4")
+    assert out == {"correct": 0.0, "format": 0.1, "tool": 0.0, "reward": pytest.approx(0.1)}
+
+
+def test_qa_rewards_squad_normalisation():
+    em, f1 = get_reward("qa_em"), get_reward("qa_f1_reward")
+    assert em("The Eiffel Tower!", TRAJ, answer="eiffel tower") == {"reward": 1.0}
+    assert em("Eiffel", TRAJ, answer=["tour eiffel", "eiffel tower"]) == {"reward": 0.0}
+    # pred tokens {eiffel, tower, paris}, gold {eiffel, tower}: P=2/3, R=1, F1=0.8
+    assert f1("the Eiffel tower, Paris", TRAJ, answer="Eiffel Tower") == {"reward": pytest.approx(0.8)}
+    assert f1(None, TRAJ, answer="x") == {"reward": 0.0}
+
+
+def test_code_reward_fraction_passed_and_early_exit_does_not_pass():
+    fn = get_reward("code_reward")
+    tests = ["assert double(2) == 4", "assert double(-1) == -2", "assert double(3) == 7"]
+    answer = "Here:\n```python\ndef double(x):\n    return 2 * x\n```"
+    assert fn(answer, TRAJ, tests=tests) == {"reward": pytest.approx(2 / 3)}
+    assert fn("import os\nos._exit(0)", TRAJ, tests=tests) == {"reward": 0.0}
+    assert fn(None, TRAJ, tests=tests) == {"reward": 0.0}
+
+
+def test_monitors_hand_computed():
+    batch = [
+        EpisodeSummary(reward={"reward": 1.2, "correct": 1.0, "format": 0.1, "tool": 0.1}, tool_calls=["calculator"], num_turns=2, response_length=10),
+        EpisodeSummary(reward={"reward": 0.1, "correct": 0.0, "format": 0.1, "tool": 0.0}, tool_calls=[], num_turns=1, response_length=20),
+        EpisodeSummary(reward={"reward": 0.2, "correct": 0.0, "format": 0.1, "tool": 0.1}, tool_calls=["calculator", "calculator", "search"], num_turns=4, response_length=30),
+    ]
+    m = monitor_batch(batch)
+    assert m["monitor/tool_use_rate/calculator"] == pytest.approx(2 / 3)
+    assert m["monitor/tool_calls_per_episode/calculator"] == pytest.approx(1.0)
+    assert m["monitor/tool_use_rate/search"] == pytest.approx(1 / 3)
+    assert m["monitor/format_reward_share"] == pytest.approx(0.5 / 1.5)
+    # lengths 10,20,30 (mean 20), rewards 1.2,0.1,0.2 (mean 0.5): sxy=-10, sxx=200, syy=0.74
+    assert m["monitor/length_reward_corr"] == pytest.approx(-10 / (200 * 0.74) ** 0.5)
+    assert m["monitor/mean_turns"] == pytest.approx(7 / 3)

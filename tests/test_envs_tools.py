@@ -182,3 +182,85 @@ def test_register_and_dotted_paths(tmp_path, monkeypatch):
     assert get_tool("echo_for_registry_test") is echo
     with pytest.raises(KeyError):
         get_tool("no_such_tool_anywhere")
+
+
+# ----------------------------------------------------------------------------- search
+
+import json  # noqa: E402
+import threading  # noqa: E402
+from http.server import BaseHTTPRequestHandler, HTTPServer  # noqa: E402
+
+
+def write_corpus(path):
+    rows = [
+        {"id": "1", "title": "Paris", "text": "Paris is the capital of France."},
+        {"id": "2", "title": "Berlin", "text": "Berlin is the capital of Germany."},
+        {"id": "3", "title": "Eiffel Tower", "text": "The Eiffel Tower stands in Paris."},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_bm25_search_over_local_corpus(tmp_path):
+    search = get_tool("google_search", corpus=str(write_corpus(tmp_path / "corpus.jsonl")), top_k=2)
+    assert search.name == "search"
+    text = call(search, query="capital of Germany").text
+    assert text.startswith("[1] Berlin\nBerlin is the capital of Germany.")
+    assert text.count("[") == 2  # top_k results, the runner-up mentions "capital"
+    assert call(search, query="zzzz qqqq").text == "No results."
+
+
+def test_search_needs_exactly_one_backend(tmp_path):
+    with pytest.raises(ValueError, match="exactly one"):
+        get_tool("search")
+    with pytest.raises(TypeError):
+        get_tool("calculator", top_k=3)
+
+
+class _FakeSearchAPI(BaseHTTPRequestHandler):
+    seen: list = []
+
+    def do_POST(self):  # serper style
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.seen.append(("POST", self.headers.get("X-API-KEY"), body))
+        self._reply({"organic": [{"title": "T1", "snippet": f"about {body['q']}", "link": "http://x"}]})
+
+    def do_GET(self):  # searxng style
+        self.seen.append(("GET", self.headers.get("Authorization"), self.path))
+        if "fail" in self.path:
+            self.send_error(500)
+            return
+        self._reply({"results": [{"title": "S1", "content": "c1"}, {"title": "S2", "content": "c2"}]})
+
+    def _reply(self, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_http_search_backends_against_local_server():
+    server = HTTPServer(("127.0.0.1", 0), _FakeSearchAPI)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/search"
+    try:
+        serper = get_tool("search", endpoint=url, api_key="k123", style="serper", top_k=5)
+        assert call(serper, query="relay rl").text == "[1] T1\nabout relay rl"
+        assert _FakeSearchAPI.seen[-1] == ("POST", "k123", {"q": "relay rl", "num": 5})
+
+        searx = get_tool("search", endpoint=url, style="searxng", top_k=1)
+        assert call(searx, query="a b").text == "[1] S1\nc1"
+        assert _FakeSearchAPI.seen[-1] == ("GET", None, "/search?q=a+b&format=json")
+
+        failing = get_tool("search", endpoint=url + "?fail=1", style="searxng")
+        result = call(failing, query="x")
+        assert result.error and "HTTPError" in result.text
+    finally:
+        server.shutdown()
+        server.server_close()
