@@ -55,7 +55,9 @@ class Action:
 
     @property
     def final(self) -> bool:
-        return not self.tool_calls
+        """No tool call and nothing unparseable: the turn answers. A parse error is not final:
+        the agent shows the model the error as an observation."""
+        return not self.tool_calls and self.parse_error is None
 
 
 @dataclass

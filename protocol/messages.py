@@ -207,9 +207,9 @@ class Trajectory(_Msg, tag="trajectory"):
     versions: Packed
     reward: float
     reward_components: dict[str, float]
+    stats: EpisodeStats
     turn_rewards: list[float] = []
     """Optional per-assistant-turn rewards (placed on each turn's last sampled token)."""
-    stats: EpisodeStats
     greedy: bool = False
     validation: bool = False
     final_answer: str = ""

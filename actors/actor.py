@@ -1,0 +1,207 @@
+"""The actor process: asks the learner for work, rolls it out, streams it back.
+
+Loop: register; then repeatedly (1) if the learner has published a newer
+policy, fetch it and load it into the engine (``between_episodes``: stop
+admitting, let in-flight episodes finish, load, resume; ``in_flight``: load at
+the engine's next batch boundary while episodes continue, each turn tagged
+with the version that sampled it); (2) ask for as many prompt groups as there
+is room for (``max_concurrent_episodes``), which the learner grants only
+within the staleness bound; (3) run each group's episodes concurrently and
+push each scored trajectory as soon as it is done. A heartbeat task keeps the
+learner aware of the actor while long batches run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from actors.engines.base import Engine, SamplingSettings
+from actors.rollout import Episode, EpisodeLimits, ToolBox, run_episode
+from envs.base import Agent
+from protocol import messages as m
+from protocol.transport import ActorClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ActorSettings:
+    actor_id: str
+    group_concurrency: int
+    """Most episodes in flight at once."""
+    sampling: SamplingSettings
+    limits: EpisodeLimits
+    weight_update_mode: str
+    heartbeat_interval_s: float
+    request_timeout_s: float
+    startup_timeout_s: float
+    push_timeout_s: float
+
+
+class Scorer:
+    """Applies the configured reward function to a finished episode."""
+
+    def __init__(self, reward_fn, tokenizer):
+        self.reward_fn = reward_fn
+        self.tokenizer = tokenizer
+
+    def __call__(self, ep: Episode, row: dict) -> dict[str, float]:
+        from envs.rewards import TrajectoryInfo
+
+        info = TrajectoryInfo(
+            messages=ep.messages,
+            num_turns=ep.num_turns,
+            tool_calls=ep.tool_calls,
+            truncated=ep.truncated,
+            response_text=ep.response_text(self.tokenizer),
+        )
+        return self.reward_fn(ep.final_answer, info, **row)
+
+
+def to_trajectory(actor_id: str, item: m.WorkItem, chain: int, ep: Episode, scores: dict[str, float], greedy: bool = False) -> m.Trajectory:
+    tools: dict[str, int] = {}
+    for name in ep.tool_calls:
+        tools[name] = tools.get(name, 0) + 1
+    return m.Trajectory(
+        actor_id=actor_id,
+        sample_id=item.sample_id,
+        chain=chain,
+        prompt_ids=m.pack(ep.prompt_ids, "int32"),
+        response_ids=m.pack(ep.response_ids, "int32"),
+        loss_mask=m.pack(ep.loss_mask, "uint8"),
+        logprobs=m.pack(ep.logprobs, "float32"),
+        versions=m.pack(ep.versions, "int32"),
+        reward=float(scores["reward"]),
+        reward_components={k: float(v) for k, v in scores.items()},
+        stats=m.EpisodeStats(
+            num_turns=ep.num_turns,
+            tool_calls=tools,
+            tool_errors=ep.tool_errors,
+            truncated=ep.truncated,
+            finish_reason=ep.finish_reason,
+            gen_tokens=ep.gen_tokens,
+            gen_time_s=ep.gen_time_s,
+            tool_time_s=ep.tool_time_s,
+        ),
+        greedy=greedy,
+        validation=item.validation,
+        final_answer=ep.final_answer or "",
+    )
+
+
+class Actor:
+    def __init__(self, settings: ActorSettings, client: ActorClient, engine: Engine, agent: Agent, tokenizer, toolbox: ToolBox, scorer: Scorer):
+        self.s = settings
+        self.client = client
+        self.engine = engine
+        self.agent = agent
+        self.tokenizer = tokenizer
+        self.toolbox = toolbox
+        self.scorer = scorer
+        self.in_flight = 0
+        self.learner_version = 0
+        self.stop = False
+        self.trajectories_sent = 0
+        self.failures: list[BaseException] = []
+
+    async def run(self) -> None:
+        welcome = await self.client.call(
+            m.Register(actor_id=self.s.actor_id, host=socket.gethostname(), pid=os.getpid(), engine=type(self.engine).__name__),
+            timeout_s=self.s.startup_timeout_s,
+        )
+        self.learner_version = welcome.learner_version
+        log.info("%s registered; learner at v%d", self.s.actor_id, self.learner_version)
+        await self.sync_weights()
+        heartbeat = asyncio.create_task(self.heartbeat())
+        groups: set[asyncio.Task] = set()
+        try:
+            while not self.stop:
+                self.raise_failures()
+                if self.learner_version > self.engine.version:
+                    if self.s.weight_update_mode == "between_episodes" and groups:
+                        await asyncio.wait(groups)  # drain, then update
+                        groups = {g for g in groups if not g.done()}
+                        continue
+                    await self.sync_weights()
+                room = self.s.group_concurrency - self.in_flight
+                grant = None
+                if room > 0:
+                    grant = await self.client.call(
+                        m.WorkRequest(actor_id=self.s.actor_id, version=self.engine.version, max_groups=room),
+                        timeout_s=self.s.request_timeout_s,
+                    )
+                    self.learner_version = grant.learner_version
+                    if grant.stop:
+                        log.info("%s: learner says stop (%s)", self.s.actor_id, grant.reason)
+                        break
+                    for item in grant.items:
+                        task = asyncio.create_task(self.run_group(item))
+                        groups.add(task)
+                        task.add_done_callback(groups.discard)
+                if grant is None or not grant.items:
+                    if groups:
+                        await asyncio.wait(groups, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                    else:
+                        await asyncio.sleep(0.05)
+        finally:
+            heartbeat.cancel()
+            for g in groups:
+                g.cancel()
+            await asyncio.gather(*groups, heartbeat, return_exceptions=True)
+        self.raise_failures()
+
+    def raise_failures(self) -> None:
+        if self.failures:
+            raise RuntimeError(f"{self.s.actor_id}: an episode group failed") from self.failures[0]
+
+    async def sync_weights(self) -> None:
+        t0 = time.perf_counter()
+        got = await self.client.fetch_weights(self.s.actor_id, self.engine.version, timeout_s=self.s.request_timeout_s)
+        if got is None:
+            return
+        version, arrays = got
+        t1 = time.perf_counter()
+        named = [(name, torch.from_numpy(np.array(a))) for name, a in arrays]
+        await asyncio.to_thread(self.engine.load_weights, named, version)
+        log.info("%s: now serving v%d (fetch %.2fs, load %.2fs)", self.s.actor_id, version, t1 - t0, time.perf_counter() - t1)
+
+    async def heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.s.heartbeat_interval_s)
+            ack = await self.client.call(
+                m.Heartbeat(actor_id=self.s.actor_id, version=self.engine.version, in_flight=self.in_flight),
+                timeout_s=self.s.request_timeout_s,
+            )
+            self.learner_version = max(self.learner_version, ack.learner_version)
+            if ack.stop:
+                self.stop = True
+
+    async def run_group(self, item: m.WorkItem) -> None:
+        n = item.group_size + (1 if item.greedy_baseline else 0)
+        self.in_flight += 1
+        try:
+            jobs = [self.episode(item, chain, greedy=chain == item.group_size) for chain in range(n)]
+            for traj in await asyncio.gather(*jobs):
+                await self.client.push(traj, timeout_s=self.s.push_timeout_s)
+                self.trajectories_sent += 1
+        except Exception as e:
+            self.failures.append(e)
+            log.exception("%s: group %s failed", self.s.actor_id, item.sample_id)
+        finally:
+            self.in_flight -= 1
+
+    async def episode(self, item: m.WorkItem, chain: int, greedy: bool) -> m.Trajectory:
+        sampling = self.s.sampling
+        if greedy:
+            sampling = SamplingSettings(max_tokens=sampling.max_tokens, temperature=0.0, stop_token_ids=sampling.stop_token_ids)
+        ep = await run_episode(self.engine, self.agent, self.tokenizer, self.toolbox, item.row, self.s.limits, sampling)
+        scores = await asyncio.to_thread(self.scorer, ep, item.row)
+        return to_trajectory(self.s.actor_id, item, chain, ep, scores, greedy=greedy)

@@ -1,0 +1,89 @@
+"""Assembling an actor's parts (engine, tokenizer, agent, tools, reward) from config.
+
+Shared by the actor process, ``relay eval`` and the SFT demonstration builder,
+so every path rolls out episodes with the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from actors.engines.base import Engine, SamplingSettings
+from actors.rollout import EpisodeLimits, ToolBox
+from configs.schema import RelayConfig
+
+
+@dataclass
+class Parts:
+    tokenizer: object
+    agent: object
+    toolbox: ToolBox
+    scorer: object
+    limits: EpisodeLimits
+    sampling: SamplingSettings
+
+
+def build_parts(cfg: RelayConfig, model_path: str) -> Parts:
+    """Everything but the engine, for ``cfg`` and the model at ``model_path``."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    import envs
+    from actors.actor import Scorer
+    from envs.rewards import get_reward
+    from envs.tools import get_tool
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tools = [get_tool(name) for name in cfg.agent.tools]
+    agent = envs.make_agent(
+        cfg.agent.agent_type,
+        tokenizer,
+        tools,
+        template=cfg.agent.template,
+        system_prompt=cfg.agent.system_prompt,
+        prompt_key=cfg.data.prompt_key,
+    )
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    toolbox = ToolBox(tools, cfg.agent.tool_timeout_s, cfg.agent.tool_max_output_tokens, count_tokens)
+    stop_ids = {tokenizer.convert_tokens_to_ids(s) for s in agent.stop_strings}
+    if tokenizer.eos_token_id is not None:
+        stop_ids.add(tokenizer.eos_token_id)
+    stop_ids.discard(tokenizer.unk_token_id)
+    rollout = cfg.actor_rollout_ref.rollout
+    max_context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", 4096)
+    limits = EpisodeLimits(
+        max_turns=cfg.agent.max_turns,
+        max_tokens_per_turn=cfg.agent.max_tokens_per_turn,
+        max_response_tokens=rollout.response_length,
+        max_context=max_context,
+    )
+    sampling = SamplingSettings(
+        max_tokens=cfg.agent.max_tokens_per_turn,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
+        top_k=rollout.top_k,
+        stop_token_ids=tuple(sorted(i for i in stop_ids if i is not None)),
+    )
+    return Parts(tokenizer, agent, toolbox, Scorer(get_reward(cfg.agent.reward_name), tokenizer), limits, sampling)
+
+
+def build_engine(cfg: RelayConfig, model_path: str, seed: int = 0) -> Engine:
+    """The configured inference engine (``rollout.name``) serving ``model_path``."""
+    rollout = cfg.actor_rollout_ref.rollout
+    if rollout.name == "vllm":
+        from actors.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(
+            model_path,
+            seed=seed,
+            cpu_kvcache_space_gb=rollout.cpu_kvcache_space_gb,
+            gpu_memory_utilization=rollout.gpu_memory_utilization,
+            tensor_model_parallel_size=rollout.tensor_model_parallel_size,
+        )
+    from actors.engines.hf_engine import HFEngine
+
+    import torch
+
+    return HFEngine(model_path, device="cuda" if torch.cuda.is_available() else "cpu", seed=seed)

@@ -1,0 +1,53 @@
+"""Evaluation through the same rollout loop, agent, tools and reward as training."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from actors.build import build_engine, build_parts
+from actors.engines.base import SamplingSettings
+from actors.rollout import run_episode
+from configs.schema import RelayConfig
+
+
+async def _evaluate(engine, parts, rows: list[dict], num_chains: int, temperature: float) -> dict:
+    s = parts.sampling
+    sampling = SamplingSettings(max_tokens=s.max_tokens, temperature=temperature, top_p=s.top_p, top_k=s.top_k, stop_token_ids=s.stop_token_ids)
+
+    async def one(row):
+        ep = await run_episode(engine, parts.agent, parts.tokenizer, parts.toolbox, row, parts.limits, sampling)
+        return ep, parts.scorer(ep, row)
+
+    results = await asyncio.gather(*(one(r) for r in rows for _ in range(num_chains)))
+    solved = [score["reward"] >= 1.0 for _, score in results]
+    per_prompt = [any(solved[i * num_chains : (i + 1) * num_chains]) for i in range(len(rows))]
+    tools = Counter(name for ep, _ in results for name in ep.tool_calls)
+    n = len(results)
+    out = {
+        "n_prompts": len(rows),
+        "accuracy": sum(solved) / n,
+        "reward_mean": sum(score["reward"] for _, score in results) / n,
+        "tool_use_rate": sum(1 for ep, _ in results if ep.tool_calls) / n,
+        "truncated_rate": sum(ep.truncated for ep, _ in results) / n,
+        "turns_mean": sum(ep.num_turns for ep, _ in results) / n,
+        **{f"tool_calls/{k}": v / n for k, v in tools.items()},
+    }
+    if num_chains > 1:
+        out[f"pass@{num_chains}"] = sum(per_prompt) / len(rows)
+    return out
+
+
+def evaluate(cfg: RelayConfig, model_path: str, rows: list[dict], num_chains: int = 1, temperature: float | None = None) -> dict:
+    """Accuracy (reward >= 1), mean reward, tool use and pass@k of ``model_path`` on ``rows``."""
+    parts = build_parts(cfg, model_path)
+    engine = build_engine(cfg, model_path, seed=cfg.trainer.seed)
+    temp = cfg.actor_rollout_ref.rollout.val_temperature if temperature is None else temperature
+
+    async def go():
+        try:
+            return await _evaluate(engine, parts, rows, num_chains, temp)
+        finally:
+            await engine.close()
+
+    return asyncio.run(go())

@@ -1,0 +1,65 @@
+"""``python -m actors.main``: one actor process (the launcher starts these)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Run one Relay actor.")
+    ap.add_argument("--config", required=True, help="resolved config YAML written by the launcher")
+    ap.add_argument("--actor-id", required=True)
+    ap.add_argument("--learner", required=True, help="HOST:PORT of the learner's control socket")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.actor_id} %(levelname)s %(message)s")
+
+    import torch
+
+    from actors.actor import Actor, ActorSettings
+    from actors.build import build_engine, build_parts
+    from configs.loader import load_config
+    from protocol.transport import ActorClient
+
+    torch.set_num_threads(args.threads)
+    cfg = load_config([args.config])
+    host, port = args.learner.rsplit(":", 1)
+    model_path = cfg.actor_rollout_ref.model.path
+    index = int(args.actor_id.rsplit("-", 1)[-1]) if args.actor_id.rsplit("-", 1)[-1].isdigit() else 0
+    parts = build_parts(cfg, model_path)
+    engine = build_engine(cfg, model_path, seed=cfg.trainer.seed * 1000 + index)
+    rollout, t = cfg.actor_rollout_ref.rollout, cfg.transport
+    settings = ActorSettings(
+        actor_id=args.actor_id,
+        group_concurrency=max(1, rollout.max_concurrent_episodes // cfg.agent.num_chains),
+        sampling=parts.sampling,
+        limits=parts.limits,
+        weight_update_mode=rollout.weight_update_mode,
+        heartbeat_interval_s=t.heartbeat_interval_s,
+        request_timeout_s=t.peer_timeout_s,
+        startup_timeout_s=t.recv_timeout_s,
+        push_timeout_s=t.recv_timeout_s,
+    )
+    client = ActorClient(host, int(port), t.trajectory_hwm)
+    actor = Actor(settings, client, engine, parts.agent, parts.tokenizer, parts.toolbox, parts.scorer)
+
+    async def go():
+        try:
+            await actor.run()
+        finally:
+            await engine.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        client.close()
+    logging.info("%s done: %d trajectories sent", args.actor_id, actor.trajectories_sent)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""What the ``relay`` commands do, wiring configs, envs, actors and learner."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from configs.loader import dump_config, load_config, no_effect_notes
+from configs.schema import RelayConfig
+
+log = logging.getLogger("relay")
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+TINY = "tiny"
+TINY_DIR = Path("runs/models/tiny")
+
+
+def _say(msg: str) -> None:
+    print(f"[relay] {msg}", file=sys.stderr, flush=True)
+
+
+def resolve_model(cfg: RelayConfig) -> RelayConfig:
+    """Replace the model path ``tiny`` with the embedded model (built on first use)."""
+    if cfg.actor_rollout_ref.model.path != TINY:
+        path = Path(cfg.actor_rollout_ref.model.path)
+        if not (path / "config.json").exists():
+            raise SystemExit(f"model path {path} is not a Hugging Face model directory (no config.json)")
+        return cfg
+    from launcher.tiny_model import build_tiny_model
+
+    path = build_tiny_model(TINY_DIR)
+    return cfg.model_copy(
+        update={
+            "actor_rollout_ref": cfg.actor_rollout_ref.model_copy(
+                update={"model": cfg.actor_rollout_ref.model.model_copy(update={"path": str(path)})}
+            )
+        }
+    )
+
+
+def _has_gpu() -> bool:
+    import shutil
+
+    return shutil.which("nvidia-smi") is not None
+
+
+def train_local(cfg: RelayConfig) -> int:
+    """Run a whole training job on this machine; returns the exit status."""
+    from launcher.local import Supervisor, free_port, plan_local
+
+    cfg = resolve_model(cfg)
+    if cfg.trainer.nnodes != 1:
+        _say(f"trainer.nnodes={cfg.trainer.nnodes}: local mode runs one node; use `relay slurm` for several")
+        return 2
+    run_dir = Path(cfg.trainer.default_local_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    port = cfg.transport.port or free_port(pairs=2)
+    cfg = cfg.model_copy(update={"transport": cfg.transport.model_copy(update={"port": port})})
+    for note in no_effect_notes(cfg, _has_gpu()):
+        _say(f"note: {note}")
+    config_path = run_dir / "config.yaml"
+    config_path.write_text(dump_config(cfg))
+    world = cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node
+    children = plan_local(config_path, run_dir, world, cfg.actor_rollout_ref.rollout.num_actors, port)
+    _say(f"run dir {run_dir}: {world} learner rank(s), {cfg.actor_rollout_ref.rollout.num_actors} actor(s), learner at 127.0.0.1:{port}")
+    sup = Supervisor(children)
+    t0 = time.monotonic()
+    status = sup.run(main="learner-0", grace_s=cfg.transport.heartbeat_interval_s * 3 + 30)
+    summary = {
+        "status": status,
+        "failure": sup.failure,
+        "wall_s": time.monotonic() - t0,
+        "peak_rss_bytes": sup.peak_rss,
+        "exit_codes": {c.name: c.returncode for c in children},
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _say(f"{'finished' if status == 0 else 'FAILED'} in {summary['wall_s']:.0f}s; peak memory of all processes {sup.peak_rss / 2**30:.2f} GiB")
+    return status
+
+
+def build_demonstrations(cfg: RelayConfig, model_path: str, rows: list[dict], tool_fraction: float, seed: int):
+    """Token-exact demonstrations: scripted turns played through the real rollout loop."""
+    import asyncio
+    import random
+
+    from actors.build import build_parts
+    from actors.engines.scripted import ScriptedEngine
+    from actors.rollout import run_episode
+    from envs.tasks import arithmetic
+
+    parts = build_parts(cfg, model_path)
+    stop_id = parts.tokenizer.eos_token_id
+    rng = random.Random(seed)
+
+    async def one(row):
+        turns = arithmetic.demonstration(row, use_tool=rng.random() < tool_fraction)
+        ep = await run_episode(ScriptedEngine(parts.tokenizer, turns, stop_id), parts.agent, parts.tokenizer, parts.toolbox, row, parts.limits, parts.sampling)
+        if ep.finish_reason != "answer":
+            raise RuntimeError(f"demonstration for {row['question']!r} did not finish ({ep.finish_reason})")
+        return ep.prompt_ids + ep.response_ids, [0] * len(ep.prompt_ids) + ep.loss_mask
+
+    async def all_rows():
+        return [await one(r) for r in rows]
+
+    return asyncio.run(all_rows())
+
+
+def sft(cfg: RelayConfig, out: Path, tool_fraction: float, steps: int, batch_size: int, lr: float) -> dict:
+    from envs.data import load_rows
+    from learner.sft import sft_train
+
+    import torch
+
+    torch.set_num_threads(2)
+    cfg = resolve_model(cfg)
+    model_path = cfg.actor_rollout_ref.model.path
+    rows = load_rows(cfg.data.train_files, cfg.data.prompt_key)
+    examples = build_demonstrations(cfg, model_path, rows, tool_fraction, cfg.trainer.seed)
+    _say(f"sft: {len(examples)} demonstrations ({tool_fraction:.0%} with the tool), {steps} steps, batch {batch_size}, lr {lr}")
+    result = sft_train(model_path, str(out), examples, steps, batch_size, lr, seed=cfg.trainer.seed)
+    _say(f"sft: wrote {out} (final loss {result['final_loss']:.4f}, {result['seconds']:.0f}s)")
+    return result
+
+
+def evaluate(cfg, model, data, limit, num_chains, temperature, out) -> dict:
+    from actors.evaluate import evaluate as run_eval
+    from envs.data import load_rows
+
+    import torch
+
+    torch.set_num_threads(2)
+    cfg = resolve_model(cfg) if model is None else cfg
+    model_path = model or cfg.actor_rollout_ref.model.path
+    files = [data] if data else cfg.data.val_files
+    rows = load_rows(files, cfg.data.prompt_key)
+    if limit:
+        rows = rows[:limit]
+    result = run_eval(cfg, model_path, rows, num_chains=num_chains, temperature=temperature)
+    result["model"] = str(model_path)
+    print(json.dumps(result, indent=2))
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def demo(out: Path, steps: int | None, sft_steps: int, overrides: list[str]) -> int:
+    """Data -> tiny model -> SFT warm start -> eval -> RL -> eval, printing both accuracies."""
+    from envs.tasks import arithmetic
+    from launcher.tiny_model import build_tiny_model
+
+    t0 = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    train_path, test_path = arithmetic.write_splits(out / "data", n_train=2000, n_test=200, seed=0)
+    base = build_tiny_model(out / "tiny-base")
+    _say(f"[1/5] data in {out / 'data'}, tiny model in {base}")
+    ov = [
+        f"data.train_files=[{train_path}]",
+        f"data.val_files=[{test_path}]",
+        f"trainer.default_local_dir={out / 'rl'}",
+        *([f"trainer.total_training_steps={steps}"] if steps else []),
+        *overrides,
+    ]
+    cfg = load_config(["demo"], ov + [f"actor_rollout_ref.model.path={base}"])
+    warm = out / "sft"
+    if not (warm / "config.json").exists():
+        _say("[2/5] supervised warm start")
+        sft(cfg, warm, tool_fraction=0.3, steps=sft_steps, batch_size=32, lr=1e-3)
+    else:
+        _say(f"[2/5] reusing warm start {warm}")
+    _say("[3/5] held-out accuracy before RL")
+    before = evaluate(cfg, str(warm), str(test_path), 0, 1, None, out / "eval_before.json")
+    _say("[4/5] RL: relay train")
+    rl_cfg = load_config(["demo"], ov + [f"actor_rollout_ref.model.path={warm}"])
+    status = train_local(rl_cfg)
+    if status != 0:
+        return status
+    final = Path(rl_cfg.trainer.default_local_dir) / "final"
+    _say("[5/5] held-out accuracy after RL")
+    after = evaluate(cfg, str(final), str(test_path), 0, 1, None, out / "eval_after.json")
+    summary = {
+        "before_accuracy": before["accuracy"],
+        "after_accuracy": after["accuracy"],
+        "before_tool_use": before["tool_use_rate"],
+        "after_tool_use": after["tool_use_rate"],
+        "minutes": (time.monotonic() - t0) / 60,
+    }
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    print(
+        f"\nheld-out accuracy (greedy, {before['n_prompts']} problems): before RL {before['accuracy']:.1%} -> after RL {after['accuracy']:.1%}"
+        f"  (tool use {before['tool_use_rate']:.0%} -> {after['tool_use_rate']:.0%}; {summary['minutes']:.1f} min)"
+    )
+    return 0

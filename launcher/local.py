@@ -1,0 +1,221 @@
+"""Local mode: every learner rank and actor as a child process of this one.
+
+Each child runs in its own session (so its whole process tree, vLLM's workers
+included, can be signalled at once) and logs to ``<run dir>/logs/<name>.log``;
+learner rank 0 is also echoed to this terminal. The supervisor polls the
+children: when one exits non-zero it names it, shows the end of its log,
+stops the others and returns non-zero. On Ctrl-C it stops everything. When
+learner rank 0 finishes, the actors are given a grace period to hear 'stop'
+and exit on their own, then are terminated. No process is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+
+def free_port(pairs: int = 1) -> int:
+    """A free TCP port p on 127.0.0.1 such that p .. p + pairs - 1 are all free."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + pairs > 65535:
+            continue
+        try:
+            socks = []
+            for p in range(base, base + pairs):
+                t = socket.socket()
+                t.bind(("127.0.0.1", p))
+                socks.append(t)
+            for t in socks:
+                t.close()
+            return base
+        except OSError:
+            for t in socks:
+                t.close()
+    raise RuntimeError("no free port range found")
+
+
+@dataclass
+class Child:
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    log_path: Path
+    echo: bool = False
+    proc: subprocess.Popen | None = None
+    pump: threading.Thread | None = None
+    required: bool = True
+    """A required child's failure fails the run (all are, today)."""
+    returncode: int | None = field(default=None)
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        logf = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+        def pump():
+            for line in self.proc.stdout:
+                logf.write(line)
+                logf.flush()
+                if self.echo:
+                    sys.stderr.buffer.write(line)
+                    sys.stderr.flush()
+            logf.close()
+
+        self.pump = threading.Thread(target=pump, daemon=True)
+        self.pump.start()
+
+    def tail(self, n: int = 15) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join("    " + l for l in lines[-n:])
+
+    def tree(self) -> list[psutil.Process]:
+        try:
+            p = psutil.Process(self.proc.pid)
+            return [p, *p.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class Supervisor:
+    """Starts children, watches them, and stops them all on the first failure."""
+
+    def __init__(self, children: list[Child], poll_s: float = 0.5):
+        self.children = children
+        self.poll_s = poll_s
+        self.peak_rss = 0
+        self.failure: str | None = None
+
+    def rss(self) -> int:
+        total = 0
+        for c in self.children:
+            for p in c.tree():
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+        return total
+
+    def run(self, main: str, grace_s: float = 60.0) -> int:
+        """Run until child ``main`` exits; returns the run's exit status."""
+        for c in self.children:
+            c.start()
+        main_done_at: float | None = None
+        try:
+            while True:
+                self.peak_rss = max(self.peak_rss, self.rss())
+                running = 0
+                for c in self.children:
+                    code = c.proc.poll()
+                    if code is None:
+                        running += 1
+                        continue
+                    if c.returncode is None:
+                        c.returncode = code
+                        if code != 0:
+                            self.failure = f"{c.name} failed ({describe_exit(code)}); log {c.log_path}:\n{c.tail()}"
+                            print(f"\n[relay] {self.failure}\n[relay] stopping the other processes", file=sys.stderr)
+                            self.stop_all()
+                            return 1
+                        if c.name == main:
+                            main_done_at = time.monotonic()
+                if running == 0:
+                    return 0
+                if main_done_at is not None and time.monotonic() - main_done_at > grace_s:
+                    left = [c.name for c in self.children if c.proc.poll() is None]
+                    print(f"[relay] {main} finished; {left} still running after {grace_s:.0f}s: terminating them", file=sys.stderr)
+                    self.stop_all()
+                    return 0
+                time.sleep(self.poll_s)
+        except KeyboardInterrupt:
+            print("\n[relay] interrupted: stopping every process", file=sys.stderr)
+            self.stop_all()
+            return 130
+
+    def stop_all(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM every child's process group, then SIGKILL whatever is left."""
+        procs = [p for c in self.children for p in c.tree()]
+        for c in self.children:
+            if c.proc and c.proc.poll() is None:
+                try:
+                    os.killpg(c.proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        for c in self.children:
+            if c.proc:
+                c.proc.wait(timeout=5)
+                if c.returncode is None:
+                    c.returncode = c.proc.returncode
+            if c.pump:
+                c.pump.join(timeout=2)
+
+
+def python_child(name: str, module: str, args: list[str], log_dir: Path, extra_env: dict[str, str], echo=False) -> Child:
+    env = dict(os.environ)
+    env.update(extra_env)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return Child(name, [sys.executable, "-m", module, *args], env, log_dir / f"{name}.log", echo=echo)
+
+
+def plan_local(config_path: Path, run_dir: Path, world: int, num_actors: int, port: int, threads: int = 1) -> list[Child]:
+    """The children of a local run: ``world`` learner ranks and ``num_actors`` actors."""
+    log_dir = run_dir / "logs"
+    master_port = free_port()
+    children = []
+    for rank in range(world):
+        env = {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(master_port),
+        }
+        children.append(
+            python_child(f"learner-{rank}", "learner.main", ["--config", str(config_path), "--threads", str(threads)], log_dir, env, echo=rank == 0)
+        )
+    for i in range(num_actors):
+        children.append(
+            python_child(
+                f"actor-{i}",
+                "actors.main",
+                ["--config", str(config_path), "--actor-id", f"actor-{i}", "--learner", f"127.0.0.1:{port}", "--threads", str(threads)],
+                log_dir,
+                {},
+            )
+        )
+    return children

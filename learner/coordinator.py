@@ -1,0 +1,257 @@
+"""The learner's side of the actor protocol: data, admission, staleness, liveness.
+
+Runs on rank 0's IO thread (``protocol.transport.LearnerServer`` calls
+``on_request``/``on_trajectory``/``on_tick``) and is read by the training
+thread (``take_batch``); one lock guards its state.
+
+Admission (credits)
+-------------------
+Each learner step consumes ``batch_groups`` prompt groups, so the group that
+will be consumed after ``consumed + outstanding`` others trains at version
+``(consumed + outstanding) // batch_groups``. An actor serving version ``v`` is
+granted a group only if that version is at most ``v + max_staleness``. With
+``max_staleness = 0`` this is synchronous on-policy training: actors generate
+one batch, then wait for the new weights. The learner still checks every
+arriving group (``take_batch``) and drops, counts and logs any that is staler
+than the bound: admission is the plan, the drop is the guarantee.
+
+Nothing is lost: a group whose actor dies (no message for ``peer_timeout_s``)
+or that is dropped as stale goes back to the front of the data queue, and
+``ledger`` records, per step, exactly which samples were trained.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+from protocol import messages as m
+from protocol.transport import TransportTimeout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ActorInfo:
+    actor_id: str
+    host: str
+    pid: int
+    engine: str
+    last_seen: float
+    version: int = 0
+    outstanding: set[str] = field(default_factory=set)
+    trajectories: int = 0
+    versions_seen: set[int] = field(default_factory=set)
+
+
+class DataStream:
+    """Epoch-wise shuffled sample ids over ``rows`` (``epoch:index``), with a requeue."""
+
+    def __init__(self, rows: list[dict], shuffle: bool, seed: int, start_epoch: int = 0, skip: set[str] | None = None):
+        self.rows = rows
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = start_epoch
+        self.order: list[int] = []
+        self.pos = 0
+        self.requeue: collections.deque[str] = collections.deque()
+        self.skip = skip or set()
+        self._new_epoch()
+
+    def _new_epoch(self) -> None:
+        self.order = list(range(len(self.rows)))
+        if self.shuffle:
+            random.Random(self.seed * 100_003 + self.epoch).shuffle(self.order)
+        self.pos = 0
+
+    def next(self) -> str:
+        if self.requeue:
+            return self.requeue.popleft()
+        while True:
+            if self.pos >= len(self.order):
+                self.epoch += 1
+                self._new_epoch()
+            sid = f"{self.epoch}:{self.order[self.pos]}"
+            self.pos += 1
+            if sid not in self.skip:
+                return sid
+
+    def row(self, sample_id: str) -> dict:
+        return self.rows[int(sample_id.split(":")[1])]
+
+
+class Coordinator:
+    def __init__(
+        self,
+        stream: DataStream,
+        *,
+        batch_groups: int,
+        group_size: int,
+        max_staleness: int,
+        peer_timeout_s: float,
+        greedy_baseline: bool = False,
+        version: int = 0,
+        consumed: int = 0,
+    ):
+        self.stream = stream
+        self.batch_groups = batch_groups
+        self.group_size = group_size
+        self.max_staleness = max_staleness
+        self.peer_timeout_s = peer_timeout_s
+        self.greedy_baseline = greedy_baseline
+        self.version = version
+        self.consumed = consumed
+        self.actors: dict[str, ActorInfo] = {}
+        self.outstanding: dict[str, str] = {}  # sample_id -> actor_id
+        self.partial: dict[str, list[m.Trajectory]] = {}
+        self.complete: collections.deque[tuple[str, list[m.Trajectory]]] = collections.deque()
+        self.stop = False
+        self.counters = collections.Counter()
+        self.dead_actors: list[str] = []
+        self.stopped: set[str] = set()
+        self.lock = threading.Condition()
+
+    # ------------------------------------------------------------ IO thread
+
+    def on_request(self, peer: str, msg: m.Message) -> m.Message | None:
+        with self.lock:
+            now = time.monotonic()
+            if isinstance(msg, m.Register):
+                self.actors[msg.actor_id] = ActorInfo(msg.actor_id, msg.host, msg.pid, msg.engine, now)
+                log.info("actor %s registered (%s pid %d, %s engine)", msg.actor_id, msg.host, msg.pid, msg.engine)
+                return m.Welcome(actor_id=msg.actor_id, learner_version=self.version, max_staleness=self.max_staleness)
+            info = self.actors.get(getattr(msg, "actor_id", ""))
+            if info is None:
+                return m.Error(message=f"unknown actor {getattr(msg, 'actor_id', '?')!r}: register first")
+            info.last_seen = now
+            if isinstance(msg, m.Heartbeat):
+                info.version = msg.version
+                if self.stop:
+                    self.stopped.add(info.actor_id)
+                return m.HeartbeatAck(learner_version=self.version, stop=self.stop)
+            if isinstance(msg, m.WorkRequest):
+                info.version = msg.version
+                return self._grant(info, msg.max_groups)
+            if isinstance(msg, m.WeightsRequest):
+                return None  # the server sends the newest snapshot
+            return m.Error(message=f"{type(msg).__name__} is not a request")
+
+    def _grant(self, info: ActorInfo, max_groups: int) -> m.WorkGrant:
+        if self.stop:
+            self.stopped.add(info.actor_id)
+            return m.WorkGrant(items=[], learner_version=self.version, stop=True, reason="training finished")
+        if info.version < self.version - self.max_staleness:
+            return m.WorkGrant(items=[], learner_version=self.version, reason=f"update weights first (you serve v{info.version})")
+        credit = (info.version + self.max_staleness + 1) * self.batch_groups - self.consumed - len(self.outstanding) - self._buffered()
+        n = max(0, min(max_groups, credit))
+        items = []
+        for _ in range(n):
+            sid = self.stream.next()
+            self.outstanding[sid] = info.actor_id
+            info.outstanding.add(sid)
+            items.append(m.WorkItem(sample_id=sid, row=self.stream.row(sid), group_size=self.group_size, greedy_baseline=self.greedy_baseline))
+        self.counters["groups_granted"] += n
+        reason = "" if n else f"no credit: {len(self.outstanding)} groups in flight, learner at v{self.version}"
+        return m.WorkGrant(items=items, learner_version=self.version, reason=reason)
+
+    def _buffered(self) -> int:
+        return len(self.complete)
+
+    def on_trajectory(self, traj: m.Trajectory) -> None:
+        with self.lock:
+            owner = self.outstanding.get(traj.sample_id)
+            if owner is None:
+                self.counters["trajectories_unexpected"] += 1
+                log.warning("trajectory for %s from %s was not outstanding; dropped", traj.sample_id, traj.actor_id)
+                return
+            info = self.actors.get(traj.actor_id)
+            if info is not None:
+                info.trajectories += 1
+                info.versions_seen.update(int(v) for v in set(traj.versions.numpy().tolist()) if v >= 0)
+            group = self.partial.setdefault(traj.sample_id, [])
+            group.append(traj)
+            need = self.group_size + (1 if self.greedy_baseline else 0)
+            if len(group) == need:
+                del self.partial[traj.sample_id]
+                del self.outstanding[traj.sample_id]
+                if owner in self.actors:
+                    self.actors[owner].outstanding.discard(traj.sample_id)
+                self.complete.append((traj.sample_id, group))
+                self.lock.notify_all()
+
+    def on_tick(self, now: float) -> None:
+        with self.lock:
+            for info in list(self.actors.values()):
+                if now - info.last_seen > self.peer_timeout_s:
+                    log.error("actor %s silent for %.0fs: declared dead; requeueing %d groups", info.actor_id, now - info.last_seen, len(info.outstanding))
+                    self._requeue(info.outstanding)
+                    self.dead_actors.append(info.actor_id)
+                    del self.actors[info.actor_id]
+                    self.lock.notify_all()
+
+    def _requeue(self, sample_ids) -> None:
+        for sid in sorted(sample_ids):
+            self.outstanding.pop(sid, None)
+            self.partial.pop(sid, None)
+            self.stream.requeue.append(sid)
+            self.counters["groups_requeued"] += 1
+
+    # ------------------------------------------------------------ training thread
+
+    def take_batch(self, timeout_s: float, alive: callable = lambda: None) -> tuple[list[tuple[str, list[m.Trajectory]]], dict]:
+        """Wait for ``batch_groups`` fresh complete groups; drop (and requeue) stale ones."""
+        deadline = time.monotonic() + timeout_s
+        batch: list[tuple[str, list[m.Trajectory]]] = []
+        stale_dropped = 0
+        with self.lock:
+            while len(batch) < self.batch_groups:
+                while self.complete and len(batch) < self.batch_groups:
+                    sid, group = self.complete.popleft()
+                    age = self.version - min(t.min_version for t in group)
+                    if age > self.max_staleness:
+                        stale_dropped += 1
+                        self.counters["groups_dropped_stale"] += 1
+                        log.warning("dropped group %s: %d versions old (max_staleness %d); requeued", sid, age, self.max_staleness)
+                        self.stream.requeue.append(sid)
+                        continue
+                    batch.append((sid, group))
+                    self.consumed += 1  # counted at once, so admission never over-grants while we wait
+                if len(batch) == self.batch_groups:
+                    break
+                alive()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    # give back what we took so nothing is lost
+                    self.complete.extendleft(reversed(batch))
+                    self.consumed -= len(batch)
+                    raise TransportTimeout(
+                        f"waited {timeout_s:.0f}s for {self.batch_groups} trajectory groups at v{self.version}: "
+                        f"have {len(batch)} complete, {len(self.outstanding)} in flight, "
+                        f"{len(self.actors)} actors alive (dead: {self.dead_actors or 'none'})"
+                    )
+                self.lock.wait(min(left, 1.0))
+        return batch, {"groups_dropped_stale": stale_dropped}
+
+    def advance(self, version: int) -> None:
+        with self.lock:
+            self.version = version
+
+    def finish(self) -> None:
+        with self.lock:
+            self.stop = True
+
+    def all_stopped(self) -> bool:
+        """True once every live actor has been told to stop."""
+        with self.lock:
+            return set(self.actors) <= self.stopped
+
+    def actors_summary(self) -> dict[str, dict]:
+        with self.lock:
+            return {
+                a.actor_id: {"trajectories": a.trajectories, "versions": sorted(a.versions_seen), "version": a.version}
+                for a in self.actors.values()
+            }

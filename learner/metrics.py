@@ -1,0 +1,180 @@
+"""Metrics: JSONL (always), console progress, optional wandb and tensorboard.
+
+Every sink has the same two methods, and disabled ones are do-nothing objects,
+so the training loop never asks which loggers are on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class _Sink:
+    def write(self, step: int, metrics: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlSink(_Sink):
+    def __init__(self, path: Path):
+        self.f = open(path, "a")
+
+    def write(self, step, metrics):
+        self.f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+
+class ConsoleSink(_Sink):
+    """One compact line per step: progress, ETA and the key metrics."""
+
+    KEYS = [
+        ("reward/mean", "reward"),
+        ("val/accuracy", "val_acc"),
+        ("actor/pg_loss", "loss"),
+        ("actor/entropy", "ent"),
+        ("episode/tool_calls_per_episode", "tools/ep"),
+        ("staleness/mean", "stale"),
+        ("time/step_s", "s/step"),
+    ]
+
+    def __init__(self, total: int | None):
+        self.total = total
+        self.t0 = time.monotonic()
+
+    def write(self, step, metrics):
+        elapsed = time.monotonic() - self.t0
+        eta = ""
+        if self.total:
+            eta = f" eta {elapsed / step * (self.total - step):4.0f}s"
+            bar = "#" * int(20 * step / self.total)
+            prefix = f"[{bar:<20}] {step}/{self.total}"
+        else:
+            prefix = f"step {step}"
+        parts = [f"{short}={metrics[k]:.3f}" for k, short in self.KEYS if k in metrics]
+        print(f"{prefix}{eta} | " + " ".join(parts), file=sys.stderr, flush=True)
+
+
+class WandbSink(_Sink):
+    def __init__(self, run_dir: Path, cfg):
+        import wandb
+
+        if not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") is None:
+            os.environ["WANDB_MODE"] = "offline"
+            log.warning("wandb: no WANDB_API_KEY set, logging offline to %s/wandb", run_dir)
+        self.run = wandb.init(
+            project=cfg.trainer.project_name, name=cfg.trainer.experiment_name, dir=str(run_dir), config=cfg.model_dump()
+        )
+
+    def write(self, step, metrics):
+        self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+class TensorboardSink(_Sink):
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.w = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, step, metrics):
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                self.w.add_scalar(k, v, step)
+
+    def close(self):
+        self.w.close()
+
+
+class MetricsLogger:
+    """Fans one metrics dict out to the configured sinks (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, cfg, enabled: bool = True):
+        self.sinks: list[_Sink] = []
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.sinks.append(JsonlSink(run_dir / "metrics.jsonl"))
+        loggers = set(cfg.trainer.logger)
+        if "console" in loggers:
+            self.sinks.append(ConsoleSink(None))
+        if "wandb" in loggers:
+            self.sinks.append(WandbSink(run_dir, cfg))
+        if "tensorboard" in loggers:
+            self.sinks.append(TensorboardSink(run_dir))
+
+    def log(self, step: int, version: int, metrics: dict, total: int | None = None) -> None:
+        flat = {"version": version}
+        for k, v in metrics.items():
+            if k == "staleness":
+                flat.update(staleness_metrics(v))
+            else:
+                flat[k] = v
+        for s in self.sinks:
+            if isinstance(s, ConsoleSink):
+                s.total = total
+            s.write(step, flat)
+
+    def close(self) -> None:
+        for s in self.sinks:
+            s.close()
+
+
+def staleness_metrics(ages: list[int]) -> dict:
+    """The staleness histogram (versions between sampling and training) as flat metrics."""
+    if not ages:
+        return {}
+    hist = Counter(ages)
+    out = {f"staleness/hist_{a}": n / len(ages) for a, n in sorted(hist.items())}
+    out["staleness/mean"] = float(np.mean(ages))
+    out["staleness/max"] = int(max(ages))
+    return out
+
+
+def reward_metrics(trajs, batch) -> dict:
+    """Reward, per-component reward, episode shape and tool-use metrics of one batch."""
+    rewards = [t.reward for t in trajs]
+    out = {
+        "reward/mean": float(np.mean(rewards)),
+        "reward/std": float(np.std(rewards)),
+        "reward/min": float(np.min(rewards)),
+        "reward/max": float(np.max(rewards)),
+    }
+    comps: dict[str, list[float]] = {}
+    for t in trajs:
+        for k, v in t.reward_components.items():
+            comps.setdefault(k, []).append(v)
+    out.update({f"reward/{k}": float(np.mean(v)) for k, v in comps.items() if k != "reward"})
+    tools = Counter()
+    for t in trajs:
+        tools.update(t.stats.tool_calls)
+    n = len(trajs)
+    out.update({f"episode/tool_calls/{k}": v / n for k, v in tools.items()})
+    out["episode/tool_calls_per_episode"] = sum(tools.values()) / n
+    out["episode/tool_use_rate"] = sum(1 for t in trajs if t.stats.tool_calls) / n
+    out["episode/tool_error_rate"] = sum(t.stats.tool_errors for t in trajs) / max(1, sum(tools.values()))
+    out["episode/turns"] = float(np.mean([t.stats.num_turns for t in trajs]))
+    out["episode/truncated_rate"] = sum(t.stats.truncated for t in trajs) / n
+    out["episode/response_tokens"] = float(np.mean([len(t.response_ids) for t in trajs]))
+    gen_tokens = sum(t.stats.gen_tokens for t in trajs)
+    gen_time = sum(t.stats.gen_time_s for t in trajs)
+    out["perf/actor_tokens_per_episode_s"] = gen_tokens / max(gen_time, 1e-9)
+    if len(set(rewards)) > 1:
+        lengths = [len(t.response_ids) for t in trajs]
+        out["monitor/length_reward_corr"] = float(np.corrcoef(lengths, rewards)[0, 1]) if statistics.pstdev(lengths) else 0.0
+    return out

@@ -1,0 +1,73 @@
+"""Policy loading, FSDP2 sharding and full-weight gathering.
+
+Any Hugging Face causal-LM directory loads (the embedded tiny model is one).
+Each decoder layer is its own FSDP2 unit (``fully_shard``), then the root;
+gloo on CPU, NCCL on GPU. bf16 mixed precision on GPU, fp32 on CPU.
+``fsdp_config.param_offload`` moves sharded parameters (and with them the
+optimizer state) to CPU between uses (``CPUOffloadPolicy``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated transformer blocks of an HF causal LM (each becomes an FSDP unit)."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    return list(base.layers)
+
+
+def load_policy(path: str, device: torch.device, *, gradient_checkpointing: bool = False, param_offload: bool = False):
+    """Load the HF model at ``path``, shard it with FSDP2 and return it (train mode)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.to(device)
+    kwargs = {}
+    if device.type == "cuda":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if param_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    model.train()
+    return model
+
+
+def full_state_arrays(model) -> list[tuple[str, np.ndarray]]:
+    """Gather the full weights (a collective: every rank calls it); rank 0 gets them as numpy."""
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return []
+    return [(k, v.detach().to(torch.float32).numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()) for k, v in sd.items()]
+
+
+def export_hf(arrays: list[tuple[str, np.ndarray]], base_path: str, out_dir: str) -> None:
+    """Write ``arrays`` (a full state dict) as a plain HF directory loadable by transformers/vLLM."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays}, strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if model.config.tie_word_embeddings else set()):
+        raise ValueError(f"exported weights do not fit {base_path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(base_path).save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)

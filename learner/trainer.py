@@ -1,0 +1,310 @@
+"""The learner process: FSDP2 policy training on trajectories streamed by actors.
+
+Recipe interface (setup / train / cleanup). Every rank holds an FSDP2 shard of
+the policy; rank 0 also owns the sockets (``LearnerServer`` + ``Coordinator``).
+Per step:
+
+1. rank 0 waits for ``train_batch_size`` complete, fresh prompt groups and
+   broadcasts them to every rank as msgpack bytes (``dist.broadcast`` of a
+   uint8 tensor; no pickle);
+2. every rank computes advantages on the whole batch (they are cheap and
+   group statistics need every group), then trains on its shard: PPO epochs
+   over mini-batches, gradient accumulation over micro-batches, each
+   micro-batch weighted so the loss equals the chosen aggregation over the
+   global mini-batch;
+3. the full weights are gathered to rank 0, published as version ``v + 1``,
+   and actors pull them before their next episodes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from configs.schema import RelayConfig
+from learner import algos
+from learner.batch import TrainBatch, TrajectoryMismatch, check_alignment, collate
+from learner.coordinator import Coordinator, DataStream
+from learner.metrics import MetricsLogger, reward_metrics
+from learner.model import export_hf, full_state_arrays, load_policy
+from protocol import messages as m
+from protocol.transport import LearnerServer, make_snapshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepBatch:
+    trajectories: list[m.Trajectory]
+    sample_ids: list[str]
+    batch: TrainBatch
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, style: str, min_ratio: float):
+    warmup = int(total_steps * warmup_ratio)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if style == "cosine":
+            progress = (step - warmup) / max(1, total_steps - warmup)
+            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return f
+
+
+class Trainer:
+    def __init__(self, cfg: RelayConfig, rows: list[dict]):
+        self.cfg = cfg
+        self.rows = rows
+        self.run_dir = Path(cfg.trainer.default_local_dir)
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        backend = "nccl" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.transport.recv_timeout_s + 300))
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+        torch.manual_seed(cfg.trainer.seed + self.rank)
+        arc = cfg.actor_rollout_ref
+        self.model = load_policy(
+            arc.model.path,
+            self.device,
+            gradient_checkpointing=arc.model.enable_gradient_checkpointing,
+            param_offload=arc.actor.fsdp_config.param_offload,
+        )
+        self.pad_id = self.model.config.pad_token_id or 0
+        o = arc.actor.optim
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
+        self.total_steps = self._total_steps()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.total_steps, o.lr_warmup_steps_ratio, o.warmup_style, o.min_lr_ratio)
+        )
+        self.adv_fn = algos.get_advantage_estimator(cfg.algorithm.adv_estimator)
+        self.adv_cfg = algos.AdvantageConfig(
+            gamma=cfg.algorithm.gamma, lam=cfg.algorithm.lam, norm_adv_by_std_in_grpo=cfg.algorithm.norm_adv_by_std_in_grpo
+        )
+        self.loss_cfg = algos.PolicyLossConfig(
+            clip_ratio_low=arc.actor.clip_ratio_low,
+            clip_ratio_high=arc.actor.clip_ratio_high,
+            clip_ratio_c=arc.actor.clip_ratio_c,
+            loss_agg_mode=arc.actor.loss_agg_mode,
+            off_policy_correction=cfg.algorithm.off_policy_correction,
+            tis_cap=cfg.algorithm.tis_cap,
+            log_ratio_clamp=cfg.algorithm.log_ratio_clamp,
+        )
+        self.version = 0
+        self.metrics = MetricsLogger(self.run_dir, cfg, enabled=self.rank == 0)
+        if self.rank == 0:
+            self.coordinator = Coordinator(
+                DataStream(self.rows, cfg.data.shuffle, cfg.data.seed),
+                batch_groups=cfg.data.train_batch_size,
+                group_size=cfg.agent.num_chains,
+                max_staleness=cfg.algorithm.max_staleness,
+                peer_timeout_s=cfg.transport.peer_timeout_s,
+                greedy_baseline=algos.needs_greedy_baseline(cfg.algorithm.adv_estimator),
+            )
+            self.server = LearnerServer(self.coordinator, cfg.transport.bind_host, cfg.transport.port, cfg.transport.trajectory_hwm)
+            self.ledger = open(self.run_dir / "ledger.jsonl", "a")
+        self.publish()
+
+    def _total_steps(self) -> int:
+        t = self.cfg.trainer
+        per_epoch = max(1, len(self.rows) // self.cfg.data.train_batch_size)
+        by_epochs = per_epoch * t.total_epochs
+        return min(t.total_training_steps, by_epochs) if t.total_training_steps else by_epochs
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self) -> None:
+        for step in range(self.version, self.total_steps):
+            t0 = time.perf_counter()
+            sb, wait_info = self.next_batch()
+            t1 = time.perf_counter()
+            stats = self.train_step(sb.batch)
+            t2 = time.perf_counter()
+            self.version += 1
+            self.publish()
+            t3 = time.perf_counter()
+            if self.rank == 0:
+                self.ledger.write(json.dumps({"step": step, "version": self.version, "samples": sb.sample_ids}) + "\n")
+                self.ledger.flush()
+                stats.update(wait_info)
+                stats.update(reward_metrics(sb.trajectories, sb.batch))
+                stats.update(
+                    {
+                        "time/wait_s": t1 - t0,
+                        "time/train_s": t2 - t1,
+                        "time/publish_s": t3 - t2,
+                        "time/step_s": t3 - t0,
+                        "perf/train_tokens_per_s": float(sb.batch.attention_mask.sum()) / max(t2 - t1, 1e-9),
+                        "actor/lr": self.scheduler.get_last_lr()[0],
+                    }
+                )
+                self.metrics.log(step + 1, self.version, stats, total=self.total_steps)
+
+    def next_batch(self) -> tuple[StepBatch, dict]:
+        """Rank 0 collects a batch from the actors and broadcasts it to every rank."""
+        payload = b""
+        info: dict = {}
+        if self.rank == 0:
+            groups, info = self.coordinator.take_batch(self.cfg.transport.recv_timeout_s, alive=self.server.check)
+            trajs = []
+            for _, group in groups:
+                for t in group:
+                    try:
+                        check_alignment(t)
+                    except TrajectoryMismatch as e:
+                        log.error("refused: %s", e)
+                        info["trajectories_refused"] = info.get("trajectories_refused", 0) + 1
+                        continue
+                    trajs.append(t)
+            payload = msgspec.msgpack.encode([m.encode(t) for t in trajs])
+        payload = broadcast_bytes(payload, self.device)
+        trajs = [m.decode(b) for b in msgspec.msgpack.decode(payload)]
+        trajs = [t for t in trajs if not t.greedy]  # greedy baselines only inform advantages
+        sample_ids = sorted({t.sample_id for t in trajs})
+        group_of = {sid: i for i, sid in enumerate(sample_ids)}
+        info["staleness"] = [self.version - t.min_version for t in trajs]
+        return StepBatch(trajs, sample_ids, collate(trajs, group_of, self.pad_id)), info
+
+    # ------------------------------------------------------------------ the algorithm
+
+    def train_step(self, batch: TrainBatch) -> dict:
+        """Advantages on the whole batch, then PPO epochs over this rank's shard."""
+        adv, _returns = self.adv_fn(
+            algos.AdvantageInputs(
+                token_rewards=batch.token_rewards, response_mask=batch.loss_mask, group_index=batch.group_index
+            ),
+            self.adv_cfg,
+        )
+        mine = torch.arange(self.rank, len(batch), self.world)
+        shard, shard_adv = batch.select(mine).to(self.device), adv[mine].to(self.device)
+        actor = self.cfg.actor_rollout_ref.actor
+        rows_per_mini = max(1, actor.ppo_mini_batch_size * self.cfg.agent.num_chains // self.world)
+        n_mini = math.ceil(len(shard) / rows_per_mini)
+        single_update = actor.ppo_epochs == 1 and n_mini == 1
+        old_logprobs = None if single_update else self.logprobs(shard)
+        stats: dict[str, list[float]] = {}
+        for _ in range(actor.ppo_epochs):
+            for start in range(0, len(shard), rows_per_mini):
+                idx = torch.arange(start, min(start + rows_per_mini, len(shard)))
+                self.optimizer.zero_grad(set_to_none=True)
+                units = self.global_units(batch, start, start + rows_per_mini)
+                for micro in idx.split(actor.ppo_micro_batch_size_per_gpu):
+                    mb = shard.select(micro)
+                    logits = self.forward(mb)
+                    logprobs = algos.logprobs_from_logits(logits, mb.input_ids[:, 1:])
+                    old = logprobs.detach() if old_logprobs is None else old_logprobs[micro]
+                    loss, metrics = algos.policy_loss(
+                        algos.PolicyLossInputs(logprobs, old, mb.behaviour_logprobs, shard_adv[micro], mb.loss_mask),
+                        self.loss_cfg,
+                    )
+                    if actor.entropy_coeff:
+                        entropy = algos.agg_loss(algos.entropy_from_logits(logits), mb.loss_mask, actor.loss_agg_mode)
+                        loss = loss - actor.entropy_coeff * entropy
+                        metrics["actor/entropy"] = entropy.item()
+                    weight = self.micro_units(mb) / units * self.world
+                    (loss * weight).backward()
+                    metrics["actor/pg_loss"] = loss.item()
+                    metrics["actor/logprob_mismatch_kl"] = algos.logprob_mismatch_kl(old, mb.behaviour_logprobs, mb.loss_mask)
+                    for k, v in metrics.items():
+                        stats.setdefault(k, []).append(float(v))
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), actor.grad_clip)
+                if not torch.isfinite(grad_norm):
+                    raise FloatingPointError(f"non-finite gradient norm at v{self.version}")
+                self.optimizer.step()
+                stats.setdefault("actor/grad_norm", []).append(float(grad_norm))
+        self.scheduler.step()
+        return all_reduce_means(stats, self.device)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def forward(self, mb: TrainBatch) -> torch.Tensor:
+        """Logits [n, L-1, V] predicting each next token."""
+        pos = (mb.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=pos)
+        temperature = self.cfg.actor_rollout_ref.rollout.temperature
+        return out.logits[:, :-1].float() / (temperature if temperature > 0 else 1.0)
+
+    @torch.no_grad()
+    def logprobs(self, shard: TrainBatch) -> torch.Tensor:
+        """Proximal-policy log-probs of the shard before this step's updates."""
+        size = self.cfg.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu
+        parts = [
+            algos.logprobs_from_logits(self.forward(shard.select(i)), shard.input_ids[i, 1:])
+            for i in torch.arange(len(shard)).split(size)
+        ]
+        return torch.cat([torch.nn.functional.pad(p, (0, shard.loss_mask.shape[1] - p.shape[1])) for p in parts])
+
+    def _units(self, mask: torch.Tensor) -> float:
+        mode = self.cfg.actor_rollout_ref.actor.loss_agg_mode
+        return float(mask.sum()) if mode == "token-mean" else float((mask.sum(-1) > 0).sum())
+
+    def micro_units(self, mb: TrainBatch) -> float:
+        return self._units(mb.loss_mask)
+
+    def global_units(self, batch: TrainBatch, start: int, end: int) -> float:
+        """Tokens (or sequences) of this mini-batch summed over every rank's shard."""
+        total = sum(self._units(batch.loss_mask[torch.arange(r, len(batch), self.world)[start:end]]) for r in range(self.world))
+        return max(total, 1.0)
+
+    def publish(self) -> None:
+        arrays = full_state_arrays(self.model)
+        self._last_arrays = arrays
+        if self.rank == 0:
+            snap = make_snapshot(self.version, arrays, self.cfg.transport.weights_chunk_mb << 20)
+            self.server.publish(snap)
+            self.coordinator.advance(self.version)
+
+    def cleanup(self) -> None:
+        if self.rank == 0:
+            self.coordinator.finish()
+            export_hf(self._last_arrays, self.cfg.actor_rollout_ref.model.path, str(self.run_dir / "final"))
+            log.info("final policy v%d exported to %s", self.version, self.run_dir / "final")
+            # let actors hear 'stop' on their next request before the sockets close
+            deadline = time.monotonic() + 3 * self.cfg.transport.heartbeat_interval_s + 5
+            while time.monotonic() < deadline and not self.coordinator.all_stopped():
+                time.sleep(0.1)
+            self.server.close()
+            self.ledger.close()
+            self.metrics.close()
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def broadcast_bytes(payload: bytes, device: torch.device) -> bytes:
+    """Broadcast rank 0's ``payload`` to every rank (length first, then bytes)."""
+    n = torch.tensor([len(payload)], dtype=torch.long, device=device)
+    dist.broadcast(n, 0)
+    buf = torch.empty(int(n.item()), dtype=torch.uint8, device=device)
+    if dist.get_rank() == 0:
+        buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+    dist.broadcast(buf, 0)
+    return payload if dist.get_rank() == 0 else buf.cpu().numpy().tobytes()
+
+
+def all_reduce_means(stats: dict[str, list[float]], device: torch.device) -> dict[str, float]:
+    """Mean of each metric over its values on every rank (same keys on all ranks)."""
+    keys = sorted(stats)
+    local = torch.tensor([[sum(stats[k]), len(stats[k])] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(local)
+    return {k: float(s / max(c, 1)) for k, (s, c) in zip(keys, local.tolist())}
