@@ -36,8 +36,14 @@ from configs.schema import RelayConfig
 from learner import algos
 from learner.batch import TrainBatch, TrajectoryMismatch, check_alignment, collate
 from learner.coordinator import Coordinator, DataStream
+from learner.critic import build_critic
+from learner.lora import LoraSettings, publish_view
 from learner.metrics import MetricsLogger, reward_metrics
 from learner.model import export_hf, full_state_arrays, load_policy
+from learner.optim import build_optimizer, lr_lambda  # noqa: F401  (lr_lambda re-exported)
+from learner.reference import build_kl_terms, next_token_logits
+from learner.replay import BatchDump, NoBatchDump
+from learner.sharding import gather_rows, map_chunks, plan_minibatches, shard_rows
 from protocol import messages as m
 from protocol.transport import LearnerServer, make_snapshot
 
@@ -51,18 +57,19 @@ class StepBatch:
     batch: TrainBatch
 
 
-def lr_lambda(total_steps: int, warmup_ratio: float, style: str, min_ratio: float):
-    warmup = int(total_steps * warmup_ratio)
+@dataclass
+class StepTensors:
+    """Per-row tensors of one rank's shard, fixed before the policy update ([n_r, L-1])."""
 
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if style == "cosine":
-            progress = (step - warmup) / max(1, total_steps - warmup)
-            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
+    advantages: torch.Tensor
+    old_logprobs: torch.Tensor | None
+    """Proximal log-probs recomputed before the update; None = a single update, where they
+    equal the current log-probs (detached)."""
+    ref_logprobs: torch.Tensor | None
+    """Reference log-probs, when a KL term reads them."""
 
-    return f
+    def select(self, idx: torch.Tensor) -> "StepTensors":
+        return StepTensors(*(None if t is None else t[idx] for t in (self.advantages, self.old_logprobs, self.ref_logprobs)))
 
 
 class Trainer:
@@ -85,19 +92,20 @@ class Trainer:
             self.device = torch.device("cpu")
         torch.manual_seed(cfg.trainer.seed + self.rank)
         arc = cfg.actor_rollout_ref
+        lora = LoraSettings(arc.model.lora_rank, arc.model.lora_alpha, arc.model.target_modules)
         self.model = load_policy(
             arc.model.path,
             self.device,
             gradient_checkpointing=arc.model.enable_gradient_checkpointing,
             param_offload=arc.actor.fsdp_config.param_offload,
+            lora=lora,
         )
+        self.weights_for_actors = publish_view(lora)
         self.pad_id = self.model.config.pad_token_id or 0
-        o = arc.actor.optim
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
         self.total_steps = self._total_steps()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(self.total_steps, o.lr_warmup_steps_ratio, o.warmup_style, o.min_lr_ratio)
-        )
+        self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), arc.actor.optim, self.total_steps)
+        self.critic = build_critic(cfg, self.device, self.rank, self.world, self.total_steps)
+        self.reference, self.kl_loss, self.kl_in_reward = build_kl_terms(cfg, self.device, self.world)
         self.adv_fn = algos.get_advantage_estimator(cfg.algorithm.adv_estimator)
         self.adv_cfg = algos.AdvantageConfig(
             gamma=cfg.algorithm.gamma, lam=cfg.algorithm.lam, norm_adv_by_std_in_grpo=cfg.algorithm.norm_adv_by_std_in_grpo
@@ -124,6 +132,7 @@ class Trainer:
             )
             self.server = LearnerServer(self.coordinator, cfg.transport.bind_host, cfg.transport.port, cfg.transport.trajectory_hwm)
             self.ledger = open(self.run_dir / "ledger.jsonl", "a")
+        self.batch_dump = BatchDump(self.run_dir / "batches") if cfg.trainer.dump_batches and self.rank == 0 else NoBatchDump()
         self.publish()
 
     def _total_steps(self) -> int:
@@ -179,51 +188,82 @@ class Trainer:
                     trajs.append(t)
             payload = msgspec.msgpack.encode([m.encode(t) for t in trajs])
         payload = broadcast_bytes(payload, self.device)
-        trajs = [m.decode(b) for b in msgspec.msgpack.decode(payload)]
-        trajs = [t for t in trajs if not t.greedy]  # greedy baselines only inform advantages
+        self.batch_dump.write(self.version + 1, payload)
+        sb = self.step_batch([m.decode(b) for b in msgspec.msgpack.decode(payload)])
+        info["staleness"] = [self.version - t.min_version for t in sb.trajectories]
+        return sb, info
+
+    def step_batch(self, trajs: list[m.Trajectory]) -> StepBatch:
+        """The trainable batch of the broadcast trajectories. Greedy rollouts (ReMax) are not
+        trained on: their reward becomes the baseline of their prompt's rows."""
+        baselines = {t.sample_id: t.reward for t in trajs if t.greedy}
+        trajs = [t for t in trajs if not t.greedy]
         sample_ids = sorted({t.sample_id for t in trajs})
         group_of = {sid: i for i, sid in enumerate(sample_ids)}
-        info["staleness"] = [self.version - t.min_version for t in trajs]
-        return StepBatch(trajs, sample_ids, collate(trajs, group_of, self.pad_id)), info
+        return StepBatch(trajs, sample_ids, collate(trajs, group_of, self.pad_id, baselines))
 
     # ------------------------------------------------------------------ the algorithm
 
     def train_step(self, batch: TrainBatch) -> dict:
-        """Advantages on the whole batch, then PPO epochs over this rank's shard."""
-        adv, _returns = self.adv_fn(
+        """One learner step on ``batch`` (every rank passes the same batch).
+
+        1. Before any update, on this rank's rows (no grad): proximal log-probs
+           (when several updates follow or KL is in the reward), reference
+           log-probs (KL terms) and critic values (gae).
+        2. On the whole batch: KL-penalised rewards, then advantages and returns.
+        3. On this rank's rows: the critic update, then (after ``critic_warmup``
+           steps) the policy update.
+        """
+        actor = self.cfg.actor_rollout_ref.actor
+        n = len(batch)
+        mine = shard_rows(n, self.rank, self.world)
+        full, shard = batch.to(self.device), batch.select(mine).to(self.device)
+        plan = self.policy_plan(full.loss_mask)
+        single_update = actor.ppo_epochs == 1 and len(plan) == 1 and not self.cfg.algorithm.use_kl_in_reward
+
+        old_logprobs = None if single_update else self.logprobs(shard, n)
+        ref_logprobs = self.reference.logprobs(shard, n)
+        values = self.critic.values(shard, n)
+
+        token_rewards, stats = self.kl_in_reward(
+            full.token_rewards, gather_rows(old_logprobs, n), gather_rows(ref_logprobs, n), full.loss_mask
+        )
+        adv, returns = self.adv_fn(
             algos.AdvantageInputs(
-                token_rewards=batch.token_rewards, response_mask=batch.loss_mask, group_index=batch.group_index
+                token_rewards, full.loss_mask, full.group_index,
+                values=gather_rows(values, n), baseline_rewards=full.baseline_rewards,
             ),
             self.adv_cfg,
         )
-        mine = torch.arange(self.rank, len(batch), self.world)
-        shard, shard_adv = batch.select(mine).to(self.device), adv[mine].to(self.device)
+
+        stats |= self.critic.update(full.loss_mask, shard, values, returns[mine])
+        if self.version >= self.cfg.trainer.critic_warmup:
+            stats |= self.update_policy(plan, shard, StepTensors(adv[mine], old_logprobs, ref_logprobs))
+        self.scheduler.step()
+        return all_reduce_means(stats, self.device)
+
+    def update_policy(self, plan, shard: TrainBatch, t: StepTensors) -> dict[str, list[float]]:
+        """PPO epochs over mini-batches (one optimizer step each) of weighted micro-batches."""
         actor = self.cfg.actor_rollout_ref.actor
-        rows_per_mini = max(1, actor.ppo_mini_batch_size * self.cfg.agent.num_chains // self.world)
-        n_mini = math.ceil(len(shard) / rows_per_mini)
-        single_update = actor.ppo_epochs == 1 and n_mini == 1
-        old_logprobs = None if single_update else self.logprobs(shard)
         stats: dict[str, list[float]] = {}
         for _ in range(actor.ppo_epochs):
-            for start in range(0, len(shard), rows_per_mini):
-                idx = torch.arange(start, min(start + rows_per_mini, len(shard)))
+            for mini in plan:
                 self.optimizer.zero_grad(set_to_none=True)
-                units = self.global_units(batch, start, start + rows_per_mini)
-                for micro in idx.split(actor.ppo_micro_batch_size_per_gpu):
-                    mb = shard.select(micro)
+                for micro in mini:
+                    mb, mt = shard.select(micro.idx), t.select(micro.idx)
                     logits = self.forward(mb)
                     logprobs = algos.logprobs_from_logits(logits, mb.input_ids[:, 1:])
-                    old = logprobs.detach() if old_logprobs is None else old_logprobs[micro]
+                    old = logprobs.detach() if mt.old_logprobs is None else mt.old_logprobs
                     loss, metrics = algos.policy_loss(
-                        algos.PolicyLossInputs(logprobs, old, mb.behaviour_logprobs, shard_adv[micro], mb.loss_mask),
+                        algos.PolicyLossInputs(logprobs, old, mb.behaviour_logprobs, mt.advantages, mb.loss_mask),
                         self.loss_cfg,
                     )
                     if actor.entropy_coeff:
                         entropy = algos.agg_loss(algos.entropy_from_logits(logits), mb.loss_mask, actor.loss_agg_mode)
                         loss = loss - actor.entropy_coeff * entropy
                         metrics["actor/entropy"] = entropy.item()
-                    weight = self.micro_units(mb) / units * self.world
-                    (loss * weight).backward()
+                    loss = loss + self.kl_loss(mb, logits, logprobs, mt.ref_logprobs, metrics)
+                    (loss * micro.weight).backward()
                     metrics["actor/pg_loss"] = loss.item()
                     metrics["actor/logprob_mismatch_kl"] = algos.logprob_mismatch_kl(old, mb.behaviour_logprobs, mb.loss_mask)
                     for k, v in metrics.items():
@@ -233,42 +273,32 @@ class Trainer:
                     raise FloatingPointError(f"non-finite gradient norm at v{self.version}")
                 self.optimizer.step()
                 stats.setdefault("actor/grad_norm", []).append(float(grad_norm))
-        self.scheduler.step()
-        return all_reduce_means(stats, self.device)
+        return stats
 
     # ------------------------------------------------------------------ plumbing
 
+    def policy_plan(self, batch_mask: torch.Tensor):
+        """This rank's policy mini/micro-batches (``learner.sharding.plan_minibatches``)."""
+        actor = self.cfg.actor_rollout_ref.actor
+        rows_per_mini = max(1, actor.ppo_mini_batch_size * self.cfg.agent.num_chains // self.world)
+        return plan_minibatches(
+            batch_mask, self.rank, self.world, rows_per_mini, actor.ppo_micro_batch_size_per_gpu, actor.loss_agg_mode
+        )
+
     def forward(self, mb: TrainBatch) -> torch.Tensor:
         """Logits [n, L-1, V] predicting each next token."""
-        pos = (mb.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=pos)
-        temperature = self.cfg.actor_rollout_ref.rollout.temperature
-        return out.logits[:, :-1].float() / (temperature if temperature > 0 else 1.0)
+        return next_token_logits(self.model, mb, self.cfg.actor_rollout_ref.rollout.temperature)
 
     @torch.no_grad()
-    def logprobs(self, shard: TrainBatch) -> torch.Tensor:
-        """Proximal-policy log-probs of the shard before this step's updates."""
+    def logprobs(self, shard: TrainBatch, n: int) -> torch.Tensor:
+        """Proximal-policy log-probs [n_r, L-1] of the shard before this step's updates."""
         size = self.cfg.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu
-        parts = [
-            algos.logprobs_from_logits(self.forward(shard.select(i)), shard.input_ids[i, 1:])
-            for i in torch.arange(len(shard)).split(size)
-        ]
-        return torch.cat([torch.nn.functional.pad(p, (0, shard.loss_mask.shape[1] - p.shape[1])) for p in parts])
-
-    def _units(self, mask: torch.Tensor) -> float:
-        mode = self.cfg.actor_rollout_ref.actor.loss_agg_mode
-        return float(mask.sum()) if mode == "token-mean" else float((mask.sum(-1) > 0).sum())
-
-    def micro_units(self, mb: TrainBatch) -> float:
-        return self._units(mb.loss_mask)
-
-    def global_units(self, batch: TrainBatch, start: int, end: int) -> float:
-        """Tokens (or sequences) of this mini-batch summed over every rank's shard."""
-        total = sum(self._units(batch.loss_mask[torch.arange(r, len(batch), self.world)[start:end]]) for r in range(self.world))
-        return max(total, 1.0)
+        return map_chunks(
+            lambda mb: algos.logprobs_from_logits(self.forward(mb), mb.input_ids[:, 1:]), shard, n, self.world, size
+        )
 
     def publish(self) -> None:
-        arrays = full_state_arrays(self.model)
+        arrays = self.weights_for_actors(full_state_arrays(self.model))
         self._last_arrays = arrays
         if self.rank == 0:
             snap = make_snapshot(self.version, arrays, self.cfg.transport.weights_chunk_mb << 20)
@@ -278,6 +308,7 @@ class Trainer:
     def cleanup(self) -> None:
         if self.rank == 0:
             self.coordinator.finish()
+            (self.run_dir / "actors.json").write_text(json.dumps(self.coordinator.actors_summary(), indent=2))
             export_hf(self._last_arrays, self.cfg.actor_rollout_ref.model.path, str(self.run_dir / "final"))
             log.info("final policy v%d exported to %s", self.version, self.run_dir / "final")
             # let actors hear 'stop' on their next request before the sockets close

@@ -36,12 +36,15 @@ class HFEngine(Engine):
         self._pending: list[tuple[list[int], SamplingSettings, asyncio.Future]] = []
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.batches = 0
 
     async def generate(self, prompt_ids: list[int], settings: SamplingSettings) -> Generation:
-        if self._worker is None:
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._loop is not loop:  # first call, or a new event loop
+            self._loop, self._pending = loop, []
             self._wake = asyncio.Event()
-            self._worker = asyncio.get_running_loop().create_task(self._serve())
+            self._worker = loop.create_task(self._serve())
         if self._worker.done():
             raise RuntimeError("HF engine worker stopped") from self._worker.exception()
         fut = asyncio.get_running_loop().create_future()
@@ -72,6 +75,10 @@ class HFEngine(Engine):
         with self._lock:
             self.batches += 1
             return sample(self.model, reqs, self.pad_id, self._gen, self.version)
+
+    async def close(self) -> None:
+        if self._worker is not None and not self._worker.done():
+            self._worker.cancel()
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         state = {name: t for name, t in named_tensors}

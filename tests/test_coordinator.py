@@ -1,0 +1,96 @@
+"""Coordinator: admission credits, the stale drop, and nothing lost when an actor dies."""
+
+import pytest
+
+from learner.coordinator import Coordinator, DataStream
+from protocol import messages as m
+from protocol.transport import TransportTimeout
+
+
+def traj(sid, chain, version, actor="a0"):
+    return m.Trajectory(
+        actor_id=actor, sample_id=sid, chain=chain,
+        prompt_ids=m.pack([1, 2], "int32"), response_ids=m.pack([5, 6], "int32"),
+        loss_mask=m.pack([1, 1], "uint8"), logprobs=m.pack([-1.0, -1.0], "float32"),
+        versions=m.pack([version, version], "int32"), reward=1.0, reward_components={"reward": 1.0},
+        stats=m.EpisodeStats(num_turns=1, tool_calls={}),
+    )
+
+
+def coordinator(staleness, batch_groups=2, group_size=2, rows=10, timeout=60.0):
+    c = Coordinator(DataStream([{"question": f"q{i}"} for i in range(rows)], shuffle=False, seed=0),
+                    batch_groups=batch_groups, group_size=group_size, max_staleness=staleness, peer_timeout_s=timeout)
+    c.on_request("p", m.Register(actor_id="a0", host="h", pid=1, engine="x"))
+    return c
+
+
+def ask(c, version, n=10):
+    return c.on_request("p", m.WorkRequest(actor_id="a0", version=version, max_groups=n))
+
+
+def finish(c, grant, version):
+    for item in grant.items:
+        for k in range(item.group_size):
+            c.on_trajectory(traj(item.sample_id, k, version))
+
+
+def test_synchronous_admission_grants_one_batch_per_version():
+    c = coordinator(staleness=0)
+    g = ask(c, 0)
+    assert [i.sample_id for i in g.items] == ["0:0", "0:1"]  # exactly one batch of 2 groups
+    assert ask(c, 0).items == []  # no more credit until the learner steps
+    finish(c, g, 0)
+    batch, info = c.take_batch(timeout_s=1)
+    assert [sid for sid, _ in batch] == ["0:0", "0:1"] and info["groups_dropped_stale"] == 0
+    c.advance(1)
+    refused = ask(c, 0)
+    assert refused.items == [] and "update weights" in refused.reason
+    assert len(ask(c, 1).items) == 2
+
+
+def test_staleness_one_admits_two_batches_ahead():
+    c = coordinator(staleness=1)
+    assert len(ask(c, 0).items) == 4  # (0 + 1 + 1) * 2 groups
+    assert ask(c, 0).items == []
+
+
+def test_stale_group_is_dropped_counted_and_requeued():
+    c = coordinator(staleness=1)
+    g = ask(c, 0, n=1)
+    c.advance(2)  # the learner moved on by two versions meanwhile
+    finish(c, g, 0)
+    fresh = ask(c, 2, n=2)
+    finish(c, fresh, 2)
+    batch, info = c.take_batch(timeout_s=1)
+    assert info["groups_dropped_stale"] == 1 and c.counters["groups_dropped_stale"] == 1
+    assert "0:0" not in [sid for sid, _ in batch]
+    assert c.stream.next() == "0:0"  # the dropped sample comes back, nothing is lost
+
+
+def test_dead_actor_work_is_requeued():
+    c = coordinator(staleness=0, timeout=5.0)
+    g = ask(c, 0)
+    c.on_tick(c.actors["a0"].last_seen + 6.0)
+    assert "a0" in c.dead_actors and not c.outstanding
+    assert [c.stream.next(), c.stream.next()] == [i.sample_id for i in g.items]
+
+
+def test_take_batch_timeout_says_what_it_waited_for_and_loses_nothing():
+    c = coordinator(staleness=0)
+    g = ask(c, 0)
+    finish(c, m.WorkGrant(items=g.items[:1], learner_version=0), 0)
+    with pytest.raises(TransportTimeout, match="2 trajectory groups.*have 1 complete, 1 in flight"):
+        c.take_batch(timeout_s=0.2)
+    assert len(c.complete) == 1 and c.consumed == 0
+
+
+def test_unexpected_trajectory_is_counted_not_trained():
+    c = coordinator(staleness=0)
+    c.on_trajectory(traj("9:9", 0, 0))
+    assert c.counters["trajectories_unexpected"] == 1 and not c.complete
+
+
+def test_unregistered_actor_gets_an_error_reply():
+    c = coordinator(staleness=0)
+    reply = c.on_request("p", m.WorkRequest(actor_id="ghost", version=0, max_groups=1))
+    assert isinstance(reply, m.Error) and "register first" in reply.message

@@ -1,0 +1,116 @@
+"""Token-exact trajectories: the learner trains on exactly the sampled ids plus the observation ids.
+
+Each agent type plays a scripted multi-turn episode with two tool calls through
+the real rollout loop, tools and reward; the trajectory then crosses the wire
+(encode/decode) and is collated by the learner. The ids the learner trains on
+must equal, token for token, what the engine returned interleaved with the
+observation ids, and the loss mask must be 1 exactly on the sampled ids.
+"""
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from actors.actor import Scorer, to_trajectory
+from actors.engines.scripted import ScriptedEngine
+from actors.rollout import EpisodeLimits, ToolBox, run_episode
+from envs import make_agent
+from envs.rewards import get_reward
+from envs.tools import get_tool
+from learner.batch import check_alignment, collate
+from protocol import messages as m
+from actors.engines.base import SamplingSettings
+
+
+class RecordingEngine(ScriptedEngine):
+    """A scripted engine that remembers every id list it returned."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.returned: list[list[int]] = []
+
+    async def generate(self, prompt_ids, settings):
+        g = await super().generate(prompt_ids, settings)
+        self.returned.append(list(g.token_ids))
+        return g
+
+
+def calc(expr):
+    return "<tool_call>\n" + json.dumps({"name": "calculator", "arguments": {"expression": expr}}) + "\n</tool_call>"
+
+
+SCRIPTS = {
+    "hf": (["calculator"], [calc("12*3"), calc("36+4"), "The answer is 40."]),
+    "react": (["calculator"], [
+        'Thought: multiply\nAction: calculator\nAction Input: {"expression": "12*3"}',
+        'Thought: add\nAction: calculator\nAction Input: {"expression": "36+4"}',
+        "Thought: done\nFinal Answer: 40",
+    ]),
+    "code": (["code_interpreter"], ["```python\nprint(12*3)\n```", "```python\nprint(36+4)\n```", "The answer is 40."]),
+}
+
+
+@pytest.mark.parametrize("agent_type", sorted(SCRIPTS))
+def test_learner_trains_on_exactly_the_sampled_and_observation_ids(tiny_model_dir, agent_type):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tool_names, turns = SCRIPTS[agent_type]
+    tools = [get_tool(n) for n in tool_names]
+    agent = make_agent(agent_type, tok, tools)
+    engine = RecordingEngine(tok, turns, tok.eos_token_id)
+    row = {"question": "What is 12*3+4?", "answer": "40"}
+    limits = EpisodeLimits(max_turns=4, max_tokens_per_turn=64, max_response_tokens=400, max_context=4096)
+    settings = SamplingSettings(max_tokens=64, stop_token_ids=(tok.eos_token_id,))
+    ep = asyncio.run(run_episode(engine, agent, tok, ToolBox(tools, 30, 256, None), row, limits, settings))
+
+    assert ep.finish_reason == "answer" and ep.tool_calls == [tool_names[0]] * 2 and ep.num_turns == 3
+    # the observation segments, recovered from the mask, are the tools' real outputs
+    mask = np.array(ep.loss_mask)
+    ids = np.array(ep.response_ids)
+    segments, start = [], 0
+    for i in range(1, len(mask) + 1):
+        if i == len(mask) or mask[i] != mask[start]:
+            segments.append((int(mask[start]), ids[start:i].tolist()))
+            start = i
+    sampled = [s for k, s in segments if k == 1]
+    observations = [s for k, s in segments if k == 0]
+    assert sampled == engine.returned  # mask 1 exactly on what the engine returned, in order
+    assert len(observations) == 2
+    assert "36" in tok.decode(observations[0]) and "40" in tok.decode(observations[1])
+
+    scores = Scorer(get_reward("math_reward_string_equal"), tok)(ep, row)
+    assert scores["reward"] == 1.0
+    item = m.WorkItem(sample_id="0:0", row=row, group_size=1)
+    wire = m.decode(m.encode(to_trajectory("actor-0", item, 0, ep, scores)))
+    check_alignment(wire)
+    batch = collate([wire], {"0:0": 0}, pad_id=tok.pad_token_id)
+    expected = ep.prompt_ids + [t for _, seg in segments for t in seg]
+    assert batch.input_ids[0, : len(expected)].tolist() == expected
+    # the learner's mask marks exactly the sampled targets
+    P = len(ep.prompt_ids)
+    trained_targets = batch.input_ids[0, 1:][batch.loss_mask[0] == 1].tolist()
+    assert trained_targets == [t for seg in engine.returned for t in seg]
+    assert batch.behaviour_logprobs[0, P - 1 : P - 1 + len(ids)][batch.loss_mask[0, P - 1 : P - 1 + len(ids)] == 0].abs().sum() == 0
+    assert batch.token_rewards.sum() == 1.0 and batch.token_rewards[0, P - 2 + len(ids)] == 1.0
+
+
+def test_turn_cut_by_token_budget_is_flagged_truncated(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from actors.engines.hf_engine import HFEngine
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tools = [get_tool("calculator")]
+    agent = make_agent("hf", tok, tools)
+    engine = HFEngine(tiny_model_dir, seed=0)
+    limits = EpisodeLimits(max_turns=4, max_tokens_per_turn=5, max_response_tokens=100, max_context=512)
+    # the random-init model never samples the stop token here (its id is masked out by top_k=1 on another token)
+    settings = SamplingSettings(max_tokens=5, temperature=0.0, stop_token_ids=(tok.eos_token_id,))
+    ep = asyncio.run(run_episode(engine, agent, tok, ToolBox(tools, 5, 64, None), {"question": "q", "answer": "1"}, limits, settings))
+    if ep.response_ids[-1] == tok.eos_token_id:
+        pytest.skip("the random model happened to stop")
+    assert ep.truncated and ep.finish_reason == "length" and len(ep.response_ids) == 5
+    assert ep.versions == [0] * 5 and all(lp <= 0 for lp in ep.logprobs)
