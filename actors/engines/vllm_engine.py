@@ -16,10 +16,13 @@ moves them to just before the masking, so what comes back is always
 ``log_softmax(logits / T)[token]`` over the whole vocabulary, what the learner
 recomputes. Greedy requests (``T == 0``) get ``log_softmax(logits)``.
 
-Weights. ``load_weights`` sends HF-named CPU tensors to the worker with
-``collective_rpc`` and the worker reloads them in place
-(``actors/engines/vllm_worker.py``); then the prefix cache is reset so no KV
-computed with the old weights is reused. No restart.
+Weights. ``load_weights`` writes the HF-named tensors to one safetensors file
+in ``/dev/shm`` and asks the worker, with ``collective_rpc``, to reload them in
+place from it (``actors/engines/vllm_worker.py``); then the prefix cache is
+reset so no KV computed with the old weights is reused, and the file is
+deleted. No restart. (Tensors cannot ride in the RPC itself: the
+client-to-engine-core hop is msgpack, which rebuilds tensors only where a type
+annotation says so.)
 
 Stopping. A request stops on ``settings.stop_token_ids`` only (the model's own
 EOS is ignored unless listed there) and the stop id is kept in the output.
@@ -32,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import tempfile
 import threading
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from typing import Any, Coroutine, Iterable, TypeVar
@@ -53,7 +57,7 @@ class VLLMEngine(Engine):
         model_path: str,
         *,
         seed: int = 0,
-        max_model_len: int = 4096,
+        max_model_len: int | None = None,
         cpu_kvcache_space_gb: float = 1.0,
         gpu_memory_utilization: float = 0.85,
         tensor_model_parallel_size: int = 1,
@@ -64,6 +68,9 @@ class VLLMEngine(Engine):
         rpc_timeout_s: float = 600.0,
     ) -> None:
         """Start vLLM on ``model_path`` (an HF model directory; no tokenizer needed).
+
+        ``max_model_len`` (prompt plus completion) defaults to the model's
+        ``max_position_embeddings``.
 
         ``cpu_kvcache_space_gb`` sizes the KV cache on CPU machines and
         ``gpu_memory_utilization`` the share of GPU memory vLLM may take on GPU
@@ -173,16 +180,28 @@ class VLLMEngine(Engine):
         """
         if threading.current_thread() is self._thread:
             raise RuntimeError("load_weights called from the vLLM engine loop thread would deadlock")
-        tensors = [(name, tensor.detach().to("cpu").contiguous()) for name, tensor in named_tensors]
-        self._run(self._load(tensors), self.rpc_timeout_s, f"vLLM weight reload to version {version}")
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        storages: set[int] = set()
+        for name, tensor in named_tensors:
+            tensor = tensor.detach().to("cpu").contiguous()
+            if tensor.untyped_storage().data_ptr() in storages:  # tied weights: safetensors refuses aliases
+                tensor = tensor.clone()
+            storages.add(tensor.untyped_storage().data_ptr())
+            tensors[name] = tensor
+        with tempfile.TemporaryDirectory(prefix="relay-vllm-weights-", dir=_shared_memory_dir()) as tmp:
+            path = os.path.join(tmp, "weights.safetensors")
+            save_file(tensors, path)
+            del tensors
+            self._run(self._load(path), self.rpc_timeout_s, f"vLLM weight reload to version {version}")
         self.version = version
 
-    async def _load(self, tensors: list[tuple[str, torch.Tensor]]) -> None:
-        (loaded, *_) = await self._llm.collective_rpc(
-            "relay_load_weights", timeout=self.rpc_timeout_s, args=(tensors,)
-        )
-        if loaded != len(tensors):
-            raise RuntimeError(f"vLLM worker loaded {loaded} of {len(tensors)} tensors")
+    async def _load(self, path: str) -> None:
+        # One result per worker (tensor-parallel ranks each read the file).
+        loaded = await self._llm.collective_rpc("relay_load_weights", timeout=self.rpc_timeout_s, args=(path,))
+        if not loaded or min(loaded) == 0:
+            raise RuntimeError(f"vLLM workers loaded {loaded} tensors from {path}")
         if not await self._llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset its prefix cache after a weight reload")
 
@@ -214,6 +233,11 @@ class VLLMEngine(Engine):
 
 async def _call_soon(function: Any) -> Any:
     return function()
+
+
+def _shared_memory_dir() -> str | None:
+    """``/dev/shm`` where it exists (RAM-backed, so no disk write), else the default temp dir."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
 def _export_repo_root_on_pythonpath() -> None:

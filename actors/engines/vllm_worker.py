@@ -17,17 +17,24 @@ import torch
 class RelayWorkerExtension:
     """Relay's methods on vLLM's worker: in-place weight reload and log-prob mode."""
 
-    def relay_load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
-        """Load HF-named tensors into the running model in place; returns how many.
+    def relay_load_weights(self, safetensors_path: str) -> int:
+        """Load the HF-named tensors of a safetensors file into the running model in place.
 
+        Returns how many tensors were read. The engine process writes the file
+        (to shared memory, ``/dev/shm``) because ``collective_rpc`` arguments
+        cross a msgpack hop that does not rebuild tensors inside containers.
         ``reload_weights`` runs the model's own ``load_weights`` (which maps HF
         names, fuses q/k/v and gate/up) and then redoes the platform's
         post-load processing, which the CPU backend needs because it repacks
         weights after loading: copying into parameters directly would be
         silently ignored there.
         """
-        self.reload_weights(weights_iterator=iter(named_tensors))
-        return len(named_tensors)
+        from safetensors import safe_open
+
+        with safe_open(safetensors_path, framework="pt") as weights:
+            names = list(weights.keys())
+            self.reload_weights(weights_iterator=((name, weights.get_tensor(name)) for name in names))
+        return len(names)
 
     def relay_untruncated_logprobs(self) -> None:
         """Make sampled-token log-probs ignore top-k/top-p truncation.
