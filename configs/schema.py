@@ -193,6 +193,9 @@ class TrainerConfig(Section):
     ``{experiment_name}`` are filled in by ``derive``."""
     max_ckpt_to_keep: int = Field(2, ge=1)
     """Newest checkpoints kept in the run directory; older ones are deleted."""
+    dump_batches: bool = False
+    """Write every trained batch (the broadcast trajectories, msgpack) to
+    ``<run dir>/batches/step_NNNNNN.msgpack`` so it can be replayed (``learner.replay``)."""
     seed: int = 0
     """Global seed of model init, sampling and the learner."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -345,6 +348,8 @@ class CriticModelConfig(Section):
 
     path: str | None = None
     """Hugging Face id or local directory; None = the policy's ``actor_rollout_ref.model.path``."""
+    fsdp_config: FsdpConfig = Field(default_factory=FsdpConfig)
+    """FSDP memory options of the value model."""
 
 
 class CriticConfig(Section):

@@ -32,13 +32,18 @@ def resolve_model(cfg: RelayConfig) -> RelayConfig:
     from launcher.tiny_model import build_tiny_model
 
     path = build_tiny_model(TINY_DIR)
-    return cfg.model_copy(
+    cfg = cfg.model_copy(
         update={
             "actor_rollout_ref": cfg.actor_rollout_ref.model_copy(
                 update={"model": cfg.actor_rollout_ref.model.model_copy(update={"path": str(path)})}
             )
         }
     )
+    if cfg.critic.model.path == TINY:  # derived from the policy path before it was resolved
+        cfg = cfg.model_copy(
+            update={"critic": cfg.critic.model_copy(update={"model": cfg.critic.model.model_copy(update={"path": str(path)})})}
+        )
+    return cfg
 
 
 def _has_gpu() -> bool:

@@ -38,6 +38,8 @@ class TrainBatch:
     """[N] trajectories of the same prompt share an index."""
     rewards: torch.Tensor
     """[N] total episode reward."""
+    baseline_rewards: torch.Tensor
+    """[N] reward of the greedy rollout of the row's prompt (ReMax); NaN when there is none."""
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -72,8 +74,12 @@ def check_alignment(t: Trajectory) -> None:
         raise TrajectoryMismatch(f"{where}: observation tokens carry log-probs")
 
 
-def collate(trajs: list[Trajectory], group_of: dict[str, int], pad_id: int) -> TrainBatch:
-    """Pad ``trajs`` into a ``TrainBatch``; ``group_of`` maps sample_id to group index."""
+def collate(
+    trajs: list[Trajectory], group_of: dict[str, int], pad_id: int, baselines: dict[str, float] | None = None
+) -> TrainBatch:
+    """Pad ``trajs`` into a ``TrainBatch``; ``group_of`` maps sample_id to group index,
+    ``baselines`` sample_id to the greedy rollout's reward (ReMax)."""
+    baselines = baselines or {}
     n = len(trajs)
     lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajs]
     L = max(lengths)
@@ -110,6 +116,7 @@ def collate(trajs: list[Trajectory], group_of: dict[str, int], pad_id: int) -> T
         versions=torch.from_numpy(ver),
         group_index=torch.tensor([group_of[t.sample_id] for t in trajs], dtype=torch.long),
         rewards=torch.tensor([t.reward for t in trajs], dtype=torch.float32),
+        baseline_rewards=torch.tensor([baselines.get(t.sample_id, float("nan")) for t in trajs], dtype=torch.float32),
     )
 
 

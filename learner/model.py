@@ -4,15 +4,22 @@ Any Hugging Face causal-LM directory loads (the embedded tiny model is one).
 Each decoder layer is its own FSDP2 unit (``fully_shard``), then the root;
 gloo on CPU, NCCL on GPU. bf16 mixed precision on GPU, fp32 on CPU.
 ``fsdp_config.param_offload`` moves sharded parameters (and with them the
-optimizer state) to CPU between uses (``CPUOffloadPolicy``).
+optimizer state) to CPU between uses (``CPUOffloadPolicy``, GPU only). The
+policy, the critic (``learner.critic``) and the reference (``learner.reference``)
+are all sharded by ``fsdp_shard``.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+if TYPE_CHECKING:
+    from learner.lora import LoraSettings
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
@@ -21,12 +28,34 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return list(base.layers)
 
 
-def load_policy(path: str, device: torch.device, *, gradient_checkpointing: bool = False, param_offload: bool = False):
-    """Load the HF model at ``path``, shard it with FSDP2 and return it (train mode)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+def load_policy(
+    path: str,
+    device: torch.device,
+    *,
+    gradient_checkpointing: bool = False,
+    param_offload: bool = False,
+    lora: "LoraSettings | None" = None,
+):
+    """Load the HF causal LM at ``path``, optionally add LoRA adapters (only they train),
+    shard it with FSDP2 and return it (train mode)."""
     from transformers import AutoModelForCausalLM
 
+    from learner.lora import add_adapters
+
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = add_adapters(model, lora)
+    return fsdp_shard(model, device, gradient_checkpointing=gradient_checkpointing, param_offload=param_offload)
+
+
+def fsdp_shard(model, device: torch.device, *, gradient_checkpointing: bool = False, param_offload: bool = False):
+    """Shard an HF model with FSDP2 (one unit per decoder layer, then the root).
+
+    bf16 compute with fp32 gradient reduction on GPU, fp32 on CPU.
+    ``param_offload`` keeps the sharded parameters, their gradients and hence the
+    optimizer state on CPU (``CPUOffloadPolicy``); it needs a GPU (no effect on CPU).
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -34,8 +63,8 @@ def load_policy(path: str, device: torch.device, *, gradient_checkpointing: bool
     kwargs = {}
     if device.type == "cuda":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if param_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        if param_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)

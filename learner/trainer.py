@@ -239,7 +239,6 @@ class Trainer:
         stats |= self.critic.update(full.loss_mask, shard, values, returns[mine])
         if self.version >= self.cfg.trainer.critic_warmup:
             stats |= self.update_policy(plan, shard, StepTensors(adv[mine], old_logprobs, ref_logprobs))
-        self.scheduler.step()
         return all_reduce_means(stats, self.device)
 
     def update_policy(self, plan, shard: TrainBatch, t: StepTensors) -> dict[str, list[float]]:
@@ -273,6 +272,7 @@ class Trainer:
                     raise FloatingPointError(f"non-finite gradient norm at v{self.version}")
                 self.optimizer.step()
                 stats.setdefault("actor/grad_norm", []).append(float(grad_norm))
+        self.scheduler.step()  # the policy's schedule counts policy updates (as verl: not critic warm-up steps)
         return stats
 
     # ------------------------------------------------------------------ plumbing

@@ -338,6 +338,8 @@ def remax(inputs: AdvantageInputs, cfg: AdvantageConfig) -> tuple[Tensor, Tensor
     is used, so it stays comparable to the greedy rollout's total reward."""
     if inputs.baseline_rewards is None:
         raise ValueError("remax needs AdvantageInputs.baseline_rewards (greedy rollout rewards)")
+    if not bool(torch.isfinite(inputs.baseline_rewards).all()):
+        raise ValueError("remax: some rows have no greedy-rollout baseline (baseline_rewards is NaN)")
     rewards, mask = _rewards_and_mask(inputs)
     scores = rewards.sum(-1)
     returns = _broadcast(scores, mask)

@@ -1,0 +1,164 @@
+"""The frozen reference policy and the two KL terms that use it.
+
+The reference is the initial policy (``actor_rollout_ref.model.path``, no
+adapters), loaded once, frozen and FSDP2-sharded like the policy
+(``ref.fsdp_config.param_offload`` honoured on GPU). It is only loaded when a
+KL term is on (``actor.use_kl_loss`` or ``algorithm.use_kl_in_reward``);
+otherwise ``NoReference`` answers with nothing.
+
+KL loss (``KLLoss``), added to the policy loss of every micro-batch:
+
+    kl_loss_coef * agg_loss(k(logprobs, ref_logprobs), loss_mask, loss_agg_mode)
+
+with ``k = kl_penalty(kind)`` for the per-token estimators, or the exact
+``full_kl(logits, ref_logits)`` over the vocabulary for ``kl_loss_type=full``
+(the reference logits of the micro-batch are recomputed there, so no [N,T,V]
+tensor is kept).
+
+KL in reward (``KLInReward``), before advantages, on the whole batch:
+
+    token_rewards -= beta * kl_penalty(proximal_logprobs, ref_logprobs, algorithm.kl_penalty)
+
+with beta from the fixed or adaptive controller (``algorithm.kl_ctrl``),
+updated after each batch with the batch's mean KL.
+
+All three objects are chosen once at setup (``build_kl_terms``); the
+disabled ones are do-nothing objects.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from configs.schema import RelayConfig
+from learner import algos
+from learner.batch import TrainBatch
+from learner.model import fsdp_shard
+from learner.sharding import map_chunks
+
+
+def next_token_logits(model, mb: TrainBatch, temperature: float) -> torch.Tensor:
+    """[n, L-1, V] float32 logits predicting each next token, divided by the sampling temperature."""
+    pos = (mb.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=pos)
+    return out.logits[:, :-1].float() / (temperature if temperature > 0 else 1.0)
+
+
+class NoReference:
+    def logprobs(self, shard: TrainBatch, n: int) -> None:
+        return None
+
+
+class Reference:
+    def __init__(self, model, temperature: float, micro: int, world: int, precompute: bool = True):
+        self.model = model
+        self.precompute = precompute
+        """Whether a KL term needs the whole shard's reference log-probs (not ``full`` KL loss alone)."""
+        self.temperature = temperature
+        self.micro = micro
+        self.world = world
+
+    @torch.no_grad()
+    def logits(self, mb: TrainBatch) -> torch.Tensor:
+        """[n, L-1, V] reference logits."""
+        return next_token_logits(self.model, mb, self.temperature)
+
+    @torch.no_grad()
+    def logprobs(self, shard: TrainBatch, n: int) -> torch.Tensor | None:
+        """[n_r, L-1] reference log-probs of this rank's shard, ``ref.log_prob_micro_batch_size_per_gpu``
+        rows per pass; ``n`` rows in the whole batch. None when no KL term reads them."""
+        if not self.precompute:
+            return None
+        return map_chunks(
+            lambda mb: algos.logprobs_from_logits(self.logits(mb), mb.input_ids[:, 1:]), shard, n, self.world, self.micro
+        )
+
+
+# ----------------------------------------------------------------- KL in the loss
+
+
+KLTokens = Callable[[TrainBatch, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+"""(micro-batch, logits [n,T,V], logprobs [n,T], ref_logprobs [n,T] or None) -> per-token KL [n,T]."""
+
+
+class NoKLLoss:
+    def __call__(self, mb, logits, logprobs, ref_logprobs, metrics: dict) -> float:
+        return 0.0
+
+
+class KLLoss:
+    def __init__(self, per_token: KLTokens, coef: float, agg_mode: str):
+        self.per_token = per_token
+        self.coef = coef
+        self.agg_mode = agg_mode
+
+    def __call__(self, mb: TrainBatch, logits, logprobs, ref_logprobs, metrics: dict) -> torch.Tensor:
+        """``coef * agg(kl)`` for one micro-batch; logs ``actor/kl_loss`` and ``actor/kl_coef`` into ``metrics``."""
+        kl = algos.agg_loss(self.per_token(mb, logits, logprobs, ref_logprobs), mb.loss_mask, self.agg_mode)
+        metrics["actor/kl_loss"] = kl.item()
+        metrics["actor/kl_coef"] = self.coef
+        return self.coef * kl
+
+
+def kl_tokens(kind: str, reference: Reference) -> KLTokens:
+    """The per-token KL of ``kind``: an estimator on log-probs, or ``full`` on logits."""
+    if kind == "full":
+        return lambda mb, logits, logprobs, ref_logprobs: algos.full_kl(logits, reference.logits(mb))
+    estimator = algos.get_kl_penalty(kind)
+    return lambda mb, logits, logprobs, ref_logprobs: estimator(logprobs, ref_logprobs)
+
+
+# ----------------------------------------------------------------- KL in the reward
+
+
+class NoKLInReward:
+    def __call__(self, token_rewards, logprobs, ref_logprobs, mask) -> tuple[torch.Tensor, dict[str, list[float]]]:
+        return token_rewards, {}
+
+
+class KLInReward:
+    def __init__(self, controller, kind: str):
+        self.controller = controller
+        self.kind = kind
+
+    def __call__(self, token_rewards, logprobs, ref_logprobs, mask) -> tuple[torch.Tensor, dict[str, list[float]]]:
+        """Penalised rewards [N,T] for the whole batch; the controller then sees the batch's mean KL."""
+        beta = self.controller.value
+        rewards, mean_kl = algos.apply_kl_in_reward(token_rewards, logprobs, ref_logprobs, mask, beta, self.kind)
+        self.controller.update(mean_kl, n_steps=token_rewards.shape[0])
+        return rewards, {"actor/reward_kl_penalty": [mean_kl], "actor/reward_kl_penalty_coeff": [beta]}
+
+
+# ----------------------------------------------------------------- setup
+
+
+def build_kl_terms(cfg: RelayConfig, device: torch.device, world: int):
+    """(reference, kl_loss, kl_in_reward) for this config, each a do-nothing object when off."""
+    arc, alg = cfg.actor_rollout_ref, cfg.algorithm
+    if not (arc.actor.use_kl_loss or alg.use_kl_in_reward):
+        return NoReference(), NoKLLoss(), NoKLInReward()
+    if alg.use_kl_in_reward and alg.kl_penalty == "full":
+        raise ValueError("algorithm.kl_penalty=full is not supported in the reward (it needs logits of the "
+                         "whole batch); use it as actor_rollout_ref.actor.kl_loss_type or pick k1/k2/k3")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(arc.model.path, dtype=torch.float32)
+    model.requires_grad_(False)
+    model = fsdp_shard(model, device, param_offload=arc.ref.fsdp_config.param_offload)
+    model.eval()
+    precompute = alg.use_kl_in_reward or (arc.actor.use_kl_loss and arc.actor.kl_loss_type != "full")
+    reference = Reference(model, arc.rollout.temperature, arc.ref.log_prob_micro_batch_size_per_gpu, world, precompute)
+    kl_loss = (
+        KLLoss(kl_tokens(arc.actor.kl_loss_type, reference), arc.actor.kl_loss_coef, arc.actor.loss_agg_mode)
+        if arc.actor.use_kl_loss
+        else NoKLLoss()
+    )
+    k = alg.kl_ctrl
+    kl_in_reward = (
+        KLInReward(algos.make_kl_controller(k.type, k.kl_coef, k.target_kl, k.horizon), alg.kl_penalty)
+        if alg.use_kl_in_reward
+        else NoKLInReward()
+    )
+    return reference, kl_loss, kl_in_reward

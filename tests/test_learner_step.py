@@ -1,0 +1,158 @@
+"""Each advantage estimator, KL term, critic warm-up and LoRA through the real `Trainer.train_step`
+(in-process, gloo, world size 1) on hand-made trajectories."""
+
+import math
+
+import pytest
+import torch
+
+from tests.learner_support import changed, learner_config, make_trajs, state, trainer_world_1
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "remax", "gae"])
+def test_each_estimator_trains_through_train_step(tmp_path, tiny_model_dir, estimator):
+    cfg = learner_config(tiny_model_dir, tmp_path, f"algorithm.adv_estimator={estimator}")
+    with trainer_world_1(cfg) as trainer:
+        sb = trainer.step_batch(make_trajs(greedy=estimator == "remax"))
+        assert len(sb.batch) == 8  # greedy rollouts are never trained on
+        before = state(trainer.model)
+        stats = trainer.train_step(sb.batch)
+        after = state(trainer.model)
+    assert math.isfinite(stats["actor/pg_loss"]) and stats["actor/grad_norm"] > 0
+    assert changed(before, after)
+    if estimator == "gae":
+        assert math.isfinite(stats["critic/vf_loss"]) and stats["critic/grad_norm"] > 0
+    else:
+        assert not any(k.startswith("critic/") for k in stats)
+
+
+def test_remax_baseline_is_the_greedy_reward_of_the_prompt(tmp_path, tiny_model_dir):
+    cfg = learner_config(tiny_model_dir, tmp_path, "algorithm.adv_estimator=remax")
+    with trainer_world_1(cfg) as trainer:
+        batch = trainer.step_batch(make_trajs(greedy=True)).batch
+    # prompt 0:0's greedy rollout scored 1, prompt 0:1's scored 0 (make_trajs)
+    assert batch.baseline_rewards.tolist() == [1.0] * 4 + [0.0] * 4
+    assert batch.rewards.tolist() == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+
+
+def test_remax_without_greedy_rollouts_is_an_error(tmp_path, tiny_model_dir):
+    cfg = learner_config(tiny_model_dir, tmp_path, "algorithm.adv_estimator=remax")
+    with trainer_world_1(cfg) as trainer:
+        with pytest.raises(ValueError, match="no greedy-rollout baseline"):
+            trainer.train_step(trainer.step_batch(make_trajs(greedy=False)).batch)
+
+
+@pytest.mark.parametrize("kind", ["low_var_kl", "kl", "mse", "full"])
+def test_kl_loss_is_zero_against_the_initial_policy_then_positive(tmp_path, tiny_model_dir, kind):
+    cfg = learner_config(
+        tiny_model_dir, tmp_path,
+        "actor_rollout_ref.actor.use_kl_loss=true", f"actor_rollout_ref.actor.kl_loss_type={kind}",
+        "actor_rollout_ref.actor.kl_loss_coef=0.1", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+    )
+    with trainer_world_1(cfg) as trainer:
+        batch = trainer.step_batch(make_trajs()).batch
+        first = trainer.train_step(batch)  # one optimizer step, taken at the reference itself
+        second = trainer.train_step(batch)
+    assert first["actor/kl_coef"] == pytest.approx(0.1)
+    assert first["actor/kl_loss"] == pytest.approx(0.0, abs=1e-6)
+    assert second["actor/kl_loss"] > 1e-6 if kind != "kl" else abs(second["actor/kl_loss"]) > 1e-6
+
+
+def test_kl_in_reward_fixed_and_adaptive_controller(tmp_path, tiny_model_dir):
+    cfg = learner_config(
+        tiny_model_dir, tmp_path,
+        "algorithm.use_kl_in_reward=true", "algorithm.kl_penalty=low_var_kl",
+        "algorithm.kl_ctrl.type=adaptive", "algorithm.kl_ctrl.kl_coef=0.05",
+        "algorithm.kl_ctrl.target_kl=0.1", "algorithm.kl_ctrl.horizon=100",
+    )
+    with trainer_world_1(cfg) as trainer:
+        batch = trainer.step_batch(make_trajs()).batch
+        first = trainer.train_step(batch)
+        second = trainer.train_step(batch)
+    # step 1: policy == reference, KL 0, so the adaptive coefficient shrinks by
+    # 1 + clip(0 / 0.1 - 1, -0.2, 0.2) * 8 / 100 = 0.984
+    assert first["actor/reward_kl_penalty"] == pytest.approx(0.0, abs=1e-6)
+    assert first["actor/reward_kl_penalty_coeff"] == pytest.approx(0.05)
+    assert second["actor/reward_kl_penalty_coeff"] == pytest.approx(0.05 * 0.984)
+    assert second["actor/reward_kl_penalty"] > 0
+
+
+def test_critic_warmup_trains_only_the_critic(tmp_path, tiny_model_dir):
+    cfg = learner_config(tiny_model_dir, tmp_path, "algorithm.adv_estimator=gae", "trainer.critic_warmup=1")
+    with trainer_world_1(cfg) as trainer:
+        batch = trainer.step_batch(make_trajs()).batch
+        policy0, critic0 = state(trainer.model), state(trainer.critic.model)
+        warm = trainer.train_step(batch)
+        trainer.version += 1
+        policy1, critic1 = state(trainer.model), state(trainer.critic.model)
+        trained = trainer.train_step(batch)
+        policy2 = state(trainer.model)
+    assert not changed(policy0, policy1) and changed(critic0, critic1)
+    assert "actor/pg_loss" not in warm and "critic/vf_loss" in warm
+    assert changed(policy1, policy2) and "actor/pg_loss" in trained
+
+
+def test_value_targets_are_gae_returns_of_values_before_the_update(tmp_path, tiny_model_dir):
+    """gamma = lam = 1: the return at every sampled token is the episode reward."""
+    cfg = learner_config(tiny_model_dir, tmp_path, "algorithm.adv_estimator=gae", "critic.optim.lr=1e-2")
+    with trainer_world_1(cfg) as trainer:
+        batch = trainer.step_batch(make_trajs()).batch
+        values0 = trainer.critic.values(batch, len(batch))
+        losses = [trainer.train_step(batch)["critic/vf_loss"] for _ in range(3)]
+        values1 = trainer.critic.values(batch, len(batch))
+    mask = batch.loss_mask > 0
+    target = batch.rewards[:, None].expand_as(values0)
+    err0 = ((values0 - target)[mask] ** 2).mean()
+    err1 = ((values1 - target)[mask] ** 2).mean()
+    assert err1 < err0 and losses[-1] < losses[0]
+
+
+def test_ppo_epochs_and_minibatches_recompute_proximal_logprobs(tmp_path, tiny_model_dir):
+    """2 epochs x 2 mini-batches: the first mini-batch starts at the proximal policy
+    (ppo_kl 0), later ones move away from it (ppo_kl != 0)."""
+    cfg = learner_config(tiny_model_dir, tmp_path, "actor_rollout_ref.actor.ppo_epochs=2",
+                         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4")
+    with trainer_world_1(cfg) as trainer:
+        batch = trainer.step_batch(make_trajs()).batch
+        seen = []
+        real_policy_loss = __import__("learner.algos", fromlist=["policy_loss"]).policy_loss
+
+        def spy(inputs, loss_cfg):
+            loss, metrics = real_policy_loss(inputs, loss_cfg)
+            seen.append(metrics["ppo_kl"])
+            return loss, metrics
+
+        import learner.trainer as t
+        t.algos.policy_loss, saved = spy, t.algos.policy_loss
+        try:
+            trainer.train_step(batch)
+        finally:
+            t.algos.policy_loss = saved
+    assert len(seen) == 4  # 2 epochs x 2 mini-batches x 1 micro-batch
+    assert seen[0] == pytest.approx(0.0, abs=1e-6)
+    assert all(abs(k) > 1e-7 for k in seen[1:])
+
+
+def test_lora_trains_only_adapters_and_publishes_merged_base_weights(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    cfg = learner_config(tiny_model_dir, tmp_path, "actor_rollout_ref.model.lora_rank=4",
+                         "actor_rollout_ref.model.lora_alpha=8", "actor_rollout_ref.actor.optim.lr=1e-2")
+    with trainer_world_1(cfg) as trainer:
+        before = state(trainer.model)
+        trainer.train_step(trainer.step_batch(make_trajs()).batch)
+        after = state(trainer.model)
+        trainer.version += 1
+        trainer.publish()
+        published = dict(trainer._last_arrays)
+    moved = changed(before, after)
+    assert moved and all(".lora_" in k for k in moved)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
+    assert set(published) <= set(base) and set(base) - set(published) <= {"lm_head.weight"}
+    q = "model.layers.0.self_attn.q_proj"
+    peft = f"base_model.model.{q}"
+    a, b = after[f"{peft}.lora_A.default.weight"], after[f"{peft}.lora_B.default.weight"]
+    expected = base[f"{q}.weight"] + (8 / 4) * b @ a
+    torch.testing.assert_close(torch.from_numpy(published[f"{q}.weight"]), expected)
+    assert not torch.equal(expected, base[f"{q}.weight"])
+    torch.testing.assert_close(torch.from_numpy(published["model.embed_tokens.weight"]), base["model.embed_tokens.weight"])
