@@ -266,7 +266,7 @@ class Trainer:
                     metrics["actor/pg_loss"] = loss.item()
                     metrics["actor/logprob_mismatch_kl"] = algos.logprob_mismatch_kl(old, mb.behaviour_logprobs, mb.loss_mask)
                     for k, v in metrics.items():
-                        stats.setdefault(k, []).append(float(v))
+                        stats.setdefault(k if "/" in k else f"actor/{k}", []).append(float(v))
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), actor.grad_clip)
                 if not torch.isfinite(grad_norm):
                     raise FloatingPointError(f"non-finite gradient norm at v{self.version}")
