@@ -1,0 +1,77 @@
+"""`relay train` leaves no process behind: when a child dies, and on Ctrl-C."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from envs.tasks import arithmetic
+
+
+def start_train(tmp_path, model_dir):
+    train, test = arithmetic.write_splits(tmp_path / "data", n_train=64, n_test=8)
+    cmd = [
+        sys.executable, "-m", "launcher.cli", "train", "-c", "demo",
+        f"actor_rollout_ref.model.path={model_dir}", f"data.train_files=[{train}]", f"data.val_files=[{test}]",
+        "trainer.total_training_steps=1000", f"trainer.default_local_dir={tmp_path / 'run'}",
+        "data.train_batch_size=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2", "agent.num_chains=2",
+        "agent.max_tokens_per_turn=8", "trainer.val_before_train=false", "trainer.test_freq=-1", "trainer.save_freq=-1",
+    ]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_children(proc, names, timeout=240):
+    """The launcher's children by role name, once they all run and training has started."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = {}
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                cmd = " ".join(p.cmdline())
+            except psutil.Error:
+                continue
+            for n in names:
+                if f"--actor-id {n}" in cmd or (n.startswith("learner") and "learner.main" in cmd and n not in found):
+                    found.setdefault(n, p)
+        if set(found) == set(names):
+            return found
+        time.sleep(0.5)
+    raise TimeoutError(f"children {names} did not all start within {timeout}s")
+
+
+def all_descendants(pid):
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.slow
+def test_dead_actor_is_named_and_nothing_is_left_behind(tmp_path, tiny_model_dir):
+    proc = start_train(tmp_path, tiny_model_dir)
+    kids = wait_for_children(proc, ["actor-0", "actor-1", "learner"])
+    everyone = [k for k in all_descendants(proc.pid)]
+    time.sleep(3)
+    kids["actor-1"].kill()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "actor-1 failed (killed by SIGKILL)" in err
+    time.sleep(1)
+    assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_process(tmp_path, tiny_model_dir):
+    proc = start_train(tmp_path, tiny_model_dir)
+    wait_for_children(proc, ["actor-0", "actor-1", "learner"])
+    everyone = all_descendants(proc.pid)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    time.sleep(1)
+    assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
