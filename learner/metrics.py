@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import statistics
 import sys
 import time
 from collections import Counter
@@ -174,7 +173,21 @@ def reward_metrics(trajs, batch) -> dict:
     gen_tokens = sum(t.stats.gen_tokens for t in trajs)
     gen_time = sum(t.stats.gen_time_s for t in trajs)
     out["perf/actor_tokens_per_episode_s"] = gen_tokens / max(gen_time, 1e-9)
-    if len(set(rewards)) > 1:
-        lengths = [len(t.response_ids) for t in trajs]
-        out["monitor/length_reward_corr"] = float(np.corrcoef(lengths, rewards)[0, 1]) if statistics.pstdev(lengths) else 0.0
+    out.update(reward_hacking_monitors(trajs))
     return out
+
+
+def reward_hacking_monitors(trajs) -> dict:
+    """Tool-use rate per tool, share of reward from format terms, length-reward correlation, turns."""
+    from envs.monitors import EpisodeSummary, monitor_batch
+
+    summaries = [
+        EpisodeSummary(
+            reward=dict(t.reward_components),
+            tool_calls=[name for name, n in t.stats.tool_calls.items() for _ in range(n)],
+            num_turns=t.stats.num_turns,
+            response_length=len(t.response_ids),
+        )
+        for t in trajs
+    ]
+    return monitor_batch(summaries)

@@ -1,0 +1,121 @@
+"""Actor throughput: our actor loop + transport vs the raw engine, same prompts and lengths.
+
+Ours: a real actor process (``python -m actors.main``) serves a learner-side
+``LearnerServer`` + ``Coordinator`` in this process, which grants every group at
+once and collects the trajectories over ZeroMQ. Timed from the first grant to
+the last trajectory received (engine start-up excluded).
+
+Baseline: the same engine class, in this process, generating for the same
+prompt ids exactly as many tokens as each episode sampled (stop ids disabled,
+so the lengths match), all requests submitted concurrently.
+
+Both use one torch thread. Prints sampled tokens/s of each and the ratio.
+Usage: python bench/bench_actor.py [--engine hf|vllm] [--prompts 32] [--chains 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--engine", default="hf", choices=["hf", "vllm"])
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--chains", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=48, help="max tokens per turn")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(1)
+    from configs.loader import dump_config, load_config
+    from envs.tasks import arithmetic
+    from launcher.local import free_port
+    from launcher.tiny_model import build_tiny_model
+    from learner.coordinator import Coordinator, DataStream
+    from protocol.transport import LearnerServer
+
+    work = Path(tempfile.mkdtemp(prefix="relay-bench-actor-"))
+    model = build_tiny_model(work / "tiny")
+    rows = arithmetic.make_rows(args.prompts, seed=3)
+    port = free_port(pairs=2)
+    cfg = load_config(
+        ["demo"],
+        [
+            f"actor_rollout_ref.model.path={model}",
+            f"actor_rollout_ref.rollout.name={args.engine}",
+            f"agent.num_chains={args.chains}",
+            f"agent.max_tokens_per_turn={args.tokens}",
+            f"actor_rollout_ref.rollout.max_concurrent_episodes={args.prompts * args.chains}",
+            f"transport.port={port}",
+            "trainer.val_before_train=false",
+        ],
+    )
+    cfg_path = work / "config.yaml"
+    cfg_path.write_text(dump_config(cfg))
+
+    class Timed(Coordinator):
+        first_grant = None
+
+        def _grant(self, info, max_groups):
+            g = super()._grant(info, max_groups)
+            if g.items and self.first_grant is None:
+                self.first_grant = time.perf_counter()
+            return g
+
+    coord = Timed(DataStream(rows, shuffle=False, seed=0), batch_groups=args.prompts, group_size=args.chains, max_staleness=0, peer_timeout_s=600)
+    server = LearnerServer(coord, "127.0.0.1", port)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    actor = subprocess.Popen(
+        [sys.executable, "-m", "actors.main", "--config", str(cfg_path), "--actor-id", "actor-0", "--learner", f"127.0.0.1:{port}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        batch, _ = coord.take_batch(timeout_s=900)
+        t_ours = time.perf_counter() - coord.first_grant
+    finally:
+        coord.finish()
+        time.sleep(1.0)
+        actor.terminate()
+        actor.wait(timeout=60)
+        server.close()
+    trajs = [t for _, g in batch for t in g]
+    sampled = [int(t.loss_mask.numpy().sum()) for t in trajs]
+    ours_tps = sum(sampled) / t_ours
+
+    from actors.build import build_engine
+    from actors.engines.base import SamplingSettings
+
+    engine = build_engine(cfg, str(model), seed=0)
+    reqs = [(t.prompt_ids.tolist(), n) for t, n in zip(trajs, sampled)]
+
+    async def raw():
+        await engine.generate(reqs[0][0], SamplingSettings(max_tokens=2))  # warm-up, as the actor's first batch
+        t0 = time.perf_counter()
+        gens = await asyncio.gather(*(engine.generate(p, SamplingSettings(max_tokens=n, temperature=1.0)) for p, n in reqs))
+        dt = time.perf_counter() - t0
+        await engine.close()
+        return sum(len(g.token_ids) for g in gens), dt
+
+    raw_tokens, t_raw = asyncio.run(raw())
+    raw_tps = raw_tokens / t_raw
+    turns = sum(t.stats.num_turns for t in trajs) / len(trajs)
+    print(
+        f"actor throughput [{args.engine}, {len(trajs)} episodes, {turns:.1f} turns/episode, {sum(sampled)} sampled tokens]: "
+        f"ours {ours_tps:,.0f} tok/s vs raw engine {raw_tps:,.0f} tok/s -> ratio {ours_tps / raw_tps:.2f} (target >= 0.95)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
