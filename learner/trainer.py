@@ -239,7 +239,10 @@ class Trainer:
         stats |= self.critic.update(full.loss_mask, shard, values, returns[mine])
         if self.version >= self.cfg.trainer.critic_warmup:
             stats |= self.update_policy(plan, shard, StepTensors(adv[mine], old_logprobs, ref_logprobs))
-        return all_reduce_means(stats, self.device)
+        out = all_reduce_means(stats, self.device)
+        if out.get("actor/same_version_tokens", 0) > 0:
+            out["actor/logprob_abs_diff_same_version"] = out["actor/same_version_abs_diff_sum"] / out["actor/same_version_tokens"]
+        return out
 
     def update_policy(self, plan, shard: TrainBatch, t: StepTensors) -> dict[str, list[float]]:
         """PPO epochs over mini-batches (one optimizer step each) of weighted micro-batches."""
@@ -265,6 +268,10 @@ class Trainer:
                     (loss * micro.weight).backward()
                     metrics["actor/pg_loss"] = loss.item()
                     metrics["actor/logprob_mismatch_kl"] = algos.logprob_mismatch_kl(old, mb.behaviour_logprobs, mb.loss_mask)
+                    # tokens sampled by exactly the weights the learner holds: |learner - engine| is numerics alone
+                    same = mb.loss_mask * (mb.versions == self.version)
+                    metrics["actor/same_version_abs_diff_sum"] = float(((old - mb.behaviour_logprobs).abs() * same).sum())
+                    metrics["actor/same_version_tokens"] = float(same.sum())
                     for k, v in metrics.items():
                         stats.setdefault(k if "/" in k else f"actor/{k}", []).append(float(v))
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), actor.grad_clip)
