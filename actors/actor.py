@@ -18,9 +18,9 @@ import logging
 import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from actors.engines.base import Engine, SamplingSettings
@@ -28,6 +28,7 @@ from actors.rollout import Episode, EpisodeLimits, ToolBox, run_episode
 from envs.base import Agent
 from protocol import messages as m
 from protocol.transport import ActorClient
+from protocol.weights import WeightsReceiver, make_receiver
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,10 @@ class ActorSettings:
     request_timeout_s: float
     startup_timeout_s: float
     push_timeout_s: float
+    weights: str = "zmq"
+    """Weight channel (``transport.weights``): ``zmq`` | ``filesystem`` | ``nccl``."""
+    weights_dir: str | None = None
+    """Shared directory for ``weights=filesystem``."""
 
 
 class Scorer:
@@ -97,6 +102,16 @@ def to_trajectory(actor_id: str, item: m.WorkItem, chain: int, ep: Episode, scor
     )
 
 
+def as_tensor(a) -> torch.Tensor:
+    """A tensor sharing ``a``'s memory (no copy). Received zmq frames are read-only; engines
+    only read the tensors they load (``load_weights`` copies into the served parameters)."""
+    if isinstance(a, torch.Tensor):
+        return a
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
+
+
 class Actor:
     def __init__(self, settings: ActorSettings, client: ActorClient, engine: Engine, agent: Agent, tokenizer, toolbox: ToolBox, scorer: Scorer):
         self.s = settings
@@ -111,6 +126,7 @@ class Actor:
         self.stop = False
         self.trajectories_sent = 0
         self.failures: list[BaseException] = []
+        self.weights: WeightsReceiver | None = None
 
     async def run(self) -> None:
         welcome = await self.client.call(
@@ -119,6 +135,10 @@ class Actor:
         )
         self.learner_version = welcome.learner_version
         log.info("%s registered; learner at v%d", self.s.actor_id, self.learner_version)
+        self.weights = make_receiver(
+            self.s.weights, welcome, client=self.client, actor_id=self.s.actor_id,
+            weights_dir=self.s.weights_dir, timeout_s=self.s.startup_timeout_s,
+        )
         await self.sync_weights()
         heartbeat = asyncio.create_task(self.heartbeat())
         groups: set[asyncio.Task] = set()
@@ -164,12 +184,13 @@ class Actor:
 
     async def sync_weights(self) -> None:
         t0 = time.perf_counter()
-        got = await self.client.fetch_weights(self.s.actor_id, self.engine.version, timeout_s=self.s.request_timeout_s)
+        # all bytes arrived and verified before anything is loaded: never a half-applied version
+        got = await self.weights.fetch(self.engine.version, timeout_s=self.s.request_timeout_s)
         if got is None:
             return
         version, arrays = got
         t1 = time.perf_counter()
-        named = [(name, torch.from_numpy(np.array(a))) for name, a in arrays]
+        named = [(name, as_tensor(a)) for name, a in arrays]
         await asyncio.to_thread(self.engine.load_weights, named, version)
         log.info("%s: now serving v%d (fetch %.2fs, load %.2fs)", self.s.actor_id, version, t1 - t0, time.perf_counter() - t1)
 

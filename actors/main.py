@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         request_timeout_s=t.peer_timeout_s,
         startup_timeout_s=t.recv_timeout_s,
         push_timeout_s=t.recv_timeout_s,
+        weights=t.weights,
+        weights_dir=t.weights_dir,
     )
     client = ActorClient(host, int(port), t.trajectory_hwm)
     actor = Actor(settings, client, engine, parts.agent, parts.tokenizer, parts.toolbox, parts.scorer)

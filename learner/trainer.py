@@ -45,7 +45,8 @@ from learner.reference import build_kl_terms, next_token_logits
 from learner.replay import BatchDump, NoBatchDump
 from learner.sharding import gather_rows, map_chunks, plan_minibatches, shard_rows
 from protocol import messages as m
-from protocol.transport import LearnerServer, make_snapshot
+from protocol.transport import LearnerServer
+from protocol.weights import make_publisher
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,11 @@ class Trainer:
                 greedy_baseline=algos.needs_greedy_baseline(cfg.algorithm.adv_estimator),
             )
             self.server = LearnerServer(self.coordinator, cfg.transport.bind_host, cfg.transport.port, cfg.transport.trajectory_hwm)
+            self.weights = make_publisher(
+                cfg.transport.weights, server=self.server, chunk_bytes=cfg.transport.weights_chunk_mb << 20,
+                weights_dir=cfg.transport.weights_dir, host=cfg.transport.host,
+                n_actors=cfg.actor_rollout_ref.rollout.num_actors, backend=backend, timeout_s=cfg.transport.recv_timeout_s,
+            )
             self.ledger = open(self.run_dir / "ledger.jsonl", "a")
         self.batch_dump = BatchDump(self.run_dir / "batches") if cfg.trainer.dump_batches and self.rank == 0 else NoBatchDump()
         self.publish()
@@ -308,8 +314,7 @@ class Trainer:
         arrays = self.weights_for_actors(full_state_arrays(self.model))
         self._last_arrays = arrays
         if self.rank == 0:
-            snap = make_snapshot(self.version, arrays, self.cfg.transport.weights_chunk_mb << 20)
-            self.server.publish(snap)
+            self.weights.publish(self.version, arrays)  # complete before it is announced
             self.coordinator.advance(self.version)
 
     def cleanup(self) -> None:
@@ -322,6 +327,7 @@ class Trainer:
             deadline = time.monotonic() + 3 * self.cfg.transport.heartbeat_interval_s + 5
             while time.monotonic() < deadline and not self.coordinator.all_stopped():
                 time.sleep(0.1)
+            self.weights.close()
             self.server.close()
             self.ledger.close()
             self.metrics.close()

@@ -72,12 +72,30 @@ class Register(_Msg, tag="register"):
     engine: str
 
 
+class WeightsGroup(msgspec.Struct, frozen=True):
+    """Where and as whom an actor joins the collective weights group (``transport.weights=nccl``).
+
+    Rank 0 is learner rank 0; actors are ranks ``1 .. world_size - 1``. The
+    group has its own ``torch.distributed.TCPStore`` at ``host:port`` and never
+    touches the learner's default process group.
+    """
+
+    host: str
+    port: int
+    rank: int
+    world_size: int
+    backend: str
+    """``nccl`` (GPU tensors) or ``gloo`` (CPU tensors)."""
+
+
 class Welcome(_Msg, tag="welcome"):
     """Learner -> actor: registration accepted."""
 
     actor_id: str
     learner_version: int
     max_staleness: int
+    weights_group: WeightsGroup | None = None
+    """Set when weights travel by collective broadcast (``transport.weights=nccl``)."""
 
 
 class Heartbeat(_Msg, tag="heartbeat"):
@@ -156,6 +174,19 @@ class WeightsChunk(_Msg, tag="weights_chunk"):
     """crc32 over the concatenated tensor buffers of this chunk."""
 
 
+class WeightsAnnounce(_Msg, tag="weights_announce"):
+    """Learner -> actors (``transport.weights=nccl``): the next broadcast round.
+
+    Written to the weights group's store under ``round/<round>``; the tensors
+    listed follow as one broadcast each, in this order, from rank 0. Every
+    actor joins every round, in order.
+    """
+
+    version: int
+    round: int
+    tensors: list[TensorMeta]
+
+
 class NoWeights(_Msg, tag="no_weights"):
     """Learner -> actor: nothing newer than the version the actor has."""
 
@@ -230,6 +261,7 @@ Message = Union[
     WorkGrant,
     WeightsRequest,
     WeightsChunk,
+    WeightsAnnounce,
     NoWeights,
     Stop,
     Error,

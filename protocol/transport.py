@@ -41,6 +41,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+import msgspec
 import numpy as np
 import zmq
 import zmq.asyncio
@@ -153,6 +154,9 @@ class LearnerServer:
         self.bad_messages = 0
         self.weights_bytes_sent = 0
         self.error: BaseException | None = None
+        self.weights_group_for: Callable[[str], m.WeightsGroup | None] | None = None
+        """Set by a collective weights publisher: fills ``Welcome.weights_group`` per actor
+        (called on the IO thread; a ``ValueError`` becomes an ``Error`` reply)."""
         self._thread = threading.Thread(target=self._run, name="relay-learner-io", daemon=True)
         self._thread.start()
         log.info("learner listening: control %s, data %s", control_ep, data_ep)
@@ -223,6 +227,11 @@ class LearnerServer:
             self._reply(ident, m.Error(message=str(e)))
             return
         reply = self.handler.on_request(peer, msg)
+        if isinstance(reply, m.Welcome) and self.weights_group_for is not None:
+            try:
+                reply = msgspec.structs.replace(reply, weights_group=self.weights_group_for(reply.actor_id))
+            except ValueError as e:
+                reply = m.Error(message=str(e))
         if reply is None and isinstance(msg, m.WeightsRequest):
             try:
                 self._send_weights(ident, msg.have_version)

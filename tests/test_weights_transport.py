@@ -1,0 +1,291 @@
+"""Weight transports (``protocol/weights.py``): real sockets, files and process groups.
+
+Each transport moves float32 + int64 arrays (several chunks / shards) from a
+learner-side publisher to two receivers in separate (spawned) processes,
+bit-exactly; a receiver already serving the newest version gets ``None``.
+"""
+
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from protocol import messages as m
+from protocol.transport import ActorClient, LearnerServer, TransportTimeout
+from protocol.weights import (
+    CollectivePublisher,
+    CollectiveReceiver,
+    FilesystemPublisher,
+    FilesystemReceiver,
+    WeightsRejected,
+    make_publisher,
+    make_receiver,
+)
+
+CHUNK = 64 << 10  # 64 KiB: the arrays below span several chunks / shards
+
+
+def sample_arrays(version: int) -> list[tuple[str, np.ndarray]]:
+    rng = np.random.default_rng(version)
+    return [
+        ("model.embed_tokens.weight", rng.standard_normal((64, 256), dtype=np.float32)),  # 64 KiB
+        ("model.layers.0.mlp.weight", rng.standard_normal((100, 300), dtype=np.float32)),  # 117 KiB
+        ("model.layers.0.mlp.bias", rng.standard_normal(300, dtype=np.float32)),
+        ("model.step_counts", rng.integers(-(2**40), 2**40, size=(7, 3), dtype=np.int64)),
+        ("model.layers.1.mlp.weight", rng.standard_normal((128, 128), dtype=np.float32)),  # 64 KiB
+        ("model.norm.weight", np.full(5, np.nan, dtype=np.float32)),  # NaN bits survive too
+    ]
+
+
+def assert_bit_exact(got, want) -> None:
+    assert [n for n, _ in got] == [n for n, _ in want]
+    for (name, a), (_, b) in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert np.asarray(a).tobytes() == b.tobytes(), name
+
+
+class FakeLearner:
+    """The learner's side of the control socket, reduced to what a weight channel needs."""
+
+    def __init__(self):
+        self.version = 0
+
+    def on_request(self, peer, msg):
+        if isinstance(msg, m.Register):
+            return m.Welcome(actor_id=msg.actor_id, learner_version=self.version, max_staleness=1)
+        if isinstance(msg, m.WeightsRequest):
+            return None  # the server sends the newest snapshot
+        return m.Error(message=f"unexpected {type(msg).__name__}")
+
+    def on_trajectory(self, traj):
+        pass
+
+    def on_tick(self, now):
+        pass
+
+
+def receive(kind: str, port: int, weights_dir: str, actor_id: str, out: str) -> None:
+    """An actor process: register, fetch from v0, then ask again with the version it got."""
+    client = ActorClient("127.0.0.1", port)
+
+    async def go():
+        welcome = await client.call(m.Register(actor_id=actor_id, host="localhost", pid=os.getpid(), engine="none"), timeout_s=60)
+        rx = make_receiver(kind, welcome, client=client, actor_id=actor_id, weights_dir=weights_dir, timeout_s=60)
+        got = await rx.fetch(0, timeout_s=60)
+        again = await rx.fetch(got[0], timeout_s=60)
+        rx.close()
+        return got, again
+
+    try:
+        (version, arrays), again = asyncio.run(go())
+    finally:
+        client.close()
+    np.savez(
+        out,
+        __version=version,
+        __again_none=again is None,
+        __names=np.array([n for n, _ in arrays]),
+        **{f"t{i}": np.asarray(a) for i, (_, a) in enumerate(arrays)},
+    )
+
+
+@pytest.mark.parametrize("kind", ["zmq", "filesystem", "nccl"])
+def test_transport_moves_arrays_to_two_actor_processes_bit_exactly(kind, tmp_path):
+    from launcher.local import free_port
+
+    port = free_port(pairs=2)
+    handler = FakeLearner()
+    server = LearnerServer(handler, "127.0.0.1", port)
+    pub = make_publisher(
+        kind, server=server, chunk_bytes=CHUNK, weights_dir=tmp_path / "weights", host="127.0.0.1",
+        n_actors=2, backend="gloo", timeout_s=60,
+    )
+    want = sample_arrays(1)
+    try:
+        pub.publish(0, sample_arrays(0))  # what actors load from disk: never sent
+        pub.publish(1, want)
+        handler.version = 1
+        ctx = mp.get_context("spawn")
+        procs = [
+            ctx.Process(target=receive, args=(kind, port, str(tmp_path / "weights"), f"actor-{i}", str(tmp_path / f"a{i}.npz")))
+            for i in range(2)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=180)
+        alive = [p.pid for p in procs if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        assert not alive, f"receiver processes {alive} did not finish within 180s"
+        assert [p.exitcode for p in procs] == [0, 0]
+    finally:
+        pub.close()
+        server.close()
+    for i in range(2):
+        res = np.load(tmp_path / f"a{i}.npz")
+        assert int(res["__version"]) == 1
+        assert bool(res["__again_none"])  # already serving the newest version
+        got = [(str(n), res[f"t{j}"]) for j, n in enumerate(res["__names"])]
+        assert_bit_exact(got, want)
+    if kind == "zmq":
+        assert server.weights_bytes_sent == 2 * sum(a.nbytes for _, a in want)
+    if kind == "nccl":
+        assert pub.rounds_sent == 1
+
+
+def test_filesystem_writes_real_safetensors_and_keeps_the_last_two(tmp_path):
+    from safetensors.numpy import load_file
+
+    pub = FilesystemPublisher(tmp_path, shard_bytes=CHUNK)
+    for v in range(4):
+        pub.publish(v, sample_arrays(v))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v2", "v3"]
+    manifest = json.loads((tmp_path / "v3" / "manifest.json").read_text())
+    assert manifest["version"] == 3 and len(manifest["files"]) >= 3
+    loaded = {}
+    for f in manifest["files"]:
+        loaded.update(load_file(tmp_path / "v3" / f["name"]))
+    assert_bit_exact([(n, loaded[n]) for n, _ in sample_arrays(3)], sample_arrays(3))
+    rx = FilesystemReceiver(tmp_path)
+    version, got = rx.fetch_blocking(1, timeout_s=10)
+    assert version == 3
+    assert_bit_exact(got, sample_arrays(3))
+    assert rx.fetch_blocking(3, timeout_s=10) is None
+
+
+def test_filesystem_refuses_corrupt_or_partial_versions_and_the_engine_keeps_the_previous(tmp_path, tiny_model_dir):
+    import torch
+
+    from actors.actor import as_tensor
+    from actors.engines.hf_engine import HFEngine
+
+    engine = HFEngine(tiny_model_dir)
+    base = [(k, v.detach().numpy().copy()) for k, v in engine.model.state_dict().items()]
+    pub = FilesystemPublisher(tmp_path / "w", shard_bytes=CHUNK)
+    rx = FilesystemReceiver(tmp_path / "w")
+
+    def sync() -> None:  # what Actor.sync_weights does: fetch (verified), then load
+        got = rx.fetch_blocking(engine.version, timeout_s=10)
+        if got is not None:
+            engine.load_weights([(n, as_tensor(a)) for n, a in got[1]], got[0])
+
+    v1 = [(n, a + 1.0) if a.dtype == np.float32 else (n, a) for n, a in base]
+    pub.publish(1, v1)
+    sync()
+    assert engine.version == 1
+
+    pub.publish(2, [(n, a + 2.0) if a.dtype == np.float32 else (n, a) for n, a in base])
+    shard = sorted((tmp_path / "w" / "v2").glob("*.safetensors"))[-1]
+    raw = bytearray(shard.read_bytes())
+    raw[-3] ^= 0x40
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(WeightsRejected, match=r"weights v2: .* fails its crc32 checksum \(corrupted\); refusing it"):
+        sync()
+
+    os.rename(tmp_path / "w" / "v2", tmp_path / "w" / "v3")  # a half-copied version: no manifest for it
+    (tmp_path / "w" / "v3" / "manifest.json").unlink()
+    with pytest.raises(WeightsRejected, match=r"weights v3 at .* is incomplete: no manifest.json"):
+        sync()
+
+    pub.publish(4, v1)
+    shard = sorted((tmp_path / "w" / "v4").glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    with pytest.raises(WeightsRejected, match=r"weights v4: .* has 100 bytes, the manifest says \d+ \(partial or truncated\)"):
+        sync()
+
+    assert engine.version == 1  # nothing of v2, v3 or v4 was applied
+    state = engine.model.state_dict()
+    for name, a in v1:
+        assert torch.equal(state[name], torch.from_numpy(a)), name
+
+
+def test_timeouts_say_what_they_waited_for(tmp_path):
+    # zmq: a learner socket that never answers
+    ctx = zmq.Context()
+    silent = ctx.socket(zmq.ROUTER)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    client = ActorClient("127.0.0.1", port)
+    rx = make_receiver("zmq", m.Welcome(actor_id="a", learner_version=1, max_staleness=1), client=client, actor_id="a",
+                       weights_dir=None, timeout_s=1)
+    with pytest.raises(TransportTimeout, match=r"no weights from the learner at tcp://127.0.0.1:\d+ within 1s"):
+        asyncio.run(rx.fetch(0, timeout_s=1))
+    client.close()
+    silent.close(0)
+    ctx.term()
+
+    # nccl/gloo, learner side: nobody joins the round
+    pub = CollectivePublisher("127.0.0.1", n_actors=2, backend="gloo", timeout_s=1)
+    pub.publish(1, sample_arrays(1))
+    pub._thread.join(timeout=60)
+    with pytest.raises(RuntimeError, match="weights broadcast thread failed") as e:
+        pub.check()
+    assert "waiting for 2 actors to join weights round 0 (v1)" in str(e.value.__cause__)
+    assert "0 joined" in str(e.value.__cause__)
+    pub.close()
+
+    # nccl/gloo, actor side: the learner says v1 exists but never announces a round
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, None, True, timedelta(seconds=10), wait_for_workers=False)
+    store.set("latest", "1")
+    rx = CollectiveReceiver(m.WeightsGroup(host="127.0.0.1", port=store.port, rank=1, world_size=2, backend="gloo"), timeout_s=10)
+    with pytest.raises(TransportTimeout, match=r"waiting for weights round 0 to be announced at 127.0.0.1:\d+ \(learner is at v1, this actor serves v0\)"):
+        rx.fetch_blocking(0, timeout_s=1)
+    assert rx.fetch_blocking(1, timeout_s=1) is None
+
+
+def test_collective_group_admits_a_fixed_set_of_actors():
+    pub = CollectivePublisher("127.0.0.1", n_actors=2, backend="gloo", timeout_s=5)
+    try:
+        a0, a1 = pub.weights_group_for("actor-0"), pub.weights_group_for("actor-1")
+        assert (a0.rank, a1.rank, a0.world_size, a0.port) == (1, 2, 3, pub.port)
+        assert pub.weights_group_for("actor-0") == a0  # re-registering keeps the rank
+        with pytest.raises(ValueError, match="the weights group is full"):
+            pub.weights_group_for("actor-2")
+    finally:
+        pub.close()
+    with pytest.raises(m.ProtocolError, match="Welcome has no weights_group"):
+        make_receiver("nccl", m.Welcome(actor_id="a", learner_version=0, max_staleness=1), client=None, actor_id="a",
+                      weights_dir=None, timeout_s=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["filesystem", "nccl"])
+def test_relay_train_with_weight_transport(kind, tmp_path, tiny_model_dir):
+    from envs.tasks import arithmetic
+
+    train, test = arithmetic.write_splits(tmp_path / "data", n_train=64, n_test=8)
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "launcher.cli", "train", "-c", "demo",
+        f"actor_rollout_ref.model.path={tiny_model_dir}",
+        f"data.train_files=[{train}]", f"data.val_files=[{test}]",
+        "trainer.total_training_steps=3", f"trainer.default_local_dir={run}",
+        "trainer.n_gpus_per_node=1", "actor_rollout_ref.rollout.num_actors=2",
+        "data.train_batch_size=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+        "agent.num_chains=4", "agent.max_tokens_per_turn=16", "actor_rollout_ref.rollout.response_length=48",
+        "actor_rollout_ref.rollout.max_concurrent_episodes=8",
+        "trainer.val_before_train=false", "trainer.test_freq=-1", "trainer.save_freq=-1",
+        f"transport.weights={kind}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    actors = json.loads((run / "actors.json").read_text())
+    versions = set().union(*(a["versions"] for a in actors.values()))
+    assert max(versions) >= 1, actors  # trajectories were sampled by published (not only initial) weights
+    if kind == "filesystem":
+        assert sorted(p.name for p in (run / "weights").iterdir()) == ["v2", "v3"]
+    logs = "".join(p.read_text() for p in (run / "logs").glob("actor-*.log"))
+    assert "now serving v" in logs
