@@ -14,6 +14,7 @@ learner aware of the actor while long batches run.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -49,6 +50,8 @@ class ActorSettings:
     """Weight channel (``transport.weights``): ``zmq`` | ``filesystem`` | ``nccl``."""
     weights_dir: str | None = None
     """Shared directory for ``weights=filesystem``."""
+    val_temperature: float = 0.0
+    """Sampling temperature of validation items (``rollout.val_temperature``; 0 = greedy)."""
 
 
 class Scorer:
@@ -223,6 +226,8 @@ class Actor:
         sampling = self.s.sampling
         if greedy:
             sampling = SamplingSettings(max_tokens=sampling.max_tokens, temperature=0.0, stop_token_ids=sampling.stop_token_ids)
+        elif item.validation:
+            sampling = dataclasses.replace(sampling, temperature=self.s.val_temperature)
         ep = await run_episode(self.engine, self.agent, self.tokenizer, self.toolbox, item.row, self.s.limits, sampling)
         scores = await asyncio.to_thread(self.scorer, ep, item.row)
         return to_trajectory(self.s.actor_id, item, chain, ep, scores, greedy=greedy)

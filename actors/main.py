@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         push_timeout_s=t.recv_timeout_s,
         weights=t.weights,
         weights_dir=t.weights_dir,
+        val_temperature=rollout.val_temperature,
     )
     client = ActorClient(host, int(port), t.trajectory_hwm)
     actor = Actor(settings, client, engine, parts.agent, parts.tokenizer, parts.toolbox, parts.scorer)

@@ -10,12 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
+import os
+
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Relay: asynchronous RL for tool-using LLM agents.")
 
 PRESETS = typer.Option(None, "--config", "-c", help="YAML preset(s), later ones win (path or bundled name, e.g. demo).")
 OVERRIDES = typer.Argument(None, help="Dotted overrides, e.g. algorithm.adv_estimator=grpo agent.tools=[calculator].")
+
+
+SWEEP = typer.Option(
+    None, "--sweep", help="key=v1,v2,...: one run per value (several --sweep: every combination), each with its own experiment name and run dir."
+)
 
 
 def _load(presets, overrides):
@@ -28,14 +35,26 @@ def _load(presets, overrides):
         raise typer.Exit(2)
 
 
+def _sweep_points(sweep):
+    from launcher.sweep import SweepError, expand_sweep
+
+    try:
+        return expand_sweep(sweep or [])
+    except SweepError as e:
+        typer.echo(f"sweep error: {e}", err=True)
+        raise typer.Exit(2)
+
+
 @app.command()
 def train(
     overrides: Optional[List[str]] = OVERRIDES,
     presets: Optional[List[str]] = PRESETS,
+    sweep: Optional[List[str]] = SWEEP,
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
 ):
     """Train locally: learner ranks and actors as processes on this machine."""
     cfg = _load(presets, overrides)
+    points = _sweep_points(sweep)
     if print_config:
         from configs.loader import dump_config
 
@@ -43,7 +62,113 @@ def train(
         return
     from launcher import commands
 
-    raise typer.Exit(commands.train_local(cfg))
+    if not points:
+        raise typer.Exit(commands.train_local(cfg))
+    from launcher.sweep import run_overrides
+
+    base = cfg.trainer
+    raise typer.Exit(
+        commands.train_sweep(
+            lambda p: _load(presets, [*(overrides or []), *run_overrides(p, base.experiment_name, base.default_local_dir)]), points
+        )
+    )
+
+
+@app.command()
+def learner(
+    overrides: Optional[List[str]] = OVERRIDES,
+    presets: Optional[List[str]] = PRESETS,
+    node_rank: int = typer.Option(0, "--node-rank", help="This node's index among the trainer.nnodes learner nodes."),
+    master_addr: str = typer.Option(
+        os.environ.get("MASTER_ADDR", "127.0.0.1"), "--master-addr", help="Rendezvous host: learner node 0 (env MASTER_ADDR)."
+    ),
+    master_port: Optional[int] = typer.Option(
+        int(os.environ["MASTER_PORT"]) if os.environ.get("MASTER_PORT", "").isdigit() else None,
+        "--master-port",
+        help="Rendezvous port (env MASTER_PORT); needed with several nodes.",
+    ),
+):
+    """Run this node's learner ranks (ranks node_rank*n_gpus_per_node ...); rank 0 also serves the actors."""
+    cfg = _load(presets, overrides)
+    from launcher import commands
+
+    raise typer.Exit(commands.run_learner_node(cfg, node_rank, master_addr, master_port))
+
+
+@app.command()
+def actor(
+    overrides: Optional[List[str]] = OVERRIDES,
+    presets: Optional[List[str]] = PRESETS,
+    learner_addr: str = typer.Option(..., "--learner", help="HOST:PORT of learner rank 0 (its transport.port)."),
+    num_actors: Optional[int] = typer.Option(None, "--num-actors", help="Actor processes here (default rollout.num_actors)."),
+    first_index: int = typer.Option(0, "--first-index", help="Number of the first actor (ids actor-N...), unique across nodes."),
+):
+    """Run actor processes that register with a running learner and fetch its current weights."""
+    cfg = _load(presets, overrides)
+    from launcher import commands
+
+    raise typer.Exit(commands.run_actor_node(cfg, learner_addr, num_actors, first_index))
+
+
+@app.command()
+def slurm(
+    overrides: Optional[List[str]] = OVERRIDES,
+    presets: Optional[List[str]] = PRESETS,
+    sweep: Optional[List[str]] = SWEEP,
+    actor_nodes: int = typer.Option(0, "--actor-nodes", help="Nodes running only actors (0: actors share learner node 0)."),
+    actors_per_node: Optional[int] = typer.Option(None, "--actors-per-node", help="Default: rollout.num_actors spread over the actor nodes."),
+    bind_host: str = typer.Option("0.0.0.0", "--bind-host", help="Interface learner rank 0 binds (transport.bind_host)."),
+    master_port: int = typer.Option(29500, "--master-port", help="torch.distributed rendezvous port."),
+    learner_port: Optional[int] = typer.Option(None, "--learner-port", help="Learner ZMQ port (default transport.port or 29600)."),
+    gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help="#SBATCH --gpus-per-node (default n_gpus_per_node on cuda)."),
+    sbatch: Optional[List[str]] = typer.Option(None, "--sbatch", help="Extra #SBATCH line, e.g. --sbatch=--partition=gpu."),
+    job_name: Optional[str] = typer.Option(None, "--job-name"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the script instead of submitting it."),
+):
+    """Render an sbatch script for trainer.nnodes learner nodes plus actor nodes, and submit it."""
+    cfg = _load(presets, overrides)
+    points = _sweep_points(sweep)
+    from launcher.slurm import SlurmError, SlurmOptions, render, submit
+    from launcher.sweep import run_overrides
+
+    for p in points:  # every sweep point must load before anything is submitted
+        _load(presets, [*(overrides or []), *run_overrides(p, cfg.trainer.experiment_name, cfg.trainer.default_local_dir)])
+    opts = SlurmOptions(
+        actor_nodes=actor_nodes,
+        actors_per_node=actors_per_node,
+        bind_host=bind_host,
+        master_port=master_port,
+        learner_port=learner_port,
+        gpus_per_node=gpus_per_node,
+        sbatch_extra=tuple(sbatch or ()),
+        job_name=job_name,
+    )
+    try:
+        script = render(cfg, presets or [], overrides or [], points, opts)
+        if dry_run:
+            typer.echo(script, nl=False)
+            return
+        path, out = submit(script, cfg, opts)
+    except SlurmError as e:
+        typer.echo(f"slurm error: {e}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"script: {path}")
+    typer.echo(out)
+
+
+@app.command()
+def plot(
+    run_dir: Path = typer.Argument(..., help="Run directory (holds metrics.jsonl)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN_DIR/curves.png)."),
+):
+    """Training curves (reward, validation, loss, KL/mismatch, entropy, staleness, time) as a PNG."""
+    from launcher.plot import plot_run
+
+    try:
+        typer.echo(plot_run(run_dir, out))
+    except (FileNotFoundError, ValueError) as e:
+        typer.echo(f"plot error: {e}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -52,28 +53,42 @@ def _has_gpu() -> bool:
     return shutil.which("nvidia-smi") is not None
 
 
-def train_local(cfg: RelayConfig) -> int:
-    """Run a whole training job on this machine; returns the exit status."""
-    from launcher.local import Supervisor, free_port, plan_local
-
+def _prepare(cfg: RelayConfig, port: int) -> tuple[RelayConfig, Path]:
+    """Resolve the model, fix the learner port, log the no-effect notes, make the run dir."""
     cfg = resolve_model(cfg)
-    if cfg.trainer.nnodes != 1:
-        _say(f"trainer.nnodes={cfg.trainer.nnodes}: local mode runs one node; use `relay slurm` for several")
-        return 2
+    cfg = cfg.model_copy(update={"transport": cfg.transport.model_copy(update={"port": port})})
     run_dir = Path(cfg.trainer.default_local_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    port = cfg.transport.port or free_port(pairs=2)
-    cfg = cfg.model_copy(update={"transport": cfg.transport.model_copy(update={"port": port})})
     for note in no_effect_notes(cfg, _has_gpu()):
         _say(f"note: {note}")
-    config_path = run_dir / "config.yaml"
-    config_path.write_text(dump_config(cfg))
-    world = cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node
-    children = plan_local(config_path, run_dir, world, cfg.actor_rollout_ref.rollout.num_actors, port)
-    _say(f"run dir {run_dir}: {world} learner rank(s), {cfg.actor_rollout_ref.rollout.num_actors} actor(s), learner at 127.0.0.1:{port}")
+    return cfg, run_dir
+
+
+def _write_config(cfg: RelayConfig, path: Path) -> Path:
+    """Write the resolved config atomically (several nodes may share the run dir)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(dump_config(cfg))
+    tmp.replace(path)
+    return path
+
+
+def _resume_note(cfg: RelayConfig, run_dir: Path) -> None:
+    t = cfg.trainer
+    if t.resume_mode == "auto":
+        done = sorted(int(p.parent.name.rsplit("_", 1)[1]) for p in (run_dir / "checkpoints").glob("global_step_*/COMPLETE"))
+        if done:
+            _say(f"resume_mode=auto: continuing from {run_dir / 'checkpoints'}/global_step_{done[-1]}")
+    elif t.resume_mode == "resume_path":
+        _say(f"resume_mode=resume_path: continuing from {t.resume_from_path}")
+
+
+def _supervise(children, run_dir: Path, main: str, cfg: RelayConfig, summary_name: str) -> int:
+    from launcher.local import Supervisor
+
     sup = Supervisor(children)
     t0 = time.monotonic()
-    status = sup.run(main="learner-0", grace_s=cfg.transport.heartbeat_interval_s * 3 + 30)
+    status = sup.run(main=main, grace_s=cfg.transport.heartbeat_interval_s * 3 + 30)
     summary = {
         "status": status,
         "failure": sup.failure,
@@ -81,9 +96,88 @@ def train_local(cfg: RelayConfig) -> int:
         "peak_rss_bytes": sup.peak_rss,
         "exit_codes": {c.name: c.returncode for c in children},
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (run_dir / summary_name).write_text(json.dumps(summary, indent=2))
     _say(f"{'finished' if status == 0 else 'FAILED'} in {summary['wall_s']:.0f}s; peak memory of all processes {sup.peak_rss / 2**30:.2f} GiB")
     return status
+
+
+def train_local(cfg: RelayConfig) -> int:
+    """Run a whole training job on this machine; returns the exit status."""
+    from launcher.local import free_port, plan_local
+
+    if cfg.trainer.nnodes != 1:
+        _say(f"trainer.nnodes={cfg.trainer.nnodes}: local mode runs one node; use `relay slurm` (or `relay learner` per node) for several")
+        return 2
+    cfg, run_dir = _prepare(cfg, cfg.transport.port or free_port(pairs=2))
+    config_path = _write_config(cfg, run_dir / "config.yaml")
+    world = cfg.trainer.n_gpus_per_node
+    port = cfg.transport.port
+    children = plan_local(config_path, run_dir, world, cfg.actor_rollout_ref.rollout.num_actors, port)
+    _say(f"run dir {run_dir}: {world} learner rank(s), {cfg.actor_rollout_ref.rollout.num_actors} actor(s), learner at 127.0.0.1:{port}")
+    _resume_note(cfg, run_dir)
+    return _supervise(children, run_dir, "learner-0", cfg, "summary.json")
+
+
+def train_sweep(cfg_for, points) -> int:
+    """Run one ``train_local`` per sweep point, one after another; stops at the first failure."""
+    cfgs = [(p, cfg_for(p)) for p in points]  # every config is valid before anything starts
+    results = []
+    for i, (point, cfg) in enumerate(cfgs, start=1):
+        _say(f"sweep {i}/{len(cfgs)}: {' '.join(point.overrides)} -> {cfg.trainer.default_local_dir}")
+        status = train_local(cfg)
+        results.append((point.tag, status, cfg.trainer.default_local_dir))
+        if status != 0:
+            _say(f"sweep stopped: run {point.tag} failed (exit {status}); later runs not started")
+            break
+    for tag, status, run_dir in results:
+        _say(f"  {'ok    ' if status == 0 else 'FAILED'} {tag}: {run_dir}")
+    return max(status for _, status, _ in results)
+
+
+def run_learner_node(cfg: RelayConfig, node_rank: int, master_addr: str, master_port: int | None) -> int:
+    """``relay learner``: this node's ``n_gpus_per_node`` learner ranks of a ``nnodes``-node world."""
+    from launcher.local import free_port, plan_learner_node
+
+    t = cfg.trainer
+    if not 0 <= node_rank < t.nnodes:
+        _say(f"--node-rank {node_rank} is outside 0..{t.nnodes - 1} (trainer.nnodes={t.nnodes})")
+        return 2
+    if t.nnodes > 1 and cfg.transport.port == 0:
+        _say("several learner nodes: set transport.port (actors on other nodes must know it), e.g. transport.port=29600")
+        return 2
+    if t.nnodes > 1 and master_port is None:
+        _say("several learner nodes: give --master-port (or MASTER_PORT) for the torch.distributed rendezvous")
+        return 2
+    if t.nnodes > 1 and cfg.transport.bind_host.startswith("127."):
+        _say(f"note: transport.bind_host={cfg.transport.bind_host}: only actors on the first learner node can connect; "
+             "use an interface address or 0.0.0.0 for actors on other nodes")
+    cfg, run_dir = _prepare(cfg, cfg.transport.port or free_port(pairs=2))
+    config_path = _write_config(cfg, run_dir / "configs" / f"learner-node{node_rank}.yaml")
+    per_node = t.n_gpus_per_node
+    children = plan_learner_node(config_path, run_dir, node_rank, t.nnodes, per_node, master_addr, master_port or free_port())
+    first = node_rank * per_node
+    _say(f"learner node {node_rank}/{t.nnodes}: ranks {first}..{first + per_node - 1} of {t.nnodes * per_node}, "
+         f"rendezvous {master_addr}:{master_port}, run dir {run_dir}")
+    if node_rank == 0:
+        _say(f"learner rank 0 binds {cfg.transport.bind_host}:{cfg.transport.port} (actors: --learner HOST:{cfg.transport.port})")
+        _resume_note(cfg, run_dir)
+    return _supervise(children, run_dir, f"learner-{first}", cfg, f"summary-learner-node{node_rank}.json")
+
+
+def run_actor_node(cfg: RelayConfig, learner: str, num_actors: int | None, first_index: int) -> int:
+    """``relay actor``: actor processes that register with the learner at ``learner`` (HOST:PORT)."""
+    from launcher.local import plan_actors
+
+    host, sep, port = learner.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        _say(f"--learner {learner!r} is not HOST:PORT")
+        return 2
+    n = num_actors or cfg.actor_rollout_ref.rollout.num_actors
+    cfg, run_dir = _prepare(cfg, int(port))
+    config_path = _write_config(cfg, run_dir / "configs" / f"actors-{first_index}.yaml")
+    children = plan_actors(config_path, run_dir, learner, n, first_index)
+    _say(f"{n} actor(s) actor-{first_index}..actor-{first_index + n - 1} -> learner at {learner}; logs in {run_dir / 'logs'}")
+    return _supervise(children, run_dir, f"actor-{first_index}", cfg, f"summary-actors-{first_index}.json")
 
 
 def build_demonstrations(cfg: RelayConfig, model_path: str, rows: list[dict], tool_fraction: float, seed: int):

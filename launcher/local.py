@@ -7,6 +7,13 @@ children: when one exits non-zero it names it, shows the end of its log,
 stops the others and returns non-zero. On Ctrl-C it stops everything. When
 learner rank 0 finishes, the actors are given a grace period to hear 'stop'
 and exit on their own, then are terminated. No process is left behind.
+
+If this process itself dies without cleaning up (SIGKILL, OOM killer), each
+child gets SIGKILL from the kernel (``PR_SET_PDEATHSIG``, Linux), so killing
+``relay train``'s process group takes its learners and actors with it.
+
+The same supervisor runs one node's share of a multi-node job: ``plan_learner_node``
+(``relay learner``: this node's learner ranks) and ``plan_actors`` (``relay actor``).
 """
 
 from __future__ import annotations
@@ -22,6 +29,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
+try:  # resolved once here, not in the forked child
+    import ctypes
+
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int):
+    """A ``preexec_fn``: SIGKILL this child when the process that started it dies."""
+
+    def setup() -> None:
+        if _prctl is not None:
+            _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return setup
 
 
 def free_port(pairs: int = 1) -> int:
@@ -64,7 +91,12 @@ class Child:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+            self.cmd,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent(os.getpid()),
         )
 
         def pump():
@@ -193,29 +225,50 @@ def python_child(name: str, module: str, args: list[str], log_dir: Path, extra_e
 
 def plan_local(config_path: Path, run_dir: Path, world: int, num_actors: int, port: int, threads: int = 1) -> list[Child]:
     """The children of a local run: ``world`` learner ranks and ``num_actors`` actors."""
-    log_dir = run_dir / "logs"
-    master_port = free_port()
+    return [
+        *plan_learner_node(config_path, run_dir, 0, 1, world, "127.0.0.1", free_port(), threads),
+        *plan_actors(config_path, run_dir, f"127.0.0.1:{port}", num_actors, 0, threads, echo=False),
+    ]
+
+
+def learner_env(rank: int, local_rank: int, world: int, local_world: int, master_addr: str, master_port: int) -> dict[str, str]:
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(local_rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_WORLD_SIZE": str(local_world),
+        "MASTER_ADDR": master_addr,
+        "MASTER_PORT": str(master_port),
+    }
+
+
+def plan_learner_node(
+    config_path: Path, run_dir: Path, node_rank: int, nnodes: int, per_node: int, master_addr: str, master_port: int, threads: int = 1
+) -> list[Child]:
+    """Learner ranks ``node_rank * per_node ..`` of a ``nnodes * per_node`` world (``relay learner``)."""
+    world = nnodes * per_node
     children = []
-    for rank in range(world):
-        env = {
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(master_port),
-        }
+    for local in range(per_node):
+        rank = node_rank * per_node + local
+        env = learner_env(rank, local, world, per_node, master_addr, master_port)
         children.append(
-            python_child(f"learner-{rank}", "learner.main", ["--config", str(config_path), "--threads", str(threads)], log_dir, env, echo=rank == 0)
-        )
-    for i in range(num_actors):
-        children.append(
-            python_child(
-                f"actor-{i}",
-                "actors.main",
-                ["--config", str(config_path), "--actor-id", f"actor-{i}", "--learner", f"127.0.0.1:{port}", "--threads", str(threads)],
-                log_dir,
-                {},
-            )
+            python_child(f"learner-{rank}", "learner.main", ["--config", str(config_path), "--threads", str(threads)], run_dir / "logs", env, echo=local == 0)
         )
     return children
+
+
+def plan_actors(
+    config_path: Path, run_dir: Path, learner: str, num_actors: int, first_index: int = 0, threads: int = 1, echo: bool = True
+) -> list[Child]:
+    """Actors ``actor-<first_index> ..`` connecting to the learner at ``learner`` (HOST:PORT)."""
+    return [
+        python_child(
+            f"actor-{i}",
+            "actors.main",
+            ["--config", str(config_path), "--actor-id", f"actor-{i}", "--learner", learner, "--threads", str(threads)],
+            run_dir / "logs",
+            {},
+            echo=echo and i == first_index,
+        )
+        for i in range(first_index, first_index + num_actors)
+    ]

@@ -18,6 +18,22 @@ than the bound: admission is the plan, the drop is the guarantee.
 Nothing is lost: a group whose actor dies (no message for ``peer_timeout_s``)
 or that is dropped as stale goes back to the front of the data queue, and
 ``ledger`` records, per step, exactly which samples were trained.
+
+Validation
+----------
+``request_validation`` queues validation items (``WorkItem(validation=True)``,
+one episode each) for one policy version. They are granted before training
+work, only to actors serving exactly that version, and use no admission
+credit; their trajectories are routed to ``validation_results``, never into
+training groups. ``learner.validation`` drives this between steps.
+
+Checkpoints
+-----------
+``state_dict`` is the data position (epoch, position, requeue) plus every
+sample granted but not yet consumed (in flight, partial or buffered): on
+``load_state_dict`` those go to the front of the requeue, so a resumed run
+grants them again, and the stream carries on after the last sample granted,
+so nothing consumed is granted again.
 """
 
 from __future__ import annotations
@@ -113,6 +129,12 @@ class Coordinator:
         self.counters = collections.Counter()
         self.dead_actors: list[str] = []
         self.stopped: set[str] = set()
+        self.val_pending: collections.deque[m.WorkItem] = collections.deque()
+        self.val_items: dict[str, m.WorkItem] = {}  # every item of the current round
+        self.val_outstanding: dict[str, str] = {}  # sample_id -> actor_id
+        self.val_results: dict[str, m.Trajectory] = {}
+        self.val_version = -1
+        self.val_per_grant = 32
         self.lock = threading.Condition()
 
     # ------------------------------------------------------------ IO thread
@@ -146,23 +168,39 @@ class Coordinator:
             return m.WorkGrant(items=[], learner_version=self.version, stop=True, reason="training finished")
         if info.version < self.version - self.max_staleness:
             return m.WorkGrant(items=[], learner_version=self.version, reason=f"update weights first (you serve v{info.version})")
+        items = self._grant_validation(info, max_groups)
+        max_groups -= len(items)
         credit = (info.version + self.max_staleness + 1) * self.batch_groups - self.consumed - len(self.outstanding) - self._buffered()
         n = max(0, min(max_groups, credit))
-        items = []
         for _ in range(n):
             sid = self.stream.next()
             self.outstanding[sid] = info.actor_id
             info.outstanding.add(sid)
             items.append(m.WorkItem(sample_id=sid, row=self.stream.row(sid), group_size=self.group_size, greedy_baseline=self.greedy_baseline))
         self.counters["groups_granted"] += n
-        reason = "" if n else f"no credit: {len(self.outstanding)} groups in flight, learner at v{self.version}"
+        reason = "" if items else f"no credit: {len(self.outstanding)} groups in flight, learner at v{self.version}"
         return m.WorkGrant(items=items, learner_version=self.version, reason=reason)
 
     def _buffered(self) -> int:
         return len(self.complete)
 
+    def _grant_validation(self, info: ActorInfo, max_groups: int) -> list[m.WorkItem]:
+        """Validation items for an actor serving exactly the version being validated."""
+        items: list[m.WorkItem] = []
+        if info.version != self.val_version:
+            return items
+        while self.val_pending and len(items) < min(max_groups, self.val_per_grant):
+            item = self.val_pending.popleft()
+            self.val_outstanding[item.sample_id] = info.actor_id
+            items.append(item)
+        self.counters["validation_granted"] += len(items)
+        return items
+
     def on_trajectory(self, traj: m.Trajectory) -> None:
         with self.lock:
+            if traj.validation:
+                self._on_validation(traj)
+                return
             owner = self.outstanding.get(traj.sample_id)
             if owner is None:
                 self.counters["trajectories_unexpected"] += 1
@@ -189,6 +227,9 @@ class Coordinator:
                 if now - info.last_seen > self.peer_timeout_s:
                     log.error("actor %s silent for %.0fs: declared dead; requeueing %d groups", info.actor_id, now - info.last_seen, len(info.outstanding))
                     self._requeue(info.outstanding)
+                    for sid in sorted(s for s, a in self.val_outstanding.items() if a == info.actor_id):
+                        del self.val_outstanding[sid]
+                        self.val_pending.appendleft(self.val_items[sid])
                     self.dead_actors.append(info.actor_id)
                     del self.actors[info.actor_id]
                     self.lock.notify_all()
@@ -235,6 +276,71 @@ class Coordinator:
                     )
                 self.lock.wait(min(left, 1.0))
         return batch, {"groups_dropped_stale": stale_dropped}
+
+    # ------------------------------------------------------------ validation
+
+    def _on_validation(self, traj: m.Trajectory) -> None:
+        if self.val_outstanding.pop(traj.sample_id, None) is None:
+            self.counters["validation_unexpected"] += 1
+            log.warning("validation trajectory %s from %s was not outstanding; dropped", traj.sample_id, traj.actor_id)
+            return
+        self.val_results[traj.sample_id] = traj
+        self.lock.notify_all()
+
+    def request_validation(self, items: list[m.WorkItem], version: int, per_grant: int) -> None:
+        """Queue one validation round for ``version`` (replacing any unfinished round)."""
+        with self.lock:
+            self.val_version = version
+            self.val_per_grant = per_grant
+            self.val_items = {it.sample_id: it for it in items}
+            self.val_pending = collections.deque(items)
+            self.val_outstanding = {}
+            self.val_results = {}
+
+    def validation_results(self, timeout_s: float, alive: callable = lambda: None) -> list[m.Trajectory]:
+        """Wait until every item of the current round has come back; ends the round."""
+        deadline = time.monotonic() + timeout_s
+        with self.lock:
+            while len(self.val_results) < len(self.val_items):
+                alive()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TransportTimeout(
+                        f"waited {timeout_s:.0f}s for validation of v{self.val_version}: {len(self.val_results)}/"
+                        f"{len(self.val_items)} done, {len(self.val_outstanding)} in flight, "
+                        f"{len(self.val_pending)} not granted (actors serving v{self.val_version}: "
+                        f"{sum(a.version == self.val_version for a in self.actors.values())} of {len(self.actors)})"
+                    )
+                self.lock.wait(min(left, 1.0))
+            results = [self.val_results[sid] for sid in self.val_items]
+            self.val_items, self.val_results, self.val_version = {}, {}, -1
+        return results
+
+    # ------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """The data position and the samples granted but not consumed (JSON-able)."""
+        with self.lock:
+            pending = list(self.outstanding) + [sid for sid, _ in self.complete]
+            pending += [sid for sid in self.partial if sid not in self.outstanding]
+            return {
+                "version": self.version,
+                "consumed": self.consumed,
+                "epoch": self.stream.epoch,
+                "pos": self.stream.pos,
+                "requeue": list(dict.fromkeys(pending + list(self.stream.requeue))),
+            }
+
+    def load_state_dict(self, state: dict, consumed_ids: set[str]) -> None:
+        """Continue from ``state``; ``consumed_ids`` (from the ledger) are never granted again."""
+        with self.lock:
+            self.version = state["version"]
+            self.consumed = state["consumed"]
+            self.stream.epoch = state["epoch"]
+            self.stream._new_epoch()
+            self.stream.pos = state["pos"]
+            self.stream.skip = set(consumed_ids)
+            self.stream.requeue = collections.deque(sid for sid in state["requeue"] if sid not in consumed_ids)
 
     def advance(self, version: int) -> None:
         with self.lock:

@@ -38,42 +38,95 @@ class JsonlSink(_Sink):
 
 
 class ConsoleSink(_Sink):
-    """One compact line per step: progress, ETA and the key metrics."""
+    """Per step: a progress bar with elapsed time and ETA, then a compact metrics table (rich).
 
-    KEYS = [
-        ("reward/mean", "reward"),
-        ("val/accuracy", "val_acc"),
-        ("actor/pg_loss", "loss"),
-        ("actor/entropy", "ent"),
-        ("episode/tool_calls_per_episode", "tools/ep"),
-        ("staleness/mean", "stale"),
-        ("time/step_s", "s/step"),
+    Rank 0's output reaches the terminal through the launcher's pipe, so this
+    prints plain lines (no live redraw); ETA counts from the first step this
+    process logged, so a resumed run's ETA is right too.
+    """
+
+    CELLS = [
+        ("reward", ("reward/mean", "reward/std"), "{:.3f}±{:.2f}"),
+        ("val acc", ("val/accuracy",), "{:.3f}"),
+        ("pg loss", ("actor/pg_loss",), "{:.4f}"),
+        ("value loss", ("critic/vf_loss",), "{:.4f}"),
+        ("kl", ("actor/kl_loss",), "{:.4f}"),
+        ("entropy", ("actor/entropy",), "{:.3f}"),
+        ("grad norm", ("actor/grad_norm",), "{:.3f}"),
+        ("lr", ("actor/lr",), "{:.2e}"),
+        ("mismatch kl", ("actor/logprob_mismatch_kl",), "{:.4f}"),
+        ("staleness", ("staleness/mean", "staleness/max"), "{:.2f} (max {})"),
+        ("turns", ("episode/turns",), "{:.2f}"),
+        ("tools/ep", ("episode/tool_calls_per_episode",), "{:.2f}"),
+        ("truncated", ("episode/truncated_rate",), "{:.1%}"),
+        ("learner tok/s", ("perf/train_tokens_per_s",), "{:.0f}"),
+        ("actor tok/s", ("perf/actor_tokens_per_s",), "{:.0f}"),
+        ("s/step", ("time/step_s", "time/wait_s", "time/train_s"), "{:.1f} (wait {:.1f}, train {:.1f})"),
     ]
 
     def __init__(self, total: int | None):
+        from rich.console import Console
+
         self.total = total
         self.t0 = time.monotonic()
+        self.first: int | None = None
+        self.console = Console(file=sys.stderr, highlight=False, soft_wrap=False, width=120)
+
+    def progress(self, step: int) -> str:
+        elapsed = time.monotonic() - self.t0
+        if self.first is None:
+            self.first = step - 1 if step > 0 else 0
+        done = step - self.first
+        head = f"step {step}" + (f"/{self.total}" if self.total else "")
+        tail = f"elapsed {_hms(elapsed)}"
+        if self.total and done > 0:
+            tail += f"  eta {_hms(elapsed / done * max(0, self.total - step))}"
+        if not self.total:
+            return f"{head}  {tail}"
+        filled = int(30 * min(step, self.total) / self.total)
+        return f"{'━' * filled}{'╺' if filled < 30 else ''}{'─' * max(0, 29 - filled)} {head} {step / self.total:4.0%}  {tail}"
+
+    def table(self, metrics: dict):
+        from rich.table import Table
+
+        cells = []
+        for label, keys, fmt in self.CELLS:
+            if all(k in metrics for k in keys):
+                cells.append((label, fmt.format(*(metrics[k] for k in keys))))
+        grid = Table.grid(padding=(0, 2))
+        for _ in range(3):
+            grid.add_column(style="dim", justify="right")
+            grid.add_column()
+        for i in range(0, len(cells), 3):
+            row = cells[i : i + 3]
+            row += [("", "")] * (3 - len(row))
+            grid.add_row(*(x for pair in row for x in pair))
+        return grid
 
     def write(self, step, metrics):
-        elapsed = time.monotonic() - self.t0
-        eta = ""
-        if self.total:
-            eta = f" eta {elapsed / step * (self.total - step):4.0f}s"
-            bar = "#" * int(20 * step / self.total)
-            prefix = f"[{bar:<20}] {step}/{self.total}"
-        else:
-            prefix = f"step {step}"
-        parts = [f"{short}={metrics[k]:.3f}" for k, short in self.KEYS if k in metrics]
-        print(f"{prefix}{eta} | " + " ".join(parts), file=sys.stderr, flush=True)
+        self.console.print(self.progress(step))
+        self.console.print(self.table(metrics))
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 class WandbSink(_Sink):
+    """wandb; offline (files under ``<run dir>/wandb``, sync later with ``wandb sync``) when
+    no API key is set or ``WANDB_MODE=offline``, and it says so."""
+
     def __init__(self, run_dir: Path, cfg):
         import wandb
 
         if not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") is None:
             os.environ["WANDB_MODE"] = "offline"
-            log.warning("wandb: no WANDB_API_KEY set, logging offline to %s/wandb", run_dir)
+            log.warning("wandb: no WANDB_API_KEY set")
+        if os.environ.get("WANDB_MODE") in ("offline", "dryrun"):
+            log.warning("wandb: logging offline to %s/wandb (upload later with `wandb sync`)", run_dir)
         self.run = wandb.init(
             project=cfg.trainer.project_name, name=cfg.trainer.experiment_name, dir=str(run_dir), config=cfg.model_dump()
         )
@@ -124,6 +177,9 @@ class MetricsLogger:
                 flat.update(staleness_metrics(v))
             else:
                 flat[k] = v
+        if "perf/actor_gen_tokens" in flat and flat.get("time/step_s"):
+            # whole-fleet actor throughput: tokens generated for this batch per second of step
+            flat["perf/actor_tokens_per_s"] = flat["perf/actor_gen_tokens"] / flat["time/step_s"]
         for s in self.sinks:
             if isinstance(s, ConsoleSink):
                 s.total = total
@@ -171,6 +227,7 @@ def reward_metrics(trajs, batch) -> dict:
     out["episode/truncated_rate"] = sum(t.stats.truncated for t in trajs) / n
     out["episode/response_tokens"] = float(np.mean([len(t.response_ids) for t in trajs]))
     gen_tokens = sum(t.stats.gen_tokens for t in trajs)
+    out["perf/actor_gen_tokens"] = gen_tokens
     gen_time = sum(t.stats.gen_time_s for t in trajs)
     out["perf/actor_tokens_per_episode_s"] = gen_tokens / max(gen_time, 1e-9)
     out.update(reward_hacking_monitors(trajs))

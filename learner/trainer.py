@@ -35,6 +35,7 @@ import torch.distributed as dist
 from configs.schema import RelayConfig
 from learner import algos
 from learner.batch import TrainBatch, TrajectoryMismatch, check_alignment, collate
+from learner.checkpoint import Checkpointer, trainable_parts
 from learner.coordinator import Coordinator, DataStream
 from learner.critic import build_critic
 from learner.lora import LoraSettings, publish_view
@@ -44,6 +45,7 @@ from learner.optim import build_optimizer, lr_lambda  # noqa: F401  (lr_lambda r
 from learner.reference import build_kl_terms, next_token_logits
 from learner.replay import BatchDump, NoBatchDump
 from learner.sharding import gather_rows, map_chunks, plan_minibatches, shard_rows
+from learner.validation import Validator
 from protocol import messages as m
 from protocol.transport import LearnerServer
 from protocol.weights import make_publisher
@@ -120,7 +122,8 @@ class Trainer:
             tis_cap=cfg.algorithm.tis_cap,
             log_ratio_clamp=cfg.algorithm.log_ratio_clamp,
         )
-        self.version = 0
+        self.checkpoints = Checkpointer(cfg, self.run_dir, self.rank, self.world)
+        self.version = self.checkpoints.restore(trainable_parts(self.model, self.optimizer, self.scheduler, self.critic))
         self.metrics = MetricsLogger(self.run_dir, cfg, enabled=self.rank == 0)
         if self.rank == 0:
             self.coordinator = Coordinator(
@@ -131,6 +134,7 @@ class Trainer:
                 peer_timeout_s=cfg.transport.peer_timeout_s,
                 greedy_baseline=algos.needs_greedy_baseline(cfg.algorithm.adv_estimator),
             )
+            self.checkpoints.restore_coordinator(self.coordinator)  # before any actor can be granted work
             self.server = LearnerServer(self.coordinator, cfg.transport.bind_host, cfg.transport.port, cfg.transport.trajectory_hwm)
             self.weights = make_publisher(
                 cfg.transport.weights, server=self.server, chunk_bytes=cfg.transport.weights_chunk_mb << 20,
@@ -138,6 +142,7 @@ class Trainer:
                 n_actors=cfg.actor_rollout_ref.rollout.num_actors, backend=backend, timeout_s=cfg.transport.recv_timeout_s,
             )
             self.ledger = open(self.run_dir / "ledger.jsonl", "a")
+            self.validator = Validator(cfg, self.coordinator, alive=self.server.check)
         self.batch_dump = BatchDump(self.run_dir / "batches") if cfg.trainer.dump_batches and self.rank == 0 else NoBatchDump()
         self.publish()
 
@@ -150,6 +155,8 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def train(self) -> None:
+        if self.rank == 0 and (val := self.validator.before_train(self.version)):
+            self.metrics.log(self.version, self.version, val, total=self.total_steps)
         for step in range(self.version, self.total_steps):
             t0 = time.perf_counter()
             sb, wait_info = self.next_batch()
@@ -174,7 +181,11 @@ class Trainer:
                         "actor/lr": self.scheduler.get_last_lr()[0],
                     }
                 )
+                stats.update(self.validator.after_step(self.version, self.total_steps))
                 self.metrics.log(step + 1, self.version, stats, total=self.total_steps)
+            if self.checkpoints.due(self.version, self.total_steps):
+                parts = trainable_parts(self.model, self.optimizer, self.scheduler, self.critic)
+                self.checkpoints.save(self.version, parts, self._last_arrays, self.coordinator if self.rank == 0 else None)
 
     def next_batch(self) -> tuple[StepBatch, dict]:
         """Rank 0 collects a batch from the actors and broadcasts it to every rank."""
