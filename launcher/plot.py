@@ -50,6 +50,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     records = read_metrics(run_dir)
     if not records:
@@ -71,6 +72,9 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
                 if band:
                     bx, lo, hi = zip(*band)
                     ax.fill_between(bx, lo, hi, alpha=0.15, label="min..max")
+        if title == "Validation":
+            ax.set_ylim(-0.03, 1.03)  # accuracy and (0/1) rewards
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("learner step")
         if ylabel:
