@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/install_vllm.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1; then \
@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml
 	  $(PY) -m pip install -q torch==2.13.0 $$( [ -d /opt/wheels ] && echo --find-links /opt/wheels ); \
 	fi
 	$(PY) -m pip install -q -e ".[test]"
+	@bash scripts/install_vllm.sh $(VENV) || echo "WARNING: vLLM could not be installed; the vLLM engine and its tests are unavailable (make vllm to retry)"
 	touch $(STAMP)
 
 test: setup

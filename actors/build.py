@@ -69,6 +69,12 @@ def build_parts(cfg: RelayConfig, model_path: str) -> Parts:
     return Parts(tokenizer, agent, toolbox, Scorer(get_reward(cfg.agent.reward_name), tokenizer), limits, sampling)
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def build_engine(cfg: RelayConfig, model_path: str, seed: int = 0) -> Engine:
     """The configured inference engine (``rollout.name``) serving ``model_path``."""
     rollout = cfg.actor_rollout_ref.rollout
@@ -81,6 +87,7 @@ def build_engine(cfg: RelayConfig, model_path: str, seed: int = 0) -> Engine:
             cpu_kvcache_space_gb=rollout.cpu_kvcache_space_gb,
             gpu_memory_utilization=rollout.gpu_memory_utilization,
             tensor_model_parallel_size=rollout.tensor_model_parallel_size,
+            enforce_eager=not _has_cuda(),  # the CPU build compiles for ~1 min at start for no gain on small models
         )
     from actors.engines.hf_engine import HFEngine
 
