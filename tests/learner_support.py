@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,12 +15,20 @@ from protocol import messages as m
 
 
 def learner_config(model_dir: str, run_dir, *overrides: str):
-    """The demo config shrunk for in-process tests: 1 rank, 2 prompts x 4 chains per step."""
+    """The demo config shrunk for in-process tests: 1 rank, 2 prompts x 4 chains per step,
+    no validation or checkpoints."""
+    val = Path(run_dir) / "val.jsonl"
+    val.parent.mkdir(parents=True, exist_ok=True)
+    val.write_text('{"question": "1+1", "answer": "2"}\n')
     return load_config(
         ["demo"],
         [
             f"actor_rollout_ref.model.path={model_dir}",
             f"trainer.default_local_dir={run_dir}",
+            f"data.val_files=[{val}]",
+            "trainer.val_before_train=false",
+            "trainer.test_freq=-1",
+            "trainer.save_freq=-1",
             "trainer.n_gpus_per_node=1",
             "trainer.logger=[jsonl]",
             "trainer.total_training_steps=4",
