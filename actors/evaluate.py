@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import Counter
 
 from actors.build import build_engine, build_parts
 from actors.engines.base import SamplingSettings
 from actors.rollout import run_episode
 from configs.schema import RelayConfig
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one prompt with ``c`` of ``n`` samples correct (Chen et al. 2021):
+    ``1 - C(n - c, k) / C(n, k)``, the chance that k of the n samples drawn without
+    replacement include a correct one."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def pass_at_k_report(correct_per_prompt: list[int], n: int) -> dict[str, float]:
+    """``pass@k`` averaged over prompts for k = 1, 2, 4, ... and k = n."""
+    ks = sorted({*(2**i for i in range(n.bit_length()) if 2**i <= n), n})
+    return {f"pass@{k}": sum(pass_at_k(n, c, k) for c in correct_per_prompt) / len(correct_per_prompt) for k in ks}
 
 
 async def _evaluate(engine, parts, rows: list[dict], num_chains: int, temperature: float) -> dict:
@@ -21,7 +37,7 @@ async def _evaluate(engine, parts, rows: list[dict], num_chains: int, temperatur
 
     results = await asyncio.gather(*(one(r) for r in rows for _ in range(num_chains)))
     solved = [score["reward"] >= 1.0 for _, score in results]
-    per_prompt = [any(solved[i * num_chains : (i + 1) * num_chains]) for i in range(len(rows))]
+    correct = [sum(solved[i * num_chains : (i + 1) * num_chains]) for i in range(len(rows))]
     tools = Counter(name for ep, _ in results for name in ep.tool_calls)
     n = len(results)
     out = {
@@ -34,7 +50,7 @@ async def _evaluate(engine, parts, rows: list[dict], num_chains: int, temperatur
         **{f"tool_calls/{k}": v / n for k, v in tools.items()},
     }
     if num_chains > 1:
-        out[f"pass@{num_chains}"] = sum(per_prompt) / len(rows)
+        out.update(pass_at_k_report(correct, num_chains))
     return out
 
 
