@@ -154,7 +154,8 @@ def run_learner_node(cfg: RelayConfig, node_rank: int, master_addr: str, master_
     cfg, run_dir = _prepare(cfg, cfg.transport.port or free_port(pairs=2))
     config_path = _write_config(cfg, run_dir / "configs" / f"learner-node{node_rank}.yaml")
     per_node = t.n_gpus_per_node
-    children = plan_learner_node(config_path, run_dir, node_rank, t.nnodes, per_node, master_addr, master_port or free_port())
+    master_port = master_port or free_port()
+    children = plan_learner_node(config_path, run_dir, node_rank, t.nnodes, per_node, master_addr, master_port)
     first = node_rank * per_node
     _say(f"learner node {node_rank}/{t.nnodes}: ranks {first}..{first + per_node - 1} of {t.nnodes * per_node}, "
          f"rendezvous {master_addr}:{master_port}, run dir {run_dir}")
