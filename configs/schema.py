@@ -381,6 +381,9 @@ class TransportConfig(Section):
     """Interface the learner binds (loopback by default; multi-node: an interface address or 0.0.0.0)."""
     port: int = Field(0, ge=0, le=65534)
     """Learner's first port (it uses ``port`` and ``port + 1``); 0 = pick free ports."""
+    min_actors: int = Field(1, ge=1)
+    """Training work is granted only once this many actors have registered (``relay train`` sets it to its
+    number of local actors, so a slow-starting engine is not left without work)."""
     trajectory_hwm: int = Field(1024, ge=1)
     """ZMQ high-water mark of the trajectory socket: trajectories queued before senders block."""
     heartbeat_interval_s: float = Field(2.0, gt=0)

@@ -109,6 +109,8 @@ def train_local(cfg: RelayConfig) -> int:
         _say(f"trainer.nnodes={cfg.trainer.nnodes}: local mode runs one node; use `relay slurm` (or `relay learner` per node) for several")
         return 2
     cfg, run_dir = _prepare(cfg, cfg.transport.port or free_port(pairs=2))
+    # every local actor gets work, however long its engine takes to start
+    cfg = cfg.model_copy(update={"transport": cfg.transport.model_copy(update={"min_actors": cfg.actor_rollout_ref.rollout.num_actors})})
     config_path = _write_config(cfg, run_dir / "config.yaml")
     world = cfg.trainer.n_gpus_per_node
     port = cfg.transport.port

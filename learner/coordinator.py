@@ -112,8 +112,11 @@ class Coordinator:
         greedy_baseline: bool = False,
         version: int = 0,
         consumed: int = 0,
+        min_actors: int = 1,
     ):
         self.stream = stream
+        self.min_actors = min_actors
+        self.started = False
         self.batch_groups = batch_groups
         self.group_size = group_size
         self.max_staleness = max_staleness
@@ -168,10 +171,15 @@ class Coordinator:
             return m.WorkGrant(items=[], learner_version=self.version, stop=True, reason="training finished")
         if info.version < self.version - self.max_staleness:
             return m.WorkGrant(items=[], learner_version=self.version, reason=f"update weights first (you serve v{info.version})")
+        if not self.started:
+            if len(self.actors) < self.min_actors:
+                return m.WorkGrant(items=[], learner_version=self.version, reason=f"waiting for {self.min_actors} actors ({len(self.actors)} registered)")
+            self.started = True
         items = self._grant_validation(info, max_groups)
         max_groups -= len(items)
         credit = (info.version + self.max_staleness + 1) * self.batch_groups - self.consumed - len(self.outstanding) - self._buffered()
-        n = max(0, min(max_groups, credit))
+        fair_share = -(-self.batch_groups // max(1, len(self.actors)))  # one request takes at most its share of a batch
+        n = max(0, min(max_groups, credit, fair_share))
         for _ in range(n):
             sid = self.stream.next()
             self.outstanding[sid] = info.actor_id

@@ -133,6 +133,7 @@ class Trainer:
                 max_staleness=cfg.algorithm.max_staleness,
                 peer_timeout_s=cfg.transport.peer_timeout_s,
                 greedy_baseline=algos.needs_greedy_baseline(cfg.algorithm.adv_estimator),
+                min_actors=cfg.transport.min_actors,
             )
             self.checkpoints.restore_coordinator(self.coordinator)  # before any actor can be granted work
             self.server = LearnerServer(self.coordinator, cfg.transport.bind_host, cfg.transport.port, cfg.transport.trajectory_hwm)

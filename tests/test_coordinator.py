@@ -50,7 +50,7 @@ def test_synchronous_admission_grants_one_batch_per_version():
 
 def test_staleness_one_admits_two_batches_ahead():
     c = coordinator(staleness=1)
-    assert len(ask(c, 0).items) == 4  # (0 + 1 + 1) * 2 groups
+    assert len(ask(c, 0).items) + len(ask(c, 0).items) == 4  # (0 + 1 + 1) * 2 groups, a batch per request
     assert ask(c, 0).items == []
 
 
@@ -94,3 +94,15 @@ def test_unregistered_actor_gets_an_error_reply():
     c = coordinator(staleness=0)
     reply = c.on_request("p", m.WorkRequest(actor_id="ghost", version=0, max_groups=1))
     assert isinstance(reply, m.Error) and "register first" in reply.message
+
+
+def test_no_work_until_min_actors_registered_then_fair_shares():
+    c = Coordinator(DataStream([{"question": f"q{i}"} for i in range(10)], shuffle=False, seed=0),
+                    batch_groups=4, group_size=2, max_staleness=0, peer_timeout_s=60, min_actors=2)
+    c.on_request("p", m.Register(actor_id="a0", host="h", pid=1, engine="x"))
+    early = ask(c, 0)
+    assert early.items == [] and "waiting for 2 actors (1 registered)" in early.reason
+    c.on_request("p", m.Register(actor_id="a1", host="h", pid=2, engine="x"))
+    assert len(ask(c, 0).items) == 2  # half the batch: a1 gets the other half
+    second = c.on_request("p", m.WorkRequest(actor_id="a1", version=0, max_groups=10))
+    assert len(second.items) == 2
