@@ -132,6 +132,9 @@ class Actor:
         self.weights: WeightsReceiver | None = None
 
     async def run(self) -> None:
+        # one tiny request first: an engine's first batch can take seconds (allocation, kernels),
+        # and an actor should register only once it can take work at full speed
+        await self.engine.generate([0, 1], SamplingSettings(max_tokens=2, temperature=0.0))
         welcome = await self.client.call(
             m.Register(actor_id=self.s.actor_id, host=socket.gethostname(), pid=os.getpid(), engine=type(self.engine).__name__),
             timeout_s=self.s.startup_timeout_s,

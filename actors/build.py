@@ -88,6 +88,7 @@ def build_engine(cfg: RelayConfig, model_path: str, seed: int = 0) -> Engine:
             gpu_memory_utilization=rollout.gpu_memory_utilization,
             tensor_model_parallel_size=rollout.tensor_model_parallel_size,
             enforce_eager=not _has_cuda(),  # the CPU build compiles for ~1 min at start for no gain on small models
+            dtype="auto" if _has_cuda() else "float32",  # CPU: the learner's fp32, not vLLM-CPU's default bf16
         )
     from actors.engines.hf_engine import HFEngine
 

@@ -178,8 +178,9 @@ class Coordinator:
         items = self._grant_validation(info, max_groups)
         max_groups -= len(items)
         credit = (info.version + self.max_staleness + 1) * self.batch_groups - self.consumed - len(self.outstanding) - self._buffered()
-        fair_share = -(-self.batch_groups // max(1, len(self.actors)))  # one request takes at most its share of a batch
-        n = max(0, min(max_groups, credit, fair_share))
+        # no actor holds more than its share of what may be in flight, so every live actor gets work
+        fair_share = -(-(self.max_staleness + 1) * self.batch_groups // max(1, len(self.actors)))
+        n = max(0, min(max_groups, credit, fair_share - len(info.outstanding)))
         for _ in range(n):
             sid = self.stream.next()
             self.outstanding[sid] = info.actor_id

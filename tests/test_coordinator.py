@@ -103,6 +103,7 @@ def test_no_work_until_min_actors_registered_then_fair_shares():
     early = ask(c, 0)
     assert early.items == [] and "waiting for 2 actors (1 registered)" in early.reason
     c.on_request("p", m.Register(actor_id="a1", host="h", pid=2, engine="x"))
-    assert len(ask(c, 0).items) == 2  # half the batch: a1 gets the other half
+    assert len(ask(c, 0).items) == 2  # a0 holds its share of the batch ...
+    assert ask(c, 0).items == []  # ... and no more, however often it asks
     second = c.on_request("p", m.WorkRequest(actor_id="a1", version=0, max_groups=10))
-    assert len(second.items) == 2
+    assert len(second.items) == 2  # a1 gets the other half

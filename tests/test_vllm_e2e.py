@@ -24,7 +24,7 @@ def test_two_vllm_actors_two_learner_ranks(tmp_path, tiny_model_dir):
         f"actor_rollout_ref.model.path={tiny_model_dir}", "actor_rollout_ref.rollout.name=vllm",
         "actor_rollout_ref.rollout.cpu_kvcache_space_gb=1",
         f"data.train_files=[{train}]", f"data.val_files=[{test}]",
-        "trainer.total_training_steps=3", f"trainer.default_local_dir={run}",
+        "trainer.total_training_steps=6", f"trainer.default_local_dir={run}",
         "trainer.n_gpus_per_node=2", "actor_rollout_ref.rollout.num_actors=2", "algorithm.max_staleness=1",
         "data.train_batch_size=4", "actor_rollout_ref.actor.ppo_mini_batch_size=4",
         "agent.num_chains=4", "agent.max_tokens_per_turn=16", "actor_rollout_ref.rollout.response_length=48",
