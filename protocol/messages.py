@@ -171,7 +171,9 @@ class WeightsChunk(_Msg, tag="weights_chunk"):
     num_chunks: int
     tensors: list[TensorMeta]
     checksum: int
-    """crc32 over the concatenated tensor buffers of this chunk."""
+    """Checksum (``checksum_algo``) over the concatenated tensor buffers of this chunk."""
+    checksum_algo: str = "crc32"
+    """``xxh3_64`` (what this build sends) or ``crc32`` (senders that predate this field)."""
 
 
 class WeightsAnnounce(_Msg, tag="weights_announce"):

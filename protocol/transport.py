@@ -39,10 +39,11 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import msgspec
 import numpy as np
+import xxhash
 import zmq
 import zmq.asyncio
 
@@ -62,6 +63,25 @@ def endpoints(host: str, port: int) -> tuple[str, str]:
 
 # ----------------------------------------------------------------- weights
 
+CHECKSUM = "xxh3_64"
+"""Checksum of weight buffers we send: xxh3 runs at memory speed (~16 GB/s here, crc32 ~3 GB/s),
+so verifying costs a small fraction of moving the bytes."""
+
+
+def checksum(buffers: Iterable, algo: str = CHECKSUM) -> int:
+    """The ``algo`` checksum (``xxh3_64`` or ``crc32``) of the concatenation of ``buffers``."""
+    if algo == "xxh3_64":
+        h = xxhash.xxh3_64()
+        for buf in buffers:
+            h.update(buf)
+        return h.intdigest()
+    if algo == "crc32":
+        value = 0
+        for buf in buffers:
+            value = zlib.crc32(buf, value)
+        return value
+    raise m.ProtocolError(f"unknown checksum algorithm {algo!r} (this build knows xxh3_64, crc32)")
+
 
 @dataclass
 class WeightsSnapshot:
@@ -73,7 +93,7 @@ class WeightsSnapshot:
 
 
 def make_snapshot(version: int, named_arrays: list[tuple[str, np.ndarray]], chunk_bytes: int) -> WeightsSnapshot:
-    """Split ``named_arrays`` into chunks of about ``chunk_bytes`` and checksum each."""
+    """Split ``named_arrays`` into chunks of about ``chunk_bytes`` and checksum each (no copies)."""
     groups: list[list[tuple[str, np.ndarray]]] = [[]]
     size = 0
     for name, arr in named_arrays:
@@ -84,14 +104,16 @@ def make_snapshot(version: int, named_arrays: list[tuple[str, np.ndarray]], chun
         size += arr.nbytes
     chunks = []
     for i, group in enumerate(groups):
-        crc = 0
         metas, bufs = [], []
         for name, arr in group:
-            buf = memoryview(arr.reshape(-1).view(np.uint8))
-            crc = zlib.crc32(buf, crc)
+            bufs.append(memoryview(arr.reshape(-1).view(np.uint8)))
             metas.append(m.TensorMeta(name=name, dtype=arr.dtype.str, shape=list(arr.shape), nbytes=arr.nbytes))
-            bufs.append(buf)
-        header = m.encode(m.WeightsChunk(version=version, chunk=i, num_chunks=len(groups), tensors=metas, checksum=crc))
+        header = m.encode(
+            m.WeightsChunk(
+                version=version, chunk=i, num_chunks=len(groups), tensors=metas,
+                checksum=checksum(bufs), checksum_algo=CHECKSUM,
+            )
+        )
         chunks.append((header, bufs))
     return WeightsSnapshot(version, chunks, sum(a.nbytes for _, a in named_arrays))
 
@@ -104,15 +126,14 @@ def read_chunk(frames: list) -> tuple[m.WeightsChunk, list[tuple[str, np.ndarray
     bufs = frames[1:]
     if len(bufs) != len(header.tensors):
         raise m.ProtocolError(f"weights chunk {header.chunk}: {len(header.tensors)} tensors but {len(bufs)} buffers")
-    crc = 0
-    out = []
+    out, views = [], []
     for meta, buf in zip(header.tensors, bufs):
         mv = memoryview(buf)
         if mv.nbytes != meta.nbytes:
             raise m.ProtocolError(f"tensor {meta.name}: {mv.nbytes} bytes, header says {meta.nbytes}")
-        crc = zlib.crc32(mv, crc)
+        views.append(mv)
         out.append((meta.name, np.frombuffer(mv, dtype=np.dtype(meta.dtype)).reshape(meta.shape)))
-    if crc != header.checksum:
+    if checksum(views, header.checksum_algo) != header.checksum:
         raise m.ProtocolError(f"weights v{header.version} chunk {header.chunk}: checksum mismatch")
     return header, out
 

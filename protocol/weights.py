@@ -5,7 +5,7 @@ The learner (rank 0) holds a ``WeightsPublisher``; each actor holds a
 
 ``zmq`` (default; one node or many)
     The chunked control-socket path of ``protocol/transport.py``: ``publish``
-    splits the arrays into crc32-checked chunks and hands them to the
+    splits the arrays into checksummed chunks (xxh3_64) and hands them to the
     ``LearnerServer``; ``fetch`` sends a ``WeightsRequest`` on the actor's
     DEALER and reads ``WeightsChunk`` messages until the last one.
 
@@ -14,9 +14,10 @@ The learner (rank 0) holds a ``WeightsPublisher``; each actor holds a
     plus ``manifest.json`` with each shard's size and checksum, written last),
     renames it to ``v<N>`` (atomic on one filesystem) and then garbage-collects
     all but the newest ``keep`` versions (renamed aside first, so a reader
-    never lists a half-deleted one). ``fetch`` reads the newest ``v<N>``,
-    checks every shard's size and checksum and refuses the version
-    (``WeightsRejected``) if anything is missing or wrong.
+    never lists a half-deleted one). ``fetch`` maps the newest ``v<N>``'s
+    shards (``mmap``, copy-on-write: tensors are views, nothing is copied
+    until the engine loads them), checks every shard's size and checksum and
+    refuses the version (``WeightsRejected``) if anything is missing or wrong.
 
 ``nccl`` (GPU clusters with NCCL connectivity; ``gloo`` on CPU)
     A collective group of learner rank 0 (rank 0) and the actors (ranks
@@ -26,7 +27,8 @@ The learner (rank 0) holds a ``WeightsPublisher``; each actor holds a
     store's address and their rank from ``Welcome.weights_group``. A version
     is sent in *rounds*: the learner writes ``WeightsAnnounce`` (version and
     tensor list) under ``round/<r>`` in the store, waits until every actor has
-    incremented ``ready/<r>``, then broadcasts the tensors. Broadcasts run on
+    incremented ``ready/<r>`` (the last one sets ``go/<r>``), then broadcasts
+    the tensors. Broadcasts run on
     a publisher thread, so ``publish`` never blocks training; a round not yet
     started is replaced by a newer version. Every actor joins every round, in
     order.
@@ -45,12 +47,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
 import threading
 import time
-import zlib
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -58,12 +60,13 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from protocol import messages as m
-from protocol.transport import ActorClient, LearnerServer, TransportTimeout, make_snapshot
+from protocol.transport import CHECKSUM, ActorClient, LearnerServer, TransportTimeout, checksum, make_snapshot
 
 log = logging.getLogger(__name__)
 
 NamedArrays = Sequence[tuple[str, Any]]
-"""``(name, array)`` pairs: numpy arrays, or torch tensors on the GPU (``nccl``)."""
+"""``(name, array)`` pairs: numpy arrays (publishers take these; receivers return them, except
+an ``nccl`` receiver on the GPU, which returns CUDA tensors)."""
 
 KINDS = ("zmq", "filesystem", "nccl")
 
@@ -94,11 +97,6 @@ class WeightsReceiver(Protocol):
         (``WeightsRejected`` for a version that failed verification)."""
 
     def close(self) -> None: ...
-
-
-def checksum(buf, value: int = 0) -> int:
-    """crc32 of ``buf`` (any buffer), continuing from ``value``."""
-    return zlib.crc32(buf, value)
 
 
 # ----------------------------------------------------------------- zmq
@@ -147,7 +145,7 @@ MANIFEST = "manifest.json"
 
 
 def write_safetensors(path: Path, named_arrays: NamedArrays, metadata: dict[str, str]) -> tuple[int, int]:
-    """Write a safetensors file from numpy arrays without an intermediate blob; return (bytes, crc32)."""
+    """Write a safetensors file from numpy arrays without an intermediate blob; return (bytes, checksum)."""
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     arrays = []
@@ -161,14 +159,11 @@ def write_safetensors(path: Path, named_arrays: NamedArrays, metadata: dict[str,
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # data starts 8-byte aligned
     prefix = len(head).to_bytes(8, "little") + head
-    crc = checksum(prefix)
+    bufs = [prefix, *(memoryview(arr.reshape(-1).view(np.uint8)) for arr in arrays)]
     with open(path, "wb") as f:
-        f.write(prefix)
-        for arr in arrays:
-            buf = memoryview(arr.reshape(-1).view(np.uint8))
-            crc = checksum(buf, crc)
+        for buf in bufs:
             f.write(buf)
-    return len(prefix) + offset, crc
+    return len(prefix) + offset, checksum(bufs)
 
 
 def parse_safetensors(buf: np.ndarray, where: str) -> list[tuple[str, np.ndarray]]:
@@ -215,8 +210,8 @@ class FilesystemPublisher:
         files = []
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            nbytes, crc = write_safetensors(tmp / fname, shard, {"format": "pt", "relay_version": str(version)})
-            files.append({"name": fname, "nbytes": nbytes, "crc32": crc})
+            nbytes, digest = write_safetensors(tmp / fname, shard, {"format": "pt", "relay_version": str(version)})
+            files.append({"name": fname, "nbytes": nbytes, "checksum": digest, "checksum_algo": CHECKSUM})
         (tmp / MANIFEST).write_text(json.dumps({"version": version, "files": files}, indent=1))
         final = self.dir / f"v{version}"
         if final.exists():  # republishing a version (a resumed run): move the old copy aside first
@@ -296,17 +291,11 @@ class FilesystemReceiver:
                     f"weights v{version}: {path} has {size} bytes, the manifest says {entry['nbytes']} "
                     f"(partial or truncated); refusing it"
                 )
-            buf = np.empty(size, dtype=np.uint8)
-            view = memoryview(buf)
-            with open(path, "rb", buffering=0) as f:
-                got = 0
-                while got < size:
-                    n = f.readinto(view[got:])
-                    if not n:
-                        raise WeightsRejected(f"weights v{version}: {path} ended after {got} of {size} bytes; refusing it")
-                    got += n
-            if checksum(buf) != entry["crc32"]:
-                raise WeightsRejected(f"weights v{version}: {path} fails its crc32 checksum (corrupted); refusing it")
+            with open(path, "rb") as f:  # a private mapping: stays valid if the file is collected meanwhile
+                buf = np.frombuffer(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY), dtype=np.uint8)
+            algo = entry.get("checksum_algo", "crc32")
+            if checksum([buf], algo) != entry["checksum"]:
+                raise WeightsRejected(f"weights v{version}: {path} fails its {algo} checksum (corrupted); refusing it")
             out.extend(parse_safetensors(buf, str(path)))
         return out
 
@@ -336,8 +325,43 @@ def _new_group(store, rank: int, world_size: int, backend: str, timeout: timedel
     raise ValueError(f"weights group backend must be nccl or gloo, got {backend!r}")
 
 
-def _broadcast_all(group, tensors: list, timeout: timedelta, what: str, window_bytes: int) -> None:
-    """Broadcast ``tensors`` from rank 0 in order, keeping at most ~``window_bytes`` in flight."""
+BUCKET_BYTES = 4 << 20
+"""Consecutive tensors smaller than this share one broadcast (a flat byte buffer): gloo and
+NCCL pay a fixed cost per collective, and a model has many small norms and biases."""
+
+
+def plan_buckets(sizes: list[int], bucket_bytes: int = BUCKET_BYTES) -> list[tuple[list[int], list[int], int]]:
+    """Group tensors (by byte size, in order) into broadcasts: ``[(indices, offsets, total bytes)]``.
+
+    A tensor of ``bucket_bytes`` or more goes alone; smaller consecutive ones are
+    packed at 16-byte-aligned offsets into buckets of at most ``bucket_bytes``.
+    Both ends compute the same plan from the announced tensor list."""
+    out: list[tuple[list[int], list[int], int]] = []
+    idx: list[int] = []
+    offs: list[int] = []
+    end = 0
+    for i, n in enumerate(sizes):
+        if n >= bucket_bytes:
+            if idx:
+                out.append((idx, offs, end))
+                idx, offs, end = [], [], 0
+            out.append(([i], [0], n))
+            continue
+        start = -(-end // 16) * 16
+        if idx and start + n > bucket_bytes:
+            out.append((idx, offs, end))
+            idx, offs, end, start = [], [], 0, 0
+        idx.append(i)
+        offs.append(start)
+        end = start + n
+    if idx:
+        out.append((idx, offs, end))
+    return out
+
+
+def _broadcast_all(group, tensors: list, timeout: timedelta, what: str, window_bytes: int, prepare=None) -> None:
+    """Broadcast ``tensors`` from rank 0 in order, keeping at most ~``window_bytes`` in flight
+    (``prepare``, e.g. a host-to-GPU copy, is applied to each just before its broadcast)."""
     from torch.distributed import BroadcastOptions
 
     opts = BroadcastOptions()
@@ -346,7 +370,9 @@ def _broadcast_all(group, tensors: list, timeout: timedelta, what: str, window_b
     pending: list = []
     in_flight = 0
     for i, t in enumerate(tensors):
-        pending.append((i, group.broadcast([t], opts)))
+        if prepare is not None:
+            t = prepare(t)
+        pending.append((i, group.broadcast([t], opts), t))
         in_flight += t.numel() * t.element_size()
         if in_flight >= window_bytes:
             _wait_works(pending, timeout, what)
@@ -355,11 +381,11 @@ def _broadcast_all(group, tensors: list, timeout: timedelta, what: str, window_b
 
 
 def _wait_works(works: list, timeout: timedelta, what: str) -> None:
-    for i, w in works:
+    for i, w, _ in works:
         try:
             w.wait(timeout)
         except RuntimeError as e:
-            raise TransportTimeout(f"{what}: broadcast of tensor #{i} failed or timed out after {timeout}: {e}") from e
+            raise TransportTimeout(f"{what}: broadcast #{i} failed or timed out after {timeout}: {e}") from e
 
 
 class CollectivePublisher:
@@ -378,6 +404,8 @@ class CollectivePublisher:
         self.store = TCPStore(host, 0, None, True, self.timeout, wait_for_workers=False)
         self.port = self.store.port
         self.store.set("latest", "-1")
+        # the broadcast thread's own connection: its long wait on go/<r> must not block publish/close
+        self._tstore = TCPStore(host, self.port, None, False, self.timeout)
         self.ranks: dict[str, int] = {}
         self.group = None
         self.round = 0
@@ -385,6 +413,7 @@ class CollectivePublisher:
         self.error: BaseException | None = None
         self._pending: tuple[int, NamedArrays] | None = None
         self._closing = False
+        self._waiting_round: int | None = None
         self._cond = threading.Condition()
         self._device = None
         if backend == "nccl":
@@ -438,51 +467,59 @@ class CollectivePublisher:
         import torch
 
         r = self.round
-        tensors = []
-        for _, a in arrays:
-            t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
-            tensors.append(t)
-        metas = [
-            m.TensorMeta(name=name, dtype=np.dtype(str(t.dtype).removeprefix("torch.")).str, shape=list(t.shape), nbytes=t.numel() * t.element_size())
-            for (name, _), t in zip(arrays, tensors)
-        ]
-        self.store.set(f"round/{r}", m.encode(m.WeightsAnnounce(version=version, round=r, tensors=metas)))
+        arrays = [(name, np.ascontiguousarray(a)) for name, a in arrays]
+        metas = [m.TensorMeta(name=name, dtype=a.dtype.str, shape=list(a.shape), nbytes=a.nbytes) for name, a in arrays]
+        payload = []
+        for idx, offs, total in plan_buckets([mt.nbytes for mt in metas]):
+            if len(idx) == 1 and offs == [0]:
+                payload.append(torch.from_numpy(arrays[idx[0]][1]))
+                continue
+            flat = np.empty(total, dtype=np.uint8)
+            for i, off in zip(idx, offs):
+                flat[off : off + metas[i].nbytes] = arrays[i][1].reshape(-1).view(np.uint8)
+            payload.append(torch.from_numpy(flat))
+        self._tstore.set(f"round/{r}", m.encode(m.WeightsAnnounce(version=version, round=r, tensors=metas)))
         if not self._wait_ready(r, version):
             return
         if self.group is None:
             if self._device is not None:
                 torch.cuda.set_device(self._device)
-            self.group = _new_group(self.store, 0, self.world_size, self.backend, self.timeout)
-        if self._device is not None:
-            tensors = [t.to(self._device, non_blocking=True) for t in tensors]
-        _broadcast_all(self.group, tensors, self.timeout, f"weights round {r} (v{version})", self.window_bytes)
+            self.group = _new_group(self._tstore, 0, self.world_size, self.backend, self.timeout)
+        to_device = None if self._device is None else (lambda t: t.to(self._device, non_blocking=True))
+        _broadcast_all(self.group, payload, self.timeout, f"weights round {r} (v{version})", self.window_bytes, to_device)
         if r > 0:
-            self.store.delete_key(f"round/{r - 1}")
-            self.store.delete_key(f"ready/{r - 1}")
+            self._tstore.delete_key(f"round/{r - 1}")
+            self._tstore.delete_key(f"ready/{r - 1}")
+            self._tstore.delete_key(f"go/{r - 1}")
         self.round += 1
         self.rounds_sent += 1
 
     def _wait_ready(self, r: int, version: int) -> bool:
-        deadline = time.monotonic() + self.timeout.total_seconds()
-        want = self.world_size - 1
-        while True:
-            joined = self.store.add(f"ready/{r}", 0)
-            if joined >= want:
-                return True
-            with self._cond:
-                if self._closing:
-                    return False
-            if time.monotonic() > deadline:
-                raise TransportTimeout(
-                    f"timed out after {self.timeout.total_seconds():.0f}s waiting for {want} actors to join weights "
-                    f"round {r} (v{version}) at {self.host}:{self.port}; {joined} joined"
-                )
-            time.sleep(0.005)
+        """Wait for ``go/<r>``, set by the last actor to join (or by ``close``: then False)."""
+        with self._cond:
+            self._waiting_round = r
+            if self._closing:
+                return False
+        try:
+            self._tstore.wait([f"go/{r}"], self.timeout)
+        except RuntimeError as e:  # DistStoreError: the timeout
+            raise TransportTimeout(
+                f"timed out after {self.timeout.total_seconds():.0f}s waiting for {self.world_size - 1} actors to "
+                f"join weights round {r} (v{version}) at {self.host}:{self.port}; "
+                f"{self._tstore.add(f'ready/{r}', 0)} joined"
+            ) from e
+        with self._cond:
+            self._waiting_round = None
+            return not self._closing
 
     def close(self) -> None:
+        """Stop broadcasting; a round still waiting for actors is abandoned."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+            waiting = self._waiting_round
+        if waiting is not None:  # wake the thread's wait on go/<r>
+            self.store.set(f"go/{waiting}", "closed")
         self._thread.join(timeout=self.timeout.total_seconds())
 
 
@@ -528,21 +565,27 @@ class CollectiveReceiver:
         ann = m.decode(self.store.get(f"round/{r}"))
         if not isinstance(ann, m.WeightsAnnounce) or ann.round != r:
             raise m.ProtocolError(f"weights group store at {where}: round/{r} holds {ann!r}, not its announcement")
-        self.store.add(f"ready/{r}", 1)
+        if self.store.add(f"ready/{r}", 1) == self.spec.world_size - 1:
+            self.store.set(f"go/{r}", "1")  # the last actor in: the learner may start broadcasting
         if self.group is None:
             if self.device is not None:
                 torch.cuda.set_device(self.device)
             self.group = _new_group(self.store, self.spec.rank, self.spec.world_size, self.spec.backend, self.timeout)
-        if self.device is None:
-            arrays = [np.empty(t.shape, dtype=np.dtype(t.dtype)) for t in ann.tensors]
-            tensors = [torch.from_numpy(a) for a in arrays]
-        else:
-            tensors = [
-                torch.empty(t.shape, dtype=torch.from_numpy(np.empty(0, np.dtype(t.dtype))).dtype, device=self.device)
-                for t in ann.tensors
-            ]
-            arrays = tensors
-        _broadcast_all(self.group, tensors, self.timeout, f"weights round {r} (v{ann.version}) from {where}", 1 << 62)
+        # receive buffers: numpy-backed on CPU (returned as numpy), torch on the GPU
+        metas = ann.tensors
+        arrays: list = [None] * len(metas)
+        payload = []
+        for idx, offs, total in plan_buckets([mt.nbytes for mt in metas]):
+            flat = np.empty(total, dtype=np.uint8) if self.device is None else torch.empty(total, dtype=torch.uint8, device=self.device)
+            for i, off in zip(idx, offs):
+                mt = metas[i]
+                view = flat[off : off + mt.nbytes]
+                if self.device is None:
+                    arrays[i] = view.view(np.dtype(mt.dtype)).reshape(mt.shape)
+                else:
+                    arrays[i] = view.view(torch.from_numpy(np.empty(0, np.dtype(mt.dtype))).dtype).reshape(mt.shape)
+            payload.append(torch.from_numpy(flat) if self.device is None else flat)
+        _broadcast_all(self.group, payload, self.timeout, f"weights round {r} (v{ann.version}) from {where}", 1 << 62)
         if self.device is not None:
             torch.cuda.current_stream().synchronize()
         self.round += 1

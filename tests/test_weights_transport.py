@@ -189,7 +189,7 @@ def test_filesystem_refuses_corrupt_or_partial_versions_and_the_engine_keeps_the
     raw = bytearray(shard.read_bytes())
     raw[-3] ^= 0x40
     shard.write_bytes(bytes(raw))
-    with pytest.raises(WeightsRejected, match=r"weights v2: .* fails its crc32 checksum \(corrupted\); refusing it"):
+    with pytest.raises(WeightsRejected, match=r"weights v2: .* fails its xxh3_64 checksum \(corrupted\); refusing it"):
         sync()
 
     os.rename(tmp_path / "w" / "v2", tmp_path / "w" / "v3")  # a half-copied version: no manifest for it
@@ -242,6 +242,30 @@ def test_timeouts_say_what_they_waited_for(tmp_path):
     with pytest.raises(TransportTimeout, match=r"waiting for weights round 0 to be announced at 127.0.0.1:\d+ \(learner is at v1, this actor serves v0\)"):
         rx.fetch_blocking(0, timeout_s=1)
     assert rx.fetch_blocking(1, timeout_s=1) is None
+
+
+def test_plan_buckets_packs_small_tensors_at_aligned_offsets():
+    from protocol.weights import plan_buckets
+
+    # sizes:         10   20   100  3    50   (bucket 64 bytes)
+    assert plan_buckets([10, 20, 100, 3, 50], bucket_bytes=64) == [
+        ([0, 1], [0, 16], 36),  # 10 at 0, 20 at 16 (aligned)
+        ([2], [0], 100),  # big: alone
+        ([3], [0], 3),  # 3 + (16 + 50) > 64: a new bucket
+        ([4], [0], 50),
+    ]
+
+
+def test_zmq_chunks_from_senders_that_predate_checksum_algo_still_verify():
+    import zlib
+
+    from protocol.transport import read_chunk
+
+    a = np.arange(6, dtype=np.float32)
+    meta = m.TensorMeta(name="a", dtype=a.dtype.str, shape=[6], nbytes=a.nbytes)
+    old = m.encode(m.WeightsChunk(version=3, chunk=0, num_chunks=1, tensors=[meta], checksum=zlib.crc32(a.tobytes())))
+    header, got = read_chunk([old, a.tobytes()])
+    assert header.checksum_algo == "crc32" and np.array_equal(got[0][1], a)
 
 
 def test_collective_group_admits_a_fixed_set_of_actors():
