@@ -284,7 +284,7 @@ class Trainer:
                         metrics["actor/entropy"] = entropy.item()
                     loss = loss + self.kl_loss(mb, logits, logprobs, mt.ref_logprobs, metrics)
                     (loss * micro.weight).backward()
-                    metrics["actor/pg_loss"] = loss.item()
+                    metrics["actor/loss"] = loss.item()  # pg + entropy + KL terms ("pg_loss" is the PPO term alone)
                     metrics["actor/logprob_mismatch_kl"] = algos.logprob_mismatch_kl(old, mb.behaviour_logprobs, mb.loss_mask)
                     # tokens sampled by exactly the weights the learner holds: |learner - engine| is numerics alone
                     same = mb.loss_mask * (mb.versions == self.version)

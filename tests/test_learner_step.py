@@ -156,3 +156,15 @@ def test_lora_trains_only_adapters_and_publishes_merged_base_weights(tmp_path, t
     torch.testing.assert_close(torch.from_numpy(published[f"{q}.weight"]), expected)
     assert not torch.equal(expected, base[f"{q}.weight"])
     torch.testing.assert_close(torch.from_numpy(published["model.embed_tokens.weight"]), base["model.embed_tokens.weight"])
+
+
+def test_gradient_checkpointing_gives_the_same_update(tmp_path, tiny_model_dir):
+    results = []
+    for gc in ("false", "true"):
+        cfg = learner_config(tiny_model_dir, tmp_path / gc, f"actor_rollout_ref.model.enable_gradient_checkpointing={gc}")
+        with trainer_world_1(cfg) as trainer:
+            trainer.train_step(trainer.step_batch(make_trajs()).batch)
+            results.append(state(trainer.model))
+    plain, checkpointed = results
+    for k in plain:
+        torch.testing.assert_close(checkpointed[k], plain[k], rtol=1e-5, atol=1e-6)
