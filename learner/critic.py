@@ -28,7 +28,7 @@ from configs.schema import RelayConfig
 from learner import algos
 from learner.batch import TrainBatch
 from learner.model import fsdp_shard
-from learner.optim import build_optimizer
+from learner.optim import build_optimizer, optimizer_offload
 from learner.sharding import map_chunks, plan_minibatches
 
 
@@ -47,6 +47,8 @@ class Critic:
         c = cfg.critic
         self.model = model
         self.optimizer, self.scheduler = build_optimizer(model.parameters(), c.optim, total_steps)
+        fsdp = c.model.fsdp_config
+        self.optimizer_offload = optimizer_offload(self.optimizer, next(model.parameters()).device, fsdp.optimizer_offload, fsdp.param_offload)
         self.rank, self.world = rank, world
         self.rows_per_mini = max(1, c.ppo_mini_batch_size * cfg.agent.num_chains // world)
         self.micro = c.ppo_micro_batch_size_per_gpu
@@ -69,6 +71,7 @@ class Critic:
         """Regress values on ``returns`` ([n_r, L-1], this shard); ``batch_mask`` is the whole batch's loss mask."""
         stats: dict[str, list[float]] = {}
         plan = plan_minibatches(batch_mask, self.rank, self.world, self.rows_per_mini, self.micro, "token-mean")
+        self.optimizer_offload.load()
         for _ in range(self.epochs):
             for mini in plan:
                 self.optimizer.zero_grad(set_to_none=True)
@@ -85,6 +88,7 @@ class Critic:
                     raise FloatingPointError("non-finite critic gradient norm")
                 self.optimizer.step()
                 stats.setdefault("critic/grad_norm", []).append(float(grad_norm))
+        self.optimizer_offload.offload()
         self.scheduler.step()
         stats["critic/lr"] = [self.scheduler.get_last_lr()[0]]
         return stats

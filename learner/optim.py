@@ -41,3 +41,41 @@ def build_optimizer(params, o, total_steps: int):
         opt, lr_lambda(total_steps, o.lr_warmup_steps_ratio, o.warmup_style, o.min_lr_ratio)
     )
     return opt, sched
+
+
+class NoOptimizerOffload:
+    """Optimizer state stays where the parameters are."""
+
+    def load(self) -> None: ...
+
+    def offload(self) -> None: ...
+
+
+class OptimizerOffload:
+    """``fsdp_config.optimizer_offload``: AdamW state lives in host memory between
+    learner steps and comes back to the GPU for the optimizer steps (as verl's
+    ``offload_fsdp_optimizer``/``load_fsdp_optimizer``)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device):
+        self.optimizer = optimizer
+        self.device = device
+
+    def _move(self, device) -> None:
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.device != device:
+                    state[key] = value.to(device, non_blocking=True)
+
+    def load(self) -> None:
+        self._move(self.device)
+
+    def offload(self) -> None:
+        self._move(torch.device("cpu"))
+
+
+def optimizer_offload(optimizer, device: torch.device, enabled: bool, param_offload: bool):
+    """The offload policy for ``optimizer``: nothing on CPU, nothing when the parameters
+    themselves are offloaded (their state already lives on CPU), else ``OptimizerOffload``."""
+    if not enabled or param_offload or device.type != "cuda":
+        return NoOptimizerOffload()
+    return OptimizerOffload(optimizer, device)

@@ -41,7 +41,7 @@ from learner.critic import build_critic
 from learner.lora import LoraSettings, publish_view
 from learner.metrics import MetricsLogger, reward_metrics
 from learner.model import export_hf, full_state_arrays, load_policy
-from learner.optim import build_optimizer, lr_lambda  # noqa: F401  (lr_lambda re-exported)
+from learner.optim import build_optimizer, lr_lambda, optimizer_offload  # noqa: F401  (lr_lambda re-exported)
 from learner.reference import build_kl_terms, next_token_logits
 from learner.replay import BatchDump, NoBatchDump
 from learner.sharding import gather_rows, map_chunks, plan_minibatches, shard_rows
@@ -107,6 +107,8 @@ class Trainer:
         self.pad_id = self.model.config.pad_token_id or 0
         self.total_steps = self._total_steps()
         self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), arc.actor.optim, self.total_steps)
+        fsdp = arc.actor.fsdp_config
+        self.optimizer_offload = optimizer_offload(self.optimizer, self.device, fsdp.optimizer_offload, fsdp.param_offload)
         self.critic = build_critic(cfg, self.device, self.rank, self.world, self.total_steps)
         self.reference, self.kl_loss, self.kl_in_reward = build_kl_terms(cfg, self.device, self.world)
         self.adv_fn = algos.get_advantage_estimator(cfg.algorithm.adv_estimator)
@@ -266,6 +268,7 @@ class Trainer:
         """PPO epochs over mini-batches (one optimizer step each) of weighted micro-batches."""
         actor = self.cfg.actor_rollout_ref.actor
         stats: dict[str, list[float]] = {}
+        self.optimizer_offload.load()
         for _ in range(actor.ppo_epochs):
             for mini in plan:
                 self.optimizer.zero_grad(set_to_none=True)
@@ -297,6 +300,7 @@ class Trainer:
                     raise FloatingPointError(f"non-finite gradient norm at v{self.version}")
                 self.optimizer.step()
                 stats.setdefault("actor/grad_norm", []).append(float(grad_norm))
+        self.optimizer_offload.offload()
         self.scheduler.step()  # the policy's schedule counts policy updates (as verl: not critic warm-up steps)
         return stats
 

@@ -36,3 +36,20 @@ def test_build_optimizer_skips_frozen_parameters_and_applies_the_schedule():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([0.1 / 3, 0.2 / 3, 0.1, 0.05])
+
+
+def test_optimizer_offload_is_off_on_cpu_and_moves_state_back_and_forth():
+    from learner.optim import NoOptimizerOffload, OptimizerOffload, optimizer_offload
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.AdamW(model.parameters())
+    cpu = torch.device("cpu")
+    assert isinstance(optimizer_offload(opt, cpu, enabled=True, param_offload=False), NoOptimizerOffload)
+    assert isinstance(optimizer_offload(opt, torch.device("cuda"), enabled=True, param_offload=True), NoOptimizerOffload)
+    assert isinstance(optimizer_offload(opt, torch.device("cuda"), enabled=True, param_offload=False), OptimizerOffload)
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    OptimizerOffload(opt, cpu).offload()
+    assert all(v.device.type == "cpu" for s in opt.state.values() for v in s.values())
+    OptimizerOffload(opt, torch.device("meta")).load()  # a second device without a GPU (one-way: meta holds no data)
+    assert all(v.device.type == "meta" for s in opt.state.values() for v in s.values())
