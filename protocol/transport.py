@@ -38,7 +38,6 @@ import logging
 import threading
 import time
 import zlib
-from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
 import msgspec
@@ -83,17 +82,43 @@ def checksum(buffers: Iterable, algo: str = CHECKSUM) -> int:
     raise m.ProtocolError(f"unknown checksum algorithm {algo!r} (this build knows xxh3_64, crc32)")
 
 
-@dataclass
 class WeightsSnapshot:
-    """One published policy version, split into chunks ready to send."""
+    """One published policy version, split into chunks (views of the arrays, no copies).
 
-    version: int
-    chunks: list[tuple[bytes, list[memoryview]]]
-    nbytes: int
+    A chunk's header (with its checksum) is computed the first time the chunk
+    is sent, then kept: the IO thread checksums chunk ``i + 1`` while ZeroMQ is
+    still transmitting chunk ``i``, and ``publish`` costs no pass over the bytes.
+    The arrays must not change after they were published.
+    """
+
+    def __init__(self, version: int, groups: list[tuple[list[m.TensorMeta], list[memoryview]]], nbytes: int):
+        self.version = version
+        self.nbytes = nbytes
+        self._groups = groups
+        self._headers: list[bytes | None] = [None] * len(groups)
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def chunk(self, i: int) -> tuple[bytes, list[memoryview]]:
+        """Header and buffers of chunk ``i``."""
+        metas, bufs = self._groups[i]
+        if self._headers[i] is None:
+            self._headers[i] = m.encode(
+                m.WeightsChunk(
+                    version=self.version, chunk=i, num_chunks=len(self._groups), tensors=metas,
+                    checksum=checksum(bufs), checksum_algo=CHECKSUM,
+                )
+            )
+        return self._headers[i], bufs
+
+    @property
+    def chunks(self) -> list[tuple[bytes, list[memoryview]]]:
+        return [self.chunk(i) for i in range(len(self._groups))]
 
 
 def make_snapshot(version: int, named_arrays: list[tuple[str, np.ndarray]], chunk_bytes: int) -> WeightsSnapshot:
-    """Split ``named_arrays`` into chunks of about ``chunk_bytes`` and checksum each (no copies)."""
+    """Split ``named_arrays`` into chunks of about ``chunk_bytes`` (checksummed when first sent)."""
     groups: list[list[tuple[str, np.ndarray]]] = [[]]
     size = 0
     for name, arr in named_arrays:
@@ -103,18 +128,12 @@ def make_snapshot(version: int, named_arrays: list[tuple[str, np.ndarray]], chun
         groups[-1].append((name, np.ascontiguousarray(arr)))
         size += arr.nbytes
     chunks = []
-    for i, group in enumerate(groups):
+    for group in groups:
         metas, bufs = [], []
         for name, arr in group:
             bufs.append(memoryview(arr.reshape(-1).view(np.uint8)))
             metas.append(m.TensorMeta(name=name, dtype=arr.dtype.str, shape=list(arr.shape), nbytes=arr.nbytes))
-        header = m.encode(
-            m.WeightsChunk(
-                version=version, chunk=i, num_chunks=len(groups), tensors=metas,
-                checksum=checksum(bufs), checksum_algo=CHECKSUM,
-            )
-        )
-        chunks.append((header, bufs))
+        chunks.append((metas, bufs))
     return WeightsSnapshot(version, chunks, sum(a.nbytes for _, a in named_arrays))
 
 
@@ -198,7 +217,8 @@ class LearnerServer:
         if snap is None or snap.version <= have_version:
             self.control.send_multipart([ident, m.encode(m.NoWeights(learner_version=snap.version if snap else -1))])
             return
-        for header, bufs in snap.chunks:
+        for i in range(len(snap)):
+            header, bufs = snap.chunk(i)
             self.control.send_multipart([ident, header, *bufs], copy=False)
         self.weights_bytes_sent += snap.nbytes
 

@@ -28,10 +28,10 @@ The learner (rank 0) holds a ``WeightsPublisher``; each actor holds a
     is sent in *rounds*: the learner writes ``WeightsAnnounce`` (version and
     tensor list) under ``round/<r>`` in the store, waits until every actor has
     incremented ``ready/<r>`` (the last one sets ``go/<r>``), then broadcasts
-    the tensors. Broadcasts run on
-    a publisher thread, so ``publish`` never blocks training; a round not yet
-    started is replaced by a newer version. Every actor joins every round, in
-    order.
+    the tensors (small ones packed into ``BUCKET_BYTES`` buffers). Broadcasts
+    run on a publisher thread, so ``publish`` never blocks training; a round
+    not yet started is replaced by a newer version. Every actor joins every
+    round, in order; the set of actors is fixed (``rollout.num_actors``).
 
 In every case the actor learns that a new version exists from the control
 channel (``WorkGrant``/``HeartbeatAck.learner_version``), which the learner
