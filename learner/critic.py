@@ -43,12 +43,12 @@ class NoCritic:
 
 
 class Critic:
-    def __init__(self, model, cfg: RelayConfig, rank: int, world: int, total_steps: int):
+    def __init__(self, model, cfg: RelayConfig, device: torch.device, rank: int, world: int, total_steps: int):
         c = cfg.critic
         self.model = model
         self.optimizer, self.scheduler = build_optimizer(model.parameters(), c.optim, total_steps)
         fsdp = c.model.fsdp_config
-        self.optimizer_offload = optimizer_offload(self.optimizer, next(model.parameters()).device, fsdp.optimizer_offload, fsdp.param_offload)
+        self.optimizer_offload = optimizer_offload(self.optimizer, device, fsdp.optimizer_offload, fsdp.param_offload)
         self.rank, self.world = rank, world
         self.rows_per_mini = max(1, c.ppo_mini_batch_size * cfg.agent.num_chains // world)
         self.micro = c.ppo_micro_batch_size_per_gpu
@@ -117,4 +117,4 @@ def build_critic(cfg: RelayConfig, device: torch.device, rank: int, world: int, 
         gradient_checkpointing=arc.model.enable_gradient_checkpointing,
         param_offload=cfg.critic.model.fsdp_config.param_offload,
     )
-    return Critic(model, cfg, rank, world, total_steps)
+    return Critic(model, cfg, device, rank, world, total_steps)
