@@ -77,6 +77,8 @@ def full_state_arrays(model) -> list[tuple[str, np.ndarray]]:
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return []
+    if getattr(model.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)  # the same tensor as the input embedding: never send it twice
     return [(k, v.detach().to(torch.float32).numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()) for k, v in sd.items()]
 
 
