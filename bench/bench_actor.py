@@ -33,6 +33,8 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--chains", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=48, help="max tokens per turn")
+    ap.add_argument("--model", default=None, help="HF model dir (default: the random-init tiny model: 1-turn episodes); "
+                    "a warm-started model (runs/demo/sft after make demo) gives multi-turn tool episodes")
     args = ap.parse_args()
 
     import torch
@@ -46,7 +48,7 @@ def main() -> int:
     from protocol.transport import LearnerServer
 
     work = Path(tempfile.mkdtemp(prefix="relay-bench-actor-"))
-    model = build_tiny_model(work / "tiny")
+    model = Path(args.model) if args.model else build_tiny_model(work / "tiny")
     rows = arithmetic.make_rows(args.prompts, seed=3)
     port = free_port(pairs=2)
     cfg = load_config(
