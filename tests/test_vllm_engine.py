@@ -157,3 +157,34 @@ def test_load_weights_serves_new_weights_and_version(engine, hf_model):
     (restored,) = generate_all(engine, [(prompt, greedy)])
     assert restored.token_ids == before.token_ids
     assert restored.version == 0
+
+
+def test_in_flight_update_never_mixes_versions_within_a_request(engine, hf_model):
+    """load_weights while requests run: each request is sampled by exactly the version it reports."""
+    import threading
+
+    old_model, _ = hf_model
+    new_model = tiny_qwen2(seed=2)
+    prompt = [3, 4, 5]
+    long = SamplingSettings(max_tokens=200, temperature=1.0)
+
+    async def run():
+        first = [asyncio.ensure_future(engine.generate(prompt, long)) for _ in range(4)]
+        await asyncio.sleep(0.2)  # the first wave is running when the update starts
+        loader = threading.Thread(target=engine.load_weights, args=(new_model.state_dict().items(), 9))
+        loader.start()
+        await asyncio.sleep(0.05)
+        second = [asyncio.ensure_future(engine.generate(prompt, long)) for _ in range(4)]
+        gens = await asyncio.gather(*first, *second)
+        await asyncio.to_thread(loader.join)
+        return gens
+
+    try:
+        gens = asyncio.run(run())
+        assert {g.version for g in gens} <= {0, 9} and engine.version == 9
+        assert all(g.version == 9 for g in gens[4:])  # requests made during the update wait for it
+        for g in gens:
+            model = new_model if g.version == 9 else old_model
+            assert mean_abs_diff(model, prompt, g, 1.0) < LOGPROB_TOL, g.version
+    finally:
+        engine.load_weights(old_model.state_dict().items(), version=0)

@@ -128,6 +128,13 @@ class VLLMEngine(Engine):
 
         llm = AsyncLLM.from_engine_args(engine_args)
         await llm.collective_rpc("relay_untruncated_logprobs", timeout=self.rpc_timeout_s)
+        # A gate on the engine loop: a weight update closes it, waits for running turns, swaps, reopens.
+        # So every request is sampled by one version, even when the actor updates in flight.
+        self._open = asyncio.Event()
+        self._open.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._active = 0
         return llm
 
     async def generate(self, prompt_ids: list[int], settings: SamplingSettings) -> Generation:
@@ -152,12 +159,20 @@ class VLLMEngine(Engine):
             detokenize=False,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
+        await self._open.wait()
         version = self.version
+        self._active += 1
+        self._idle.clear()
         final = None
-        async for output in self._llm.generate(
-            TokensPrompt(prompt_token_ids=prompt_ids), params, request_id=f"relay-{next(self._request_ids)}"
-        ):
-            final = output
+        try:
+            async for output in self._llm.generate(
+                TokensPrompt(prompt_token_ids=prompt_ids), params, request_id=f"relay-{next(self._request_ids)}"
+            ):
+                final = output
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
         if final is None or not final.finished:
             raise RuntimeError(f"vLLM returned no finished output for a {len(prompt_ids)}-token prompt")
         completion = final.outputs[0]
@@ -175,8 +190,10 @@ class VLLMEngine(Engine):
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Reload HF-named tensors into the running model in place and serve ``version``.
 
-        Blocks until the worker has loaded them. Must not be called from the
-        engine's own loop thread, nor while a ``generate`` is running.
+        Blocks until the worker has loaded them. Safe while ``generate`` calls run
+        (in-flight updates): new requests wait, running ones finish on the old
+        weights (and are tagged with the old version), then the weights swap.
+        Must not be called from the engine's own loop thread.
         """
         if threading.current_thread() is self._thread:
             raise RuntimeError("load_weights called from the vLLM engine loop thread would deadlock")
@@ -194,8 +211,17 @@ class VLLMEngine(Engine):
             path = os.path.join(tmp, "weights.safetensors")
             save_file(tensors, path)
             del tensors
-            self._run(self._load(path), self.rpc_timeout_s, f"vLLM weight reload to version {version}")
-        self.version = version
+            self._run(self._gated_load(path, version), self.rpc_timeout_s, f"vLLM weight reload to version {version}")
+
+    async def _gated_load(self, path: str, version: int) -> None:
+        """Close the gate, let running requests finish, reload, serve ``version``, reopen."""
+        self._open.clear()
+        try:
+            await self._idle.wait()
+            await self._load(path)
+            self.version = version
+        finally:
+            self._open.set()
 
     async def _load(self, path: str) -> None:
         # One result per worker (tensor-parallel ranks each read the file).
