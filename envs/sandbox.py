@@ -250,10 +250,10 @@ async def run_python(
     output = bytes(buf).decode("utf-8", errors="replace")
     if mode == "namespaces" and exit_code is not None and exit_code > 128:
         exit_code = 128 - exit_code  # the launcher reports a signal death as 128 + signal
-    if timed_out:
-        error = f"wall-time limit of {limits.wall_s:g} s exceeded (killed)"
-    elif over:
+    if over:  # the cap fired first (waiting for the kill to land may still run past the wall time)
         error = f"output exceeded {limits.max_output_bytes} bytes (killed)"
+    elif timed_out:
+        error = f"wall-time limit of {limits.wall_s:g} s exceeded (killed)"
     elif exit_code == -signal.SIGXCPU:
         error = f"CPU-time limit of {limits.cpu_s} s exceeded"
     elif exit_code and exit_code < 0:
