@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from actors.engines.base import Engine, SamplingSettings
-from actors.rollout import Episode, EpisodeLimits, ToolBox, run_episode
+from actors.rollout import Episode, EpisodeLimits, PromptTooLong, ToolBox, run_episode
 from envs.base import Agent
 from protocol import messages as m
 from protocol.transport import ActorClient
@@ -219,6 +219,12 @@ class Actor:
             for traj in await asyncio.gather(*jobs):
                 await self.client.push(traj, timeout_s=self.s.push_timeout_s)
                 self.trajectories_sent += 1
+        except PromptTooLong as e:  # bad input: tell the learner, keep serving the other groups
+            log.error("%s: cannot roll out %s: %s", self.s.actor_id, item.sample_id, e)
+            await self.client.call(
+                m.WorkFailed(actor_id=self.s.actor_id, sample_id=item.sample_id, reason=str(e)),
+                timeout_s=self.s.request_timeout_s,
+            )
         except Exception as e:
             self.failures.append(e)
             log.exception("%s: group %s failed", self.s.actor_id, item.sample_id)

@@ -22,6 +22,10 @@ from actors.engines.base import Engine, SamplingSettings
 from envs.base import Action, Agent, ToolCall, ToolResult
 
 
+class PromptTooLong(ValueError):
+    """A dataset row whose prompt does not fit the model's context: bad input, not a bug."""
+
+
 @dataclass(frozen=True)
 class EpisodeLimits:
     max_turns: int
@@ -99,7 +103,7 @@ async def run_episode(
     ep = Episode(prompt_ids=encode(tokenizer, agent.prompt_text(conv)))
     budget = min(limits.max_response_tokens, limits.max_context - len(ep.prompt_ids))
     if budget <= 0:
-        raise ValueError(f"prompt of {len(ep.prompt_ids)} tokens leaves no room in a context of {limits.max_context}")
+        raise PromptTooLong(f"prompt of {len(ep.prompt_ids)} tokens leaves no room in a context of {limits.max_context}")
     stop_ids = set(settings.stop_token_ids)
     for turn in range(limits.max_turns):
         room = budget - len(ep.response_ids)

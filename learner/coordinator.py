@@ -131,6 +131,7 @@ class Coordinator:
         self.stop = False
         self.counters = collections.Counter()
         self.dead_actors: list[str] = []
+        self.failed_samples: list[tuple[str, str]] = []
         self.stopped: set[str] = set()
         self.val_pending: collections.deque[m.WorkItem] = collections.deque()
         self.val_items: dict[str, m.WorkItem] = {}  # every item of the current round
@@ -161,6 +162,9 @@ class Coordinator:
             if isinstance(msg, m.WorkRequest):
                 info.version = msg.version
                 return self._grant(info, msg.max_groups)
+            if isinstance(msg, m.WorkFailed):
+                self._fail(info, msg)
+                return m.HeartbeatAck(learner_version=self.version, stop=self.stop)
             if isinstance(msg, m.WeightsRequest):
                 return None  # the server sends the newest snapshot
             return m.Error(message=f"{type(msg).__name__} is not a request")
@@ -189,6 +193,22 @@ class Coordinator:
         self.counters["groups_granted"] += n
         reason = "" if items else f"no credit: {len(self.outstanding)} groups in flight, learner at v{self.version}"
         return m.WorkGrant(items=items, learner_version=self.version, reason=reason)
+
+    def _fail(self, info: ActorInfo, msg: m.WorkFailed) -> None:
+        """Drop a work item that can never be rolled out (counted, logged, never granted again)."""
+        sid = msg.sample_id
+        if self.val_outstanding.pop(sid, None) is not None:
+            self.val_items.pop(sid, None)  # the round completes without it
+            self.counters["validation_failed"] += 1
+        elif self.outstanding.pop(sid, None) is not None:
+            info.outstanding.discard(sid)
+            self.partial.pop(sid, None)
+            self.counters["groups_failed"] += 1
+        else:
+            return
+        self.failed_samples.append((sid, msg.reason))
+        log.error("%s cannot be rolled out (%s, from %s): dropped, not granted again", sid, msg.reason, info.actor_id)
+        self.lock.notify_all()
 
     def _buffered(self) -> int:
         return len(self.complete)
@@ -284,7 +304,7 @@ class Coordinator:
                         f"{len(self.actors)} actors alive (dead: {self.dead_actors or 'none'})"
                     )
                 self.lock.wait(min(left, 1.0))
-        return batch, {"groups_dropped_stale": stale_dropped}
+        return batch, {"groups_dropped_stale": stale_dropped, "groups_failed_total": self.counters["groups_failed"]}
 
     # ------------------------------------------------------------ validation
 

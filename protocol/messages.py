@@ -189,6 +189,15 @@ class WeightsAnnounce(_Msg, tag="weights_announce"):
     tensors: list[TensorMeta]
 
 
+class WorkFailed(_Msg, tag="work_failed"):
+    """Actor -> learner: a work item cannot be rolled out (e.g. its prompt does not fit the
+    model's context). The learner drops it, counted and logged, and does not grant it again."""
+
+    actor_id: str
+    sample_id: str
+    reason: str
+
+
 class NoWeights(_Msg, tag="no_weights"):
     """Learner -> actor: nothing newer than the version the actor has."""
 
@@ -261,6 +270,7 @@ Message = Union[
     HeartbeatAck,
     WorkRequest,
     WorkGrant,
+    WorkFailed,
     WeightsRequest,
     WeightsChunk,
     WeightsAnnounce,

@@ -107,3 +107,17 @@ def test_no_work_until_min_actors_registered_then_fair_shares():
     assert ask(c, 0).items == []  # ... and no more, however often it asks
     second = c.on_request("p", m.WorkRequest(actor_id="a1", version=0, max_groups=10))
     assert len(second.items) == 2  # a1 gets the other half
+
+
+def test_work_an_actor_cannot_roll_out_is_dropped_counted_and_never_granted_again():
+    c = coordinator(staleness=0)
+    g = ask(c, 0)
+    bad = g.items[0].sample_id
+    reply = c.on_request("p", m.WorkFailed(actor_id="a0", sample_id=bad, reason="prompt of 600 tokens leaves no room"))
+    assert isinstance(reply, m.HeartbeatAck)
+    assert c.counters["groups_failed"] == 1 and bad not in c.outstanding
+    assert c.failed_samples == [(bad, "prompt of 600 tokens leaves no room")]
+    assert [i.sample_id for i in ask(c, 0).items] == ["0:2"]  # the batch fills from new samples
+    finish(c, m.WorkGrant(items=[g.items[1], m.WorkItem(sample_id="0:2", row={}, group_size=2)], learner_version=0), 0)
+    batch, info = c.take_batch(timeout_s=1)
+    assert [sid for sid, _ in batch] == ["0:1", "0:2"] and info["groups_failed_total"] == 1

@@ -53,6 +53,7 @@ def test_token_ids_travel_packed_not_as_int_lists():
         m.WorkRequest(actor_id="a", version=2, max_groups=4),
         m.WorkGrant(items=[m.WorkItem(sample_id="0:1", row={"question": "q", "answer": "1"}, group_size=8)], learner_version=2),
         m.NoWeights(learner_version=2),
+        m.WorkFailed(actor_id="a", sample_id="0:3", reason="prompt too long"),
         m.Stop(reason="done"),
     ],
 )

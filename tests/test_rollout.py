@@ -114,3 +114,17 @@ def test_turn_cut_by_token_budget_is_flagged_truncated(tiny_model_dir):
         pytest.skip("the random model happened to stop")
     assert ep.truncated and ep.finish_reason == "length" and len(ep.response_ids) == 5
     assert ep.versions == [0] * 5 and all(lp <= 0 for lp in ep.logprobs)
+
+
+def test_prompt_that_does_not_fit_the_context_is_a_typed_error(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from actors.rollout import PromptTooLong
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tools = [get_tool("calculator")]
+    engine = ScriptedEngine(tok, ["The answer is 1."], tok.eos_token_id)
+    limits = EpisodeLimits(max_turns=2, max_tokens_per_turn=8, max_response_tokens=64, max_context=16)
+    settings = SamplingSettings(max_tokens=8, stop_token_ids=(tok.eos_token_id,))
+    with pytest.raises(PromptTooLong, match="leaves no room in a context of 16"):
+        asyncio.run(run_episode(engine, make_agent("hf", tok, tools), tok, ToolBox(tools, 5, 64, None), {"question": "q"}, limits, settings))
