@@ -514,6 +514,10 @@ class CollectivePublisher:
 
     def close(self) -> None:
         """Stop broadcasting; a round still waiting for actors is abandoned."""
+        try:  # actors already in an abandoned round read this and take it as 'no update'
+            self.store.set("closing", "1")
+        except Exception:  # the store may already be gone; closing proceeds
+            pass
         with self._cond:
             self._closing = True
             self._cond.notify_all()
@@ -585,11 +589,24 @@ class CollectiveReceiver:
                 else:
                     arrays[i] = view.view(torch.from_numpy(np.empty(0, np.dtype(mt.dtype))).dtype).reshape(mt.shape)
             payload.append(torch.from_numpy(flat) if self.device is None else flat)
-        _broadcast_all(self.group, payload, self.timeout, f"weights round {r} (v{ann.version}) from {where}", 1 << 62)
+        try:
+            _broadcast_all(self.group, payload, self.timeout, f"weights round {r} (v{ann.version}) from {where}", 1 << 62)
+        except (TransportTimeout, RuntimeError):
+            if self._learner_closing():
+                log.info("the learner closed the weights group during round %d (v%d): no update", r, ann.version)
+                return None
+            raise
         if self.device is not None:
             torch.cuda.current_stream().synchronize()
         self.round += 1
         return ann.version, [(t.name, a) for t, a in zip(ann.tensors, arrays)]
+
+    def _learner_closing(self) -> bool:
+        """True when the learner is shutting the group down (or its store is already gone)."""
+        try:
+            return self.store.check(["closing"])
+        except Exception:
+            return True
 
     def close(self) -> None:
         self.group = None
