@@ -138,12 +138,15 @@ class Trainer:
                 min_actors=cfg.transport.min_actors,
             )
             self.checkpoints.restore_coordinator(self.coordinator)  # before any actor can be granted work
-            self.server = LearnerServer(self.coordinator, cfg.transport.bind_host, cfg.transport.port, cfg.transport.trajectory_hwm)
+            self.server = LearnerServer(
+                self.coordinator, cfg.transport.bind_host, cfg.transport.port, cfg.transport.trajectory_hwm, ready=False
+            )
             self.weights = make_publisher(
                 cfg.transport.weights, server=self.server, chunk_bytes=cfg.transport.weights_chunk_mb << 20,
                 weights_dir=cfg.transport.weights_dir, host=cfg.transport.host,
                 n_actors=cfg.actor_rollout_ref.rollout.num_actors, backend=backend, timeout_s=cfg.transport.recv_timeout_s,
             )
+            self.server.mark_ready()  # registrations before this would miss the weights group in their Welcome
             self.ledger = open(self.run_dir / "ledger.jsonl", "a")
             self.validator = Validator(cfg, self.coordinator, alive=self.server.check)
         self.batch_dump = BatchDump(self.run_dir / "batches") if cfg.trainer.dump_batches and self.rank == 0 else NoBatchDump()

@@ -174,7 +174,7 @@ class LearnerHandler(Protocol):
 class LearnerServer:
     """Rank 0's sockets, owned by one IO thread (ZeroMQ sockets are not thread-safe)."""
 
-    def __init__(self, handler: LearnerHandler, bind_host: str, port: int, hwm: int = 1024, tick_s: float = 0.2):
+    def __init__(self, handler: LearnerHandler, bind_host: str, port: int, hwm: int = 1024, tick_s: float = 0.2, ready: bool = True):
         self.handler = handler
         self.ctx = zmq.Context()
         self.control = self.ctx.socket(zmq.ROUTER)
@@ -197,9 +197,17 @@ class LearnerServer:
         self.weights_group_for: Callable[[str], m.WeightsGroup | None] | None = None
         """Set by a collective weights publisher: fills ``Welcome.weights_group`` per actor
         (called on the IO thread; a ``ValueError`` becomes an ``Error`` reply)."""
+        self._ready = threading.Event()
+        if ready:
+            self._ready.set()
+        self._held: list[tuple[bytes, list[bytes]]] = []  # Registers that arrived before mark_ready()
         self._thread = threading.Thread(target=self._run, name="relay-learner-io", daemon=True)
         self._thread.start()
         log.info("learner listening: control %s, data %s", control_ep, data_ep)
+
+    def mark_ready(self) -> None:
+        """Start answering registrations (held until now)."""
+        self._ready.set()
 
     def publish(self, snapshot: WeightsSnapshot) -> None:
         """Make ``snapshot`` the weights served to every later ``WeightsRequest``."""
@@ -251,6 +259,10 @@ class LearnerServer:
                         except zmq.Again:
                             break
                         self._serve(ident, frames)
+                if self._held and self._ready.is_set():
+                    held, self._held = self._held, []
+                    for ident, frames in held:
+                        self._serve(ident, frames)
                 self.handler.on_tick(time.monotonic())
         except BaseException as e:  # the IO thread must not die silently
             self.error = e
@@ -266,6 +278,9 @@ class LearnerServer:
             self.bad_messages += 1
             log.warning("malformed control message from %s: %s", peer, e)
             self._reply(ident, m.Error(message=str(e)))
+            return
+        if isinstance(msg, m.Register) and not self._ready.is_set():
+            self._held.append((ident, frames))  # answered once the learner is ready (e.g. its weights group exists)
             return
         reply = self.handler.on_request(peer, msg)
         if isinstance(reply, m.Welcome) and self.weights_group_for is not None:

@@ -121,3 +121,32 @@ def test_work_an_actor_cannot_roll_out_is_dropped_counted_and_never_granted_agai
     finish(c, m.WorkGrant(items=[g.items[1], m.WorkItem(sample_id="0:2", row={}, group_size=2)], learner_version=0), 0)
     batch, info = c.take_batch(timeout_s=1)
     assert [sid for sid, _ in batch] == ["0:1", "0:2"] and info["groups_failed_total"] == 1
+
+
+def test_server_holds_registrations_until_the_learner_is_ready():
+    import asyncio
+
+    from launcher.local import free_port
+    from protocol.transport import ActorClient, LearnerServer
+
+    c = Coordinator(DataStream([{"question": "q"}], shuffle=False, seed=0), batch_groups=1, group_size=1, max_staleness=0, peer_timeout_s=60)
+    port = free_port(pairs=2)
+    server = LearnerServer(c, "127.0.0.1", port, ready=False)
+    client = ActorClient("127.0.0.1", port)
+
+    async def register():
+        return await client.call(m.Register(actor_id="a0", host="h", pid=1, engine="x"), timeout_s=5)
+
+    async def scenario():
+        task = asyncio.ensure_future(register())
+        await asyncio.sleep(0.5)
+        assert not task.done() and "a0" not in c.actors  # held, not answered
+        server.mark_ready()
+        return await task
+
+    try:
+        welcome = asyncio.run(scenario())
+        assert isinstance(welcome, m.Welcome) and "a0" in c.actors
+    finally:
+        client.close()
+        server.close()
