@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import msgspec
-import numpy as np
 import torch
 import torch.distributed as dist
 
