@@ -85,6 +85,7 @@ def render(cfg: RelayConfig, presets: list[str], overrides: list[str], points: l
         per_node=t.n_gpus_per_node,
         actor_nodes=opts.actor_nodes,
         actors_per_node=per_actor_node,
+        total_actors=per_actor_node * max(opts.actor_nodes, 1),
         total_nodes=t.nnodes + opts.actor_nodes,
         log_dir=str(Path(t.default_local_dir).absolute() / "slurm"),
         gpus_per_node=gpus,

@@ -89,6 +89,8 @@ def test_slurm_script_for_two_learner_nodes_and_two_actor_nodes(tmp_path):
     assert "'data.train_files=[/data/a b.jsonl]'" in script  # shell-quoted
     assert "trainer.default_local_dir=runs/relay/demo/lr=2e-4" in script
     assert script.count("srun ") == 2  # one loop over learner nodes, one over actor nodes
+    # the learner waits for every actor of the job before granting work (2 nodes x 1 actor here)
+    assert 'OVERRIDES=("transport.min_actors=2" ' in script
     proc = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
     assert proc.returncode == 0, proc.stderr
 
