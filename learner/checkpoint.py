@@ -5,7 +5,8 @@ Layout (``trainer.default_local_dir``)::
     checkpoints/global_step_<N>/      N = learner steps done = policy version
         policy.pt, policy_optim.pt    full (unsharded) policy and optimizer state dicts
         critic.pt, critic_optim.pt    the same for the value model (``adv_estimator=gae`` only)
-        trainer_state.pt              step, version, LR schedulers, RNG states of every rank
+        trainer_state.pt              step, version, LR schedulers, RNG states of every rank,
+                                      the adaptive KL coefficient
         coordinator.json              data position + samples granted but not consumed
         ledger.jsonl                  the ledger (samples trained per step) up to step N
         hf/                           the policy as a plain Hugging Face directory
@@ -129,6 +130,8 @@ class Checkpointer:
         self.rank = rank
         self.world = world
         self.resumed: _Resumed | None = None
+        self.extra: dict = {}
+        """Set by ``restore``: the ``extra`` state saved with the checkpoint (empty when fresh)."""
 
     # ------------------------------------------------------------ save
 
@@ -137,10 +140,11 @@ class Checkpointer:
         freq = self.cfg.trainer.save_freq
         return freq > 0 and (version % freq == 0 or version == total_steps)
 
-    def save(self, version: int, parts: dict[str, tuple], policy_arrays, coordinator) -> Path | None:
+    def save(self, version: int, parts: dict[str, tuple], policy_arrays, coordinator, extra: dict | None = None) -> Path | None:
         """Write checkpoint ``global_step_<version>`` of ``parts`` (``trainable_parts``); rank 0
         passes the policy as published to actors (``policy_arrays``, exported as HF) and its
-        coordinator. Returns the path on rank 0."""
+        coordinator. ``extra``: name -> small state dict of other learner state (the KL
+        controller), given back by ``restore`` as ``self.extra``. Returns the path on rank 0."""
         t0 = time.perf_counter()
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         states = {name: get_state_dict(model, optim, options=opts) for name, (model, optim, _) in parts.items()}
@@ -149,12 +153,12 @@ class Checkpointer:
         dist.gather_object(_rng_state(), rngs, dst=0)
         path = None
         if self.rank == 0:
-            path = self._write(version, states, schedulers, rngs, policy_arrays, coordinator)
+            path = self._write(version, states, schedulers, rngs, policy_arrays, coordinator, extra or {})
             log.info("checkpoint v%d written to %s in %.1fs", version, path, time.perf_counter() - t0)
         dist.barrier()
         return path
 
-    def _write(self, version, states, schedulers, rngs, policy_arrays, coordinator) -> Path:
+    def _write(self, version, states, schedulers, rngs, policy_arrays, coordinator, extra) -> Path:
         from learner.model import export_hf
 
         root = checkpoint_dir(self.run_dir)
@@ -167,7 +171,7 @@ class Checkpointer:
         for name, (model_sd, optim_sd) in states.items():
             torch.save(model_sd, tmp / f"{name}.pt")
             torch.save(optim_sd, tmp / f"{name}_optim.pt")
-        torch.save({"version": version, "schedulers": schedulers, "rng": rngs}, tmp / "trainer_state.pt")
+        torch.save({"version": version, "schedulers": schedulers, "rng": rngs, "extra": extra}, tmp / "trainer_state.pt")
         (tmp / "coordinator.json").write_text(json.dumps(coordinator.state_dict()))
         ledger = self.run_dir / "ledger.jsonl"
         lines = [rec for rec in read_ledger(ledger) if rec["step"] < version]
@@ -244,6 +248,7 @@ class Checkpointer:
             log.warning("checkpoint written by %d ranks, resuming with %d: RNG streams are reassigned", len(rngs), self.world)
         _set_rng_state(rngs[self.rank % len(rngs)])
         version = int(state["version"])
+        self.extra = state.get("extra", {})
         if self.rank == 0:
             ledger = read_ledger(path / "ledger.jsonl")
             self._reset_ledger(ledger, version)

@@ -117,6 +117,12 @@ class NoKLInReward:
     def __call__(self, token_rewards, logprobs, ref_logprobs, mask) -> tuple[torch.Tensor, dict[str, list[float]]]:
         return token_rewards, {}
 
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 class KLInReward:
     def __init__(self, controller, kind: str):
@@ -129,6 +135,13 @@ class KLInReward:
         rewards, mean_kl = algos.apply_kl_in_reward(token_rewards, logprobs, ref_logprobs, mask, beta, self.kind)
         self.controller.update(mean_kl, n_steps=token_rewards.shape[0])
         return rewards, {"actor/reward_kl_penalty": [mean_kl], "actor/reward_kl_penalty_coeff": [beta]}
+
+    def state_dict(self) -> dict:
+        return {"controller": self.controller.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "controller" in state:  # a checkpoint written without KL in the reward has none
+            self.controller.load_state_dict(state["controller"])
 
 
 # ----------------------------------------------------------------- setup

@@ -124,6 +124,7 @@ class Trainer:
         )
         self.checkpoints = Checkpointer(cfg, self.run_dir, self.rank, self.world)
         self.version = self.checkpoints.restore(trainable_parts(self.model, self.optimizer, self.scheduler, self.critic))
+        self.kl_in_reward.load_state_dict(self.checkpoints.extra.get("kl_in_reward", {}))
         self.metrics = MetricsLogger(self.run_dir, cfg, enabled=self.rank == 0)
         if self.rank == 0:
             self.coordinator = Coordinator(
@@ -188,8 +189,15 @@ class Trainer:
                 stats.update(self.validator.after_step(self.version, self.total_steps))
                 self.metrics.log(step + 1, self.version, stats, total=self.total_steps)
             if self.checkpoints.due(self.version, self.total_steps):
-                parts = trainable_parts(self.model, self.optimizer, self.scheduler, self.critic)
-                self.checkpoints.save(self.version, parts, self._last_arrays, self.coordinator if self.rank == 0 else None)
+                self.save_checkpoint()
+
+    def save_checkpoint(self) -> None:
+        """Checkpoint ``global_step_<version>`` (a collective: every rank calls it)."""
+        parts = trainable_parts(self.model, self.optimizer, self.scheduler, self.critic)
+        self.checkpoints.save(
+            self.version, parts, self._last_arrays, self.coordinator if self.rank == 0 else None,
+            extra={"kl_in_reward": self.kl_in_reward.state_dict()},
+        )
 
     def next_batch(self) -> tuple[StepBatch, dict]:
         """Rank 0 collects a batch from the actors and broadcasts it to every rank."""

@@ -77,6 +77,25 @@ def test_kl_in_reward_fixed_and_adaptive_controller(tmp_path, tiny_model_dir):
     assert second["actor/reward_kl_penalty"] > 0
 
 
+def test_adaptive_kl_coefficient_is_restored_from_a_checkpoint(tmp_path, tiny_model_dir):
+    cfg = learner_config(
+        tiny_model_dir, tmp_path,
+        "algorithm.use_kl_in_reward=true", "algorithm.kl_penalty=low_var_kl",
+        "algorithm.kl_ctrl.type=adaptive", "algorithm.kl_ctrl.kl_coef=0.05",
+        "algorithm.kl_ctrl.target_kl=0.1", "algorithm.kl_ctrl.horizon=100",
+        "trainer.resume_mode=auto",
+    )
+    with trainer_world_1(cfg) as trainer:
+        batch = trainer.step_batch(make_trajs()).batch
+        trainer.train_step(batch)
+        trainer.version = 1
+        trainer.save_checkpoint()
+    with trainer_world_1(cfg) as resumed:
+        assert resumed.version == 1
+        # one update at KL 0 (see above): 0.05 * 0.984, not the configured 0.05
+        assert resumed.kl_in_reward.controller.value == pytest.approx(0.05 * 0.984)
+
+
 def test_critic_warmup_trains_only_the_critic(tmp_path, tiny_model_dir):
     cfg = learner_config(tiny_model_dir, tmp_path, "algorithm.adv_estimator=gae", "trainer.critic_warmup=1")
     with trainer_world_1(cfg) as trainer:

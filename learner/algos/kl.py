@@ -114,6 +114,12 @@ class FixedKLController:
     def update(self, current_kl: float, n_steps: int) -> None:
         """No-op (kept so the loop calls every controller the same way)."""
 
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
 
 class AdaptiveKLController:
     """Adaptive KL coefficient (Ziegler et al. 2019, as in verl).
@@ -140,6 +146,13 @@ class AdaptiveKLController:
         """
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        """The moving coefficient (checkpointed, so a resumed run continues from it)."""
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
 
 
 KLController = FixedKLController | AdaptiveKLController
