@@ -152,7 +152,11 @@ class DataConfig(Section):
     seed: int = 0
     """Seed of the training-prompt shuffle."""
     max_prompt_length: int = Field(128, ge=1)
-    """Longest prompt in tokens; longer prompts are dropped when the dataset is loaded."""
+    """Longest prompt in tokens, rendered by the agent (template, system prompt, tool descriptions)."""
+    filter_overlong_prompts: bool = True
+    """Drop training and validation prompts longer than ``max_prompt_length`` when the learner
+    loads them (logged once). False keeps them; an actor then reports, and the learner drops, any
+    prompt that leaves no room in the model's context."""
 
 
 # --------------------------------------------------------------------------- trainer

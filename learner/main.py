@@ -23,12 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from configs.loader import load_config
-    from envs.data import load_rows
+    from learner.prompts import load_prompts
     from learner.trainer import Trainer
 
     torch.set_num_threads(args.threads)
     cfg = load_config([args.config])
-    rows = load_rows(cfg.data.train_files, cfg.data.prompt_key)
+    rows = load_prompts(cfg, cfg.data.train_files, "train")
     trainer = Trainer(cfg, rows)
     trainer.setup()
     trainer.train()

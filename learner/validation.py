@@ -56,9 +56,9 @@ class Validator:
         self.rows: list[dict] = []
         enabled = cfg.trainer.val_before_train or cfg.trainer.test_freq > 0
         if coordinator is not None and enabled and cfg.data.val_files:
-            from envs.data import load_rows
+            from learner.prompts import load_prompts
 
-            self.rows = load_rows(cfg.data.val_files, cfg.data.prompt_key)
+            self.rows = load_prompts(cfg, cfg.data.val_files, "validation")
             log.info("validation: %d prompts from %s", len(self.rows), ", ".join(cfg.data.val_files))
 
     def before_train(self, version: int) -> dict:
