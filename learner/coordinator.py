@@ -61,6 +61,7 @@ class ActorInfo:
     version: int = 0
     outstanding: set[str] = field(default_factory=set)
     trajectories: int = 0
+    validation_trajectories: int = 0
     versions_seen: set[int] = field(default_factory=set)
 
 
@@ -314,6 +315,8 @@ class Coordinator:
             log.warning("validation trajectory %s from %s was not outstanding; dropped", traj.sample_id, traj.actor_id)
             return
         self.val_results[traj.sample_id] = traj
+        if traj.actor_id in self.actors:
+            self.actors[traj.actor_id].validation_trajectories += 1
         self.lock.notify_all()
 
     def request_validation(self, items: list[m.WorkItem], version: int, per_grant: int) -> None:
@@ -387,6 +390,11 @@ class Coordinator:
     def actors_summary(self) -> dict[str, dict]:
         with self.lock:
             return {
-                a.actor_id: {"trajectories": a.trajectories, "versions": sorted(a.versions_seen), "version": a.version}
+                a.actor_id: {
+                    "trajectories": a.trajectories,
+                    "validation_trajectories": a.validation_trajectories,
+                    "versions": sorted(a.versions_seen),
+                    "version": a.version,
+                }
                 for a in self.actors.values()
             }
