@@ -58,13 +58,15 @@ def test_kl_loss_is_zero_against_the_initial_policy_then_positive(tmp_path, tiny
     assert second["actor/kl_loss"] > 1e-6 if kind != "kl" else abs(second["actor/kl_loss"]) > 1e-6
 
 
+ADAPTIVE_KL_IN_REWARD = (
+    "algorithm.use_kl_in_reward=true", "algorithm.kl_penalty=low_var_kl",
+    "algorithm.kl_ctrl.type=adaptive", "algorithm.kl_ctrl.kl_coef=0.05",
+    "algorithm.kl_ctrl.target_kl=0.1", "algorithm.kl_ctrl.horizon=100",
+)
+
+
 def test_kl_in_reward_fixed_and_adaptive_controller(tmp_path, tiny_model_dir):
-    cfg = learner_config(
-        tiny_model_dir, tmp_path,
-        "algorithm.use_kl_in_reward=true", "algorithm.kl_penalty=low_var_kl",
-        "algorithm.kl_ctrl.type=adaptive", "algorithm.kl_ctrl.kl_coef=0.05",
-        "algorithm.kl_ctrl.target_kl=0.1", "algorithm.kl_ctrl.horizon=100",
-    )
+    cfg = learner_config(tiny_model_dir, tmp_path, *ADAPTIVE_KL_IN_REWARD)
     with trainer_world_1(cfg) as trainer:
         batch = trainer.step_batch(make_trajs()).batch
         first = trainer.train_step(batch)
@@ -78,13 +80,7 @@ def test_kl_in_reward_fixed_and_adaptive_controller(tmp_path, tiny_model_dir):
 
 
 def test_adaptive_kl_coefficient_is_restored_from_a_checkpoint(tmp_path, tiny_model_dir):
-    cfg = learner_config(
-        tiny_model_dir, tmp_path,
-        "algorithm.use_kl_in_reward=true", "algorithm.kl_penalty=low_var_kl",
-        "algorithm.kl_ctrl.type=adaptive", "algorithm.kl_ctrl.kl_coef=0.05",
-        "algorithm.kl_ctrl.target_kl=0.1", "algorithm.kl_ctrl.horizon=100",
-        "trainer.resume_mode=auto",
-    )
+    cfg = learner_config(tiny_model_dir, tmp_path, *ADAPTIVE_KL_IN_REWARD, "trainer.resume_mode=auto")
     with trainer_world_1(cfg) as trainer:
         batch = trainer.step_batch(make_trajs()).batch
         trainer.train_step(batch)
