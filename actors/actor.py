@@ -107,7 +107,7 @@ def to_trajectory(actor_id: str, item: m.WorkItem, chain: int, ep: Episode, scor
 
 def as_tensor(a) -> torch.Tensor:
     """A tensor sharing ``a``'s memory (no copy). Received zmq frames are read-only; engines
-    only read the tensors they load (``load_weights`` copies into the served parameters)."""
+    only read the tensors they load (they copy them, or serve them as they are, never write)."""
     if isinstance(a, torch.Tensor):
         return a
     with warnings.catch_warnings():
@@ -197,7 +197,8 @@ class Actor:
         version, arrays = got
         t1 = time.perf_counter()
         named = [(name, as_tensor(a)) for name, a in arrays]
-        await asyncio.to_thread(self.engine.load_weights, named, version)
+        # a receiver's private buffers are handed over: the HF engine then serves them without a copy
+        await asyncio.to_thread(self.engine.load_weights, named, version, self.weights.private_buffers)
         log.info("%s: now serving v%d (fetch %.2fs, load %.2fs)", self.s.actor_id, version, t1 - t0, time.perf_counter() - t1)
 
     async def heartbeat(self) -> None:

@@ -134,7 +134,7 @@ def actor_main(model_dir: str, port: int, side_port: int, raw_port: int, weights
                 raise RuntimeError(f"{kind}: nothing newer than v{engine.version}")
             version, arrays = got
             t1 = time.perf_counter()
-            engine.load_weights([(n, as_tensor(a)) for n, a in arrays], version)
+            engine.load_weights([(n, as_tensor(a)) for n, a in arrays], version, receivers[kind].private_buffers)
             t2 = time.perf_counter()
             side.send(msgspec.msgpack.encode(["done", engine.version, t1 - t0, t2 - t1]))
             del got, arrays  # after the reply: freeing the received buffers is not part of the update

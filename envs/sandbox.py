@@ -245,6 +245,10 @@ async def run_python(
             # Always: the group goes (stragglers, a timeout, or our caller cancelling us).
             _kill_group(proc)
             exit_code = await proc.wait()
+            # and its pipe transport with it, now (left to the GC, it complains about a closed loop)
+            transport = getattr(proc, "_transport", None)
+            if transport is not None:
+                transport.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     output = bytes(buf).decode("utf-8", errors="replace")

@@ -90,6 +90,10 @@ class WeightsPublisher(Protocol):
 class WeightsReceiver(Protocol):
     """One actor's side."""
 
+    private_buffers: bool
+    """True when fetched arrays live in memory only this process holds and nothing reuses (so an
+    engine may serve them without a copy); False for file-backed arrays."""
+
     async def fetch(self, have_version: int, timeout_s: float) -> tuple[int, NamedArrays] | None:
         """The newest version if newer than ``have_version``, complete and verified; else ``None``.
 
@@ -121,6 +125,8 @@ class ZmqPublisher:
 
 class ZmqReceiver:
     """Pulls chunks over the actor's control DEALER (``ActorClient.fetch_weights``)."""
+
+    private_buffers = True  # each fetch receives into new ZeroMQ messages
 
     def __init__(self, client: ActorClient, actor_id: str):
         self.client = client
@@ -236,6 +242,8 @@ class FilesystemPublisher:
 
 class FilesystemReceiver:
     """Reads the newest complete version from ``weights_dir`` and verifies it."""
+
+    private_buffers = False  # mapped from files the publisher later deletes (unsafe to serve from on NFS)
 
     def __init__(self, weights_dir: str | Path):
         self.dir = Path(weights_dir)
@@ -529,6 +537,8 @@ class CollectivePublisher:
 
 class CollectiveReceiver:
     """An actor's membership of the weights group: joins each round and receives its tensors."""
+
+    private_buffers = True  # each round receives into new buffers
 
     def __init__(self, group: m.WeightsGroup, timeout_s: float):
         from torch.distributed import TCPStore

@@ -63,3 +63,28 @@ def test_weights_that_do_not_fit_are_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="do not fit"):
         engine.load_weights([("model.not_a_param", torch.zeros(3))], version=1)
     assert engine.version == 0
+
+
+def test_adopted_weights_are_served_without_a_copy_and_stay_tied(tiny_model_dir):
+    engine = HFEngine(tiny_model_dir, seed=0)
+    s = SamplingSettings(max_tokens=8, temperature=0.0)
+    new = {k: v + 0.5 * torch.randn_like(v) for k, v in engine.model.state_dict().items() if k != "lm_head.weight"}
+    copied = HFEngine(tiny_model_dir, seed=0)
+    copied.load_weights(new.items(), version=2)
+    engine.load_weights(new.items(), version=2, adopt=True)
+    model = engine.model
+    assert model.model.embed_tokens.weight.data_ptr() == new["model.embed_tokens.weight"].data_ptr()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+    # the same weights served either way: the same greedy tokens and log-probs
+    a, b = (asyncio.run(e.generate([1, 5, 6], s)) for e in (engine, copied))
+    assert a.token_ids == b.token_ids and a.version == b.version == 2
+    assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-6)
+
+
+def test_adopt_falls_back_to_a_copy_when_a_dtype_differs(tiny_model_dir):
+    engine = HFEngine(tiny_model_dir, seed=0)
+    new = {k: v.double() for k, v in engine.model.state_dict().items() if k != "lm_head.weight"}
+    engine.load_weights(new.items(), version=1, adopt=True)
+    weight = engine.model.model.embed_tokens.weight
+    assert weight.dtype == torch.float32 and weight.data_ptr() != new["model.embed_tokens.weight"].data_ptr()
+    assert torch.equal(weight, new["model.embed_tokens.weight"].float())

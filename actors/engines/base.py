@@ -65,11 +65,13 @@ class Engine(abc.ABC):
         """Sample a continuation of ``prompt_ids``. Safe to call concurrently."""
 
     @abc.abstractmethod
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, adopt: bool = False) -> None:
         """Replace the served weights in place (HF parameter names) and serve ``version``.
 
         Called only while no ``generate`` is running (the actor pauses admission
         and drains in-flight requests first), so no request mixes two versions.
+        ``adopt``: the caller hands the tensors over (nothing else writes or frees
+        their memory), so an engine may serve them as they are instead of copying.
         """
 
     async def close(self) -> None:

@@ -80,10 +80,20 @@ class HFEngine(Engine):
         if self._worker is not None and not self._worker.done():
             self._worker.cancel()
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, adopt: bool = False) -> None:
+        """Copy the tensors into the model; with ``adopt``, serve them without a copy where they
+        already have the parameter's device, dtype and shape (every one of them, or none)."""
         state = {name: t for name, t in named_tensors}
         with self._lock:
-            result = self.model.load_state_dict(state, strict=False)
+            current = self.model.state_dict()
+            assign = adopt and all(
+                name in current and t.device == current[name].device and t.dtype == current[name].dtype
+                and t.shape == current[name].shape
+                for name, t in state.items()
+            )
+            result = self.model.load_state_dict(state, strict=False, assign=assign)
+            if assign:
+                self.model.tie_weights()  # lm_head must follow an adopted embedding (tied models)
             tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
             missing = set(result.missing_keys) - tied
             if missing or result.unexpected_keys:

@@ -29,5 +29,5 @@ class ScriptedEngine(Engine):
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.stop_id]
         return Generation(ids, [0.0] * len(ids), "stop", self.version)
 
-    def load_weights(self, named_tensors: Iterable, version: int) -> None:
+    def load_weights(self, named_tensors: Iterable, version: int, adopt: bool = False) -> None:
         raise NotImplementedError("a scripted engine has no weights")

@@ -187,8 +187,9 @@ class VLLMEngine(Engine):
             version=version,
         )
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        """Reload HF-named tensors into the running model in place and serve ``version``.
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, adopt: bool = False) -> None:
+        """Reload HF-named tensors into the running model in place and serve ``version``
+        (``adopt`` changes nothing: the worker always copies into its own layout).
 
         Blocks until the worker has loaded them. Safe while ``generate`` calls run
         (in-flight updates): new requests wait, running ones finish on the old

@@ -63,9 +63,18 @@ def format_number(value: int | float) -> str:
     return str(value)
 
 
+def _parse(expression: str) -> ast.Expression:
+    try:
+        return ast.parse(expression, mode="eval")
+    except SystemError:
+        # CPython 3.11 (gh-106905): a parse nested in this one (a finalizer run by the GC that
+        # formats a traceback) corrupts the AST depth counter; the expression itself is fine
+        return ast.parse(expression, mode="eval")
+
+
 def evaluate(expression: str) -> int | float:
     """Evaluate arithmetic safely (no ``eval``): numbers, + - * / // % **, unary minus, parentheses."""
-    return _eval(ast.parse(expression.strip(), mode="eval"))
+    return _eval(_parse(expression.strip()))
 
 
 @tool
