@@ -27,21 +27,13 @@ def build_parts(cfg: RelayConfig, model_path: str) -> Parts:
     """Everything but the engine, for ``cfg`` and the model at ``model_path``."""
     from transformers import AutoConfig, AutoTokenizer
 
-    import envs
     from actors.actor import Scorer
+    from envs.agents import agent_for_config
     from envs.rewards import get_reward
-    from envs.tools import get_tool
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    tools = [get_tool(name) for name in cfg.agent.tools]
-    agent = envs.make_agent(
-        cfg.agent.agent_type,
-        tokenizer,
-        tools,
-        template=cfg.agent.template,
-        system_prompt=cfg.agent.system_prompt,
-        prompt_key=cfg.data.prompt_key,
-    )
+    agent = agent_for_config(cfg, tokenizer)
+    tools = list(agent.tools.values())
 
     def count_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])

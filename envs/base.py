@@ -71,6 +71,9 @@ class Conversation:
 class Agent(abc.ABC):
     """Turn logic of one agent type (``hf``, ``react``, ``code``). Stateless across episodes."""
 
+    tools: dict[str, Any]
+    """The tools it offers the model, by name (``envs.tools.Tool``)."""
+
     @abc.abstractmethod
     def start(self, row: dict[str, Any]) -> Conversation:
         """The opening messages (system prompt with tools, user question) for ``row``."""

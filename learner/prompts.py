@@ -23,18 +23,10 @@ def prompt_lengths(cfg: RelayConfig, rows: list[dict[str, Any]]) -> list[int]:
     """Tokens of each row's rendered prompt, [len(rows)], with the agent and tokenizer of ``cfg``."""
     from transformers import AutoTokenizer
 
-    import envs
-    from envs.tools import get_tool
+    from envs.agents import agent_for_config
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.actor_rollout_ref.model.path)
-    agent = envs.make_agent(
-        cfg.agent.agent_type,
-        tokenizer,
-        [get_tool(name) for name in cfg.agent.tools],
-        template=cfg.agent.template,
-        system_prompt=cfg.agent.system_prompt,
-        prompt_key=cfg.data.prompt_key,
-    )
+    agent = agent_for_config(cfg, tokenizer)
     texts = [agent.prompt_text(agent.start(row)) for row in rows]
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
 

@@ -85,12 +85,7 @@ class HFEngine(Engine):
         already have the parameter's device, dtype and shape (every one of them, or none)."""
         state = {name: t for name, t in named_tensors}
         with self._lock:
-            current = self.model.state_dict()
-            assign = adopt and all(
-                name in current and t.device == current[name].device and t.dtype == current[name].dtype
-                and t.shape == current[name].shape
-                for name, t in state.items()
-            )
+            assign = adopt and self._fits_as_is(state)
             result = self.model.load_state_dict(state, strict=False, assign=assign)
             if assign:
                 self.model.tie_weights()  # lm_head must follow an adopted embedding (tied models)
@@ -102,6 +97,14 @@ class HFEngine(Engine):
                     f"unexpected {sorted(result.unexpected_keys)[:5]}"
                 )
             self.version = version
+
+    def _fits_as_is(self, state: dict[str, torch.Tensor]) -> bool:
+        """Every tensor has its parameter's device, dtype and shape (so it can be served as is)."""
+        current = self.model.state_dict()
+        return all(
+            name in current and (t.device, t.dtype, t.shape) == (current[name].device, current[name].dtype, current[name].shape)
+            for name, t in state.items()
+        )
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -6,7 +6,7 @@ plus one line here.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from envs.agents.chat import ChatAgent
 from envs.agents.code import CodeAgent
@@ -14,6 +14,9 @@ from envs.agents.hf import HFAgent
 from envs.agents.react import ReActAgent
 from envs.base import Agent
 from envs.tools.base import Tool
+
+if TYPE_CHECKING:
+    from configs.schema import RelayConfig
 
 AGENT_TYPES: dict[str, type[ChatAgent]] = {
     "hf": HFAgent,
@@ -41,4 +44,19 @@ def make_agent(
     return cls(tokenizer, tools, template=template, system_prompt=system_prompt, prompt_key=prompt_key)
 
 
-__all__ = ["AGENT_TYPES", "ChatAgent", "CodeAgent", "HFAgent", "ReActAgent", "make_agent"]
+def agent_for_config(cfg: RelayConfig, tokenizer: Any) -> Agent:
+    """The agent ``cfg`` describes (``agent.*`` with its registered tools, ``data.prompt_key``):
+    the one place actors and the learner's prompt-length filter build it, so both render alike."""
+    from envs.tools import get_tool
+
+    return make_agent(
+        cfg.agent.agent_type,
+        tokenizer,
+        [get_tool(name) for name in cfg.agent.tools],
+        template=cfg.agent.template,
+        system_prompt=cfg.agent.system_prompt,
+        prompt_key=cfg.data.prompt_key,
+    )
+
+
+__all__ = ["AGENT_TYPES", "ChatAgent", "CodeAgent", "HFAgent", "ReActAgent", "agent_for_config", "make_agent"]
