@@ -28,7 +28,7 @@ from actors.engines.base import Engine, SamplingSettings
 from actors.rollout import Episode, EpisodeLimits, PromptTooLong, ToolBox, run_episode
 from envs.base import Agent
 from protocol import messages as m
-from protocol.transport import ActorClient
+from protocol.transport import ActorClient, LearnerRefused
 from protocol.weights import WeightsReceiver, make_receiver
 
 log = logging.getLogger(__name__)
@@ -130,37 +130,65 @@ class Actor:
         self.trajectories_sent = 0
         self.failures: list[BaseException] = []
         self.weights: WeightsReceiver | None = None
+        self.registrations = 0
+        self._groups: set[asyncio.Task] = set()
+        self._register_lock = asyncio.Lock()
+
+    async def register(self) -> m.Welcome:
+        welcome = await self.client.call(
+            m.Register(actor_id=self.s.actor_id, host=socket.gethostname(), pid=os.getpid(), engine=type(self.engine).__name__),
+            timeout_s=self.s.startup_timeout_s,
+        )
+        self.registrations += 1
+        self.learner_version = welcome.learner_version
+        log.info("%s registered; learner at v%d", self.s.actor_id, self.learner_version)
+        return welcome
+
+    async def call(self, msg: m.Message, timeout_s: float) -> m.Message:
+        """One control request. If the learner no longer knows this actor (it was declared dead,
+        e.g. while the process was paused), register again and retry once: the learner has already
+        requeued the groups this actor held, so the groups still running here are cancelled."""
+        try:
+            return await self.client.call(msg, timeout_s=timeout_s)
+        except LearnerRefused as e:
+            if e.code != "unregistered":
+                raise
+        await self.register_again()
+        return await self.client.call(msg, timeout_s=timeout_s)
+
+    async def register_again(self) -> None:
+        async with self._register_lock:
+            log.warning("%s: the learner declared this actor dead; registering again (its work was requeued)", self.s.actor_id)
+            current = asyncio.current_task()
+            for g in list(self._groups):
+                if g is not current:
+                    g.cancel()
+            await self.register()
 
     async def run(self) -> None:
         # one tiny request first: an engine's first batch can take seconds (allocation, kernels),
         # and an actor should register only once it can take work at full speed
         await self.engine.generate([0, 1], SamplingSettings(max_tokens=2, temperature=0.0))
-        welcome = await self.client.call(
-            m.Register(actor_id=self.s.actor_id, host=socket.gethostname(), pid=os.getpid(), engine=type(self.engine).__name__),
-            timeout_s=self.s.startup_timeout_s,
-        )
-        self.learner_version = welcome.learner_version
-        log.info("%s registered; learner at v%d", self.s.actor_id, self.learner_version)
+        welcome = await self.register()
         self.weights = make_receiver(
             self.s.weights, welcome, client=self.client, actor_id=self.s.actor_id,
             weights_dir=self.s.weights_dir, timeout_s=self.s.startup_timeout_s,
         )
         await self.sync_weights()
         heartbeat = asyncio.create_task(self.heartbeat())
-        groups: set[asyncio.Task] = set()
+        groups = self._groups
         try:
             while not self.stop:
                 self.raise_failures()
                 if self.learner_version > self.engine.version:
                     if self.s.weight_update_mode == "between_episodes" and groups:
-                        await asyncio.wait(groups)  # drain, then update
-                        groups = {g for g in groups if not g.done()}
+                        await asyncio.wait(set(groups), timeout=self.s.push_timeout_s)  # drain, then update
                         continue
                     await self.sync_weights()
                 room = self.s.group_concurrency - self.in_flight
                 grant = None
                 if room > 0:
-                    grant = await self.client.call(
+                    grant = await self.call(
                         m.WorkRequest(actor_id=self.s.actor_id, version=self.engine.version, max_groups=room),
                         timeout_s=self.s.request_timeout_s,
                     )
@@ -174,12 +202,12 @@ class Actor:
                         task.add_done_callback(groups.discard)
                 if grant is None or not grant.items:
                     if groups:
-                        await asyncio.wait(groups, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                        await asyncio.wait(set(groups), timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
                     else:
                         await asyncio.sleep(0.05)
         finally:
             heartbeat.cancel()
-            for g in groups:
+            for g in list(groups):
                 g.cancel()
             await asyncio.gather(*groups, heartbeat, return_exceptions=True)
         self.raise_failures()
@@ -191,7 +219,13 @@ class Actor:
     async def sync_weights(self) -> None:
         t0 = time.perf_counter()
         # all bytes arrived and verified before anything is loaded: never a half-applied version
-        got = await self.weights.fetch(self.engine.version, timeout_s=self.s.request_timeout_s)
+        try:
+            got = await self.weights.fetch(self.engine.version, timeout_s=self.s.request_timeout_s)
+        except LearnerRefused as e:
+            if e.code != "unregistered":
+                raise
+            await self.register_again()
+            got = await self.weights.fetch(self.engine.version, timeout_s=self.s.request_timeout_s)
         if got is None:
             return
         version, arrays = got
@@ -204,7 +238,7 @@ class Actor:
     async def heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.s.heartbeat_interval_s)
-            ack = await self.client.call(
+            ack = await self.call(
                 m.Heartbeat(actor_id=self.s.actor_id, version=self.engine.version, in_flight=self.in_flight),
                 timeout_s=self.s.request_timeout_s,
             )
@@ -222,8 +256,17 @@ class Actor:
                 self.trajectories_sent += 1
         except PromptTooLong as e:  # bad input: tell the learner, keep serving the other groups
             log.error("%s: cannot roll out %s: %s", self.s.actor_id, item.sample_id, e)
-            await self.client.call(
+            await self.call(
                 m.WorkFailed(actor_id=self.s.actor_id, sample_id=item.sample_id, reason=str(e)),
+                timeout_s=self.s.request_timeout_s,
+            )
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise  # this actor cancelled the group (shutdown, re-registration): the learner requeues it
+            # something inside the episode raised CancelledError: the group cannot finish, say so
+            log.error("%s: group %s was cancelled from inside (a tool or the engine)", self.s.actor_id, item.sample_id)
+            await self.call(
+                m.WorkFailed(actor_id=self.s.actor_id, sample_id=item.sample_id, reason="cancelled inside the episode"),
                 timeout_s=self.s.request_timeout_s,
             )
         except Exception as e:

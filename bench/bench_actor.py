@@ -26,6 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from protocol.auth import ENV_SECRET, new_secret  # noqa: E402
+
+os.environ.setdefault(ENV_SECRET, new_secret().hex())  # the server here and the actor it starts share one run secret
+
 
 def main() -> int:
     ap = argparse.ArgumentParser()

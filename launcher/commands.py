@@ -64,6 +64,33 @@ def _prepare(cfg: RelayConfig, port: int) -> tuple[RelayConfig, Path]:
     return cfg, run_dir
 
 
+def _run_secret(run_dir: Path, create: bool) -> str | None:
+    """Name this run's secret in the environment the children inherit (``protocol.auth``).
+
+    One given in the environment wins. Otherwise ``create``: a new one, written to
+    ``<run dir>/relay.secret`` (0600) so actors on other nodes can read it from the shared run
+    directory; not ``create``: that file, which must exist. Returns an error message or None.
+    """
+    from protocol.auth import ENV_SECRET, ENV_SECRET_FILE, AuthError, new_secret, read_secret_file, secret_from_env, write_secret_file
+
+    try:
+        if secret_from_env() is not None:
+            return None
+        path = run_dir / "relay.secret"
+        if create:
+            os.environ[ENV_SECRET] = new_secret().hex()
+            write_secret_file(path, bytes.fromhex(os.environ[ENV_SECRET]))
+            return None
+        if not path.exists():
+            return (f"no run secret: the learner writes {path} when it starts; start it first, or set "
+                    f"{ENV_SECRET_FILE} to the learner's secret file")
+        read_secret_file(path)
+        os.environ[ENV_SECRET_FILE] = str(path)
+    except AuthError as e:
+        return str(e)
+    return None
+
+
 def _write_config(cfg: RelayConfig, path: Path) -> Path:
     """Write the resolved config atomically (several nodes may share the run dir)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,6 +139,9 @@ def train_local(cfg: RelayConfig) -> int:
     # every local actor gets work, however long its engine takes to start
     cfg = cfg.model_copy(update={"transport": cfg.transport.model_copy(update={"min_actors": cfg.actor_rollout_ref.rollout.num_actors})})
     config_path = _write_config(cfg, run_dir / "config.yaml")
+    if error := _run_secret(run_dir, create=True):
+        _say(error)
+        return 2
     world = cfg.trainer.n_gpus_per_node
     port = cfg.transport.port
     children = plan_local(config_path, run_dir, world, cfg.actor_rollout_ref.rollout.num_actors, port)
@@ -155,6 +185,9 @@ def run_learner_node(cfg: RelayConfig, node_rank: int, master_addr: str, master_
              "use an interface address or 0.0.0.0 for actors on other nodes")
     cfg, run_dir = _prepare(cfg, cfg.transport.port or free_port(pairs=2))
     config_path = _write_config(cfg, run_dir / "configs" / f"learner-node{node_rank}.yaml")
+    if node_rank == 0 and (error := _run_secret(run_dir, create=True)):
+        _say(error)
+        return 2
     per_node = t.n_gpus_per_node
     master_port = master_port or free_port()
     children = plan_learner_node(config_path, run_dir, node_rank, t.nnodes, per_node, master_addr, master_port)
@@ -178,6 +211,9 @@ def run_actor_node(cfg: RelayConfig, learner: str, num_actors: int | None, first
     n = num_actors or cfg.actor_rollout_ref.rollout.num_actors
     cfg, run_dir = _prepare(cfg, int(port))
     config_path = _write_config(cfg, run_dir / "configs" / f"actors-{first_index}.yaml")
+    if error := _run_secret(run_dir, create=False):
+        _say(error)
+        return 2
     children = plan_actors(config_path, run_dir, learner, n, first_index)
     _say(f"{n} actor(s) actor-{first_index}..actor-{first_index + n - 1} -> learner at {learner}; logs in {run_dir / 'logs'}")
     return _supervise(children, run_dir, f"actor-{first_index}", cfg, f"summary-actors-{first_index}.json")

@@ -114,8 +114,10 @@ class Coordinator:
         version: int = 0,
         consumed: int = 0,
         min_actors: int = 1,
+        vocab_size: int | None = None,
     ):
         self.stream = stream
+        self.vocab_size = vocab_size
         self.min_actors = min_actors
         self.started = False
         self.batch_groups = batch_groups
@@ -148,12 +150,20 @@ class Coordinator:
         with self.lock:
             now = time.monotonic()
             if isinstance(msg, m.Register):
+                old = self.actors.get(msg.actor_id)
+                if old is not None:  # a restarted actor: what its old process held is lost with it
+                    log.warning("actor %s registered again (was pid %d, now %d): requeueing its %d groups",
+                                msg.actor_id, old.pid, msg.pid, len(old.outstanding))
+                    self._forget(old)
+                elif msg.actor_id in self.dead_actors:
+                    log.info("actor %s, declared dead, is back (%s pid %d)", msg.actor_id, msg.host, msg.pid)
+                self.counters["registrations"] += 1
                 self.actors[msg.actor_id] = ActorInfo(msg.actor_id, msg.host, msg.pid, msg.engine, now)
                 log.info("actor %s registered (%s pid %d, %s engine)", msg.actor_id, msg.host, msg.pid, msg.engine)
                 return m.Welcome(actor_id=msg.actor_id, learner_version=self.version, max_staleness=self.max_staleness)
             info = self.actors.get(getattr(msg, "actor_id", ""))
             if info is None:
-                return m.Error(message=f"unknown actor {getattr(msg, 'actor_id', '?')!r}: register first")
+                return m.Error(message=f"unknown actor {getattr(msg, 'actor_id', '?')!r}: register first", code="unregistered")
             info.last_seen = now
             if isinstance(msg, m.Heartbeat):
                 info.version = msg.version
@@ -196,8 +206,15 @@ class Coordinator:
         return m.WorkGrant(items=items, learner_version=self.version, reason=reason)
 
     def _fail(self, info: ActorInfo, msg: m.WorkFailed) -> None:
-        """Drop a work item that can never be rolled out (counted, logged, never granted again)."""
+        """Drop a work item that can never be rolled out (counted, logged, never granted again).
+        Only the actor that holds the grant may fail it."""
         sid = msg.sample_id
+        if sid in self.val_outstanding or sid in self.outstanding:
+            owner = self.val_outstanding.get(sid, self.outstanding.get(sid))
+            if owner != info.actor_id:
+                self.counters["work_failed_not_owner"] += 1
+                log.warning("%s sent WorkFailed for %s, which %s holds: ignored", info.actor_id, sid[:64], owner)
+                return
         if self.val_outstanding.pop(sid, None) is not None:
             self.val_items.pop(sid, None)  # the round completes without it
             self.counters["validation_failed"] += 1
@@ -227,6 +244,9 @@ class Coordinator:
         return items
 
     def on_trajectory(self, traj: m.Trajectory) -> None:
+        """Take one trajectory. Raises ``ProtocolError`` (the server counts it as a bad message) for one
+        whose ids or versions cannot be real: ids outside the vocabulary, versions not yet published."""
+        m.check_trajectory(traj, vocab_size=self.vocab_size, max_version=self.version)
         with self.lock:
             if traj.validation:
                 self._on_validation(traj)
@@ -234,7 +254,16 @@ class Coordinator:
             owner = self.outstanding.get(traj.sample_id)
             if owner is None:
                 self.counters["trajectories_unexpected"] += 1
-                log.warning("trajectory for %s from %s was not outstanding; dropped", traj.sample_id, traj.actor_id)
+                log.warning("trajectory for %s from %s was not outstanding; dropped", traj.sample_id[:64], traj.actor_id[:64])
+                return
+            if owner != traj.actor_id:
+                self.counters["trajectories_not_owner"] += 1
+                log.warning("trajectory for %s from %s, but %s holds it; dropped", traj.sample_id[:64], traj.actor_id[:64], owner)
+                return
+            need = self.group_size + (1 if self.greedy_baseline else 0)
+            if not 0 <= traj.chain < need or any(t.chain == traj.chain for t in self.partial.get(traj.sample_id, ())):
+                self.counters["trajectories_duplicate"] += 1
+                log.warning("trajectory %s#%d from %s: chain out of range or already received; dropped", traj.sample_id[:64], traj.chain, owner)
                 return
             info = self.actors.get(traj.actor_id)
             if info is not None:
@@ -242,7 +271,6 @@ class Coordinator:
                 info.versions_seen.update(int(v) for v in set(traj.versions.numpy().tolist()) if v >= 0)
             group = self.partial.setdefault(traj.sample_id, [])
             group.append(traj)
-            need = self.group_size + (1 if self.greedy_baseline else 0)
             if len(group) == need:
                 del self.partial[traj.sample_id]
                 del self.outstanding[traj.sample_id]
@@ -256,13 +284,18 @@ class Coordinator:
             for info in list(self.actors.values()):
                 if now - info.last_seen > self.peer_timeout_s:
                     log.error("actor %s silent for %.0fs: declared dead; requeueing %d groups", info.actor_id, now - info.last_seen, len(info.outstanding))
-                    self._requeue(info.outstanding)
-                    for sid in sorted(s for s, a in self.val_outstanding.items() if a == info.actor_id):
-                        del self.val_outstanding[sid]
-                        self.val_pending.appendleft(self.val_items[sid])
+                    self._forget(info)
                     self.dead_actors.append(info.actor_id)
-                    del self.actors[info.actor_id]
-                    self.lock.notify_all()
+
+    def _forget(self, info: ActorInfo) -> None:
+        """Take back everything ``info`` holds (its groups go to the front of the queue)."""
+        self._requeue(info.outstanding)
+        for sid in sorted(s for s, a in self.val_outstanding.items() if a == info.actor_id):
+            del self.val_outstanding[sid]
+            self.val_pending.appendleft(self.val_items[sid])
+        del self.actors[info.actor_id]
+        self.stopped.discard(info.actor_id)
+        self.lock.notify_all()
 
     def _requeue(self, sample_ids) -> None:
         for sid in sorted(sample_ids):
@@ -310,10 +343,11 @@ class Coordinator:
     # ------------------------------------------------------------ validation
 
     def _on_validation(self, traj: m.Trajectory) -> None:
-        if self.val_outstanding.pop(traj.sample_id, None) is None:
+        if self.val_outstanding.get(traj.sample_id) != traj.actor_id:
             self.counters["validation_unexpected"] += 1
-            log.warning("validation trajectory %s from %s was not outstanding; dropped", traj.sample_id, traj.actor_id)
+            log.warning("validation trajectory %s from %s was not outstanding (for it); dropped", traj.sample_id[:64], traj.actor_id[:64])
             return
+        del self.val_outstanding[traj.sample_id]
         self.val_results[traj.sample_id] = traj
         if traj.actor_id in self.actors:
             self.actors[traj.actor_id].validation_trajectories += 1

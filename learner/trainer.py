@@ -45,7 +45,7 @@ from learner.replay import BatchDump, NoBatchDump
 from learner.sharding import gather_rows, map_chunks, plan_minibatches, shard_rows
 from learner.validation import Validator
 from protocol import messages as m
-from protocol.transport import LearnerServer
+from protocol.transport import LearnerServer, message_size_limit
 from protocol.weights import make_publisher
 
 log = logging.getLogger(__name__)
@@ -135,10 +135,12 @@ class Trainer:
                 peer_timeout_s=cfg.transport.peer_timeout_s,
                 greedy_baseline=algos.needs_greedy_baseline(cfg.algorithm.adv_estimator),
                 min_actors=cfg.transport.min_actors,
+                vocab_size=self.model.get_input_embeddings().num_embeddings,
             )
             self.checkpoints.restore_coordinator(self.coordinator)  # before any actor can be granted work
             self.server = LearnerServer(
-                self.coordinator, cfg.transport.bind_host, cfg.transport.port, cfg.transport.trajectory_hwm, ready=False
+                self.coordinator, cfg.transport.bind_host, cfg.transport.port, cfg.transport.trajectory_hwm, ready=False,
+                max_message_bytes=message_size_limit(getattr(self.model.config, "max_position_embeddings", 32768)),
             )
             self.weights = make_publisher(
                 cfg.transport.weights, server=self.server, chunk_bytes=cfg.transport.weights_chunk_mb << 20,
@@ -175,6 +177,7 @@ class Trainer:
                 self.ledger.write(json.dumps({"step": step, "version": self.version, "samples": sb.sample_ids}) + "\n")
                 self.ledger.flush()
                 stats.update(wait_info)
+                stats.update(self.server.counters())
                 stats.update(reward_metrics(sb.trajectories, sb.batch))
                 stats.update(
                     {

@@ -15,6 +15,7 @@ copied into an intermediate blob.
 
 from __future__ import annotations
 
+import math
 from typing import Union
 
 import msgspec
@@ -35,23 +36,43 @@ class _Msg(msgspec.Struct, tag_field="kind", kw_only=True):
 # ----------------------------------------------------------------- arrays
 
 
+PACKED_DTYPES: dict[str, int] = {"int32": 4, "int64": 8, "uint8": 1, "float32": 4, "float64": 8}
+"""The element types a ``Packed`` array may have, with their sizes in bytes (an allow-list:
+anything else, e.g. ``'V0'``, ``'S0'``, ``'<U10'``, ``'M8'``, is refused when decoded)."""
+
+TENSOR_DTYPES: dict[str, int] = {
+    "bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "int64": 8, "int32": 4, "int16": 2,
+    "int8": 1, "uint8": 1, "bool": 1,
+    "<f2": 2, "<f4": 4, "<f8": 8, "<i8": 8, "<i4": 4, "<i2": 2, "|i1": 1, "|u1": 1, "|b1": 1,
+}
+"""The element types a weight tensor may have on the wire (torch names, and the numpy ``dtype.str``
+forms older senders use), with their sizes in bytes."""
+
+MAX_DIMS = 8
+"""Most dimensions a weight tensor's shape may have."""
+
+
 class Packed(msgspec.Struct, frozen=True):
-    """A 1-D array as raw little-endian bytes."""
+    """A 1-D array as raw little-endian bytes (``dtype`` from ``PACKED_DTYPES``)."""
 
     dtype: str
     data: bytes
 
+    def __post_init__(self):
+        size = PACKED_DTYPES.get(self.dtype)
+        if size is None:
+            raise ValueError(f"packed dtype {self.dtype[:32]!r} is not one of {sorted(PACKED_DTYPES)}")
+        if len(self.data) % size:
+            raise ValueError(f"packed {self.dtype} array of {len(self.data)} bytes is not a whole number of elements")
+
     def numpy(self) -> np.ndarray:
-        try:
-            return np.frombuffer(self.data, dtype=np.dtype(self.dtype).newbyteorder("<"))
-        except (TypeError, ValueError) as e:
-            raise ProtocolError(f"bad packed array (dtype {self.dtype!r}, {len(self.data)} bytes): {e}") from e
+        return np.frombuffer(self.data, dtype=np.dtype(self.dtype).newbyteorder("<"))
 
     def tolist(self) -> list:
         return self.numpy().tolist()
 
     def __len__(self) -> int:
-        return len(self.data) // np.dtype(self.dtype).itemsize
+        return len(self.data) // PACKED_DTYPES[self.dtype]
 
 
 def pack(values, dtype: str) -> Packed:
@@ -151,12 +172,22 @@ class WeightsRequest(_Msg, tag="weights_request"):
 
 
 class TensorMeta(msgspec.Struct, frozen=True):
-    """Name, dtype and shape of one tensor whose bytes follow as a frame."""
+    """Name, dtype (from ``TENSOR_DTYPES``) and shape of one tensor whose bytes follow as a frame;
+    ``nbytes`` is checked against the shape and dtype when decoded."""
 
     name: str
     dtype: str
     shape: list[int]
     nbytes: int
+
+    def __post_init__(self):
+        size = TENSOR_DTYPES.get(self.dtype)
+        if size is None:
+            raise ValueError(f"tensor {self.name[:64]!r}: dtype {self.dtype[:32]!r} is not one of {sorted(TENSOR_DTYPES)}")
+        if len(self.shape) > MAX_DIMS or any(d < 0 for d in self.shape):
+            raise ValueError(f"tensor {self.name[:64]!r}: bad shape {self.shape[:MAX_DIMS + 1]}")
+        if math.prod(self.shape) * size != self.nbytes:
+            raise ValueError(f"tensor {self.name[:64]!r}: {self.nbytes} bytes do not fit shape {self.shape} of {self.dtype}")
 
 
 class WeightsChunk(_Msg, tag="weights_chunk"):
@@ -212,6 +243,9 @@ class Error(_Msg, tag="error"):
     """Reply to a request the learner could not serve."""
 
     message: str
+    code: str = ""
+    """Machine-readable reason: ``unregistered`` (the learner does not know this actor, e.g. it was
+    declared dead while paused: register again and carry on), ``not_owner``, or empty."""
 
 
 # ----------------------------------------------------------------- data
@@ -289,13 +323,18 @@ def encode(msg: _Msg) -> bytes:
 
 
 def decode(data: bytes | memoryview) -> Message:
-    """Decode one message; any failure is a ``ProtocolError`` saying what was wrong."""
+    """Decode one message. Total: any byte string gives a message or a ``ProtocolError`` saying
+    what was wrong, never another exception (deep nesting, bad dtypes and lengths included)."""
     try:
         msg = _decoder.decode(data)
     except msgspec.ValidationError as e:
-        raise ProtocolError(f"invalid message: {e}") from e
+        raise ProtocolError(f"invalid message: {_short(e)}") from None
     except msgspec.DecodeError as e:
-        raise ProtocolError(f"undecodable message ({len(data)} bytes): {e}") from e
+        raise ProtocolError(f"undecodable message ({len(data)} bytes): {_short(e)}") from None
+    except RecursionError:
+        raise ProtocolError(f"message nested too deeply ({len(data)} bytes)") from None
+    except Exception as e:  # noqa: BLE001 - the guarantee is that nothing else escapes
+        raise ProtocolError(f"undecodable message ({len(data)} bytes): {type(e).__name__}: {_short(e)}") from None
     if msg.v != SCHEMA_VERSION:
         raise ProtocolError(
             f"{type(msg).__name__} has schema version {msg.v}; this build speaks {SCHEMA_VERSION}"
@@ -305,23 +344,53 @@ def decode(data: bytes | memoryview) -> Message:
     return msg
 
 
-def check_trajectory(t: Trajectory) -> None:
-    """Cheap structural checks: the response arrays line up, the mask is 0/1, ids are valid."""
+def _short(e: BaseException, limit: int = 300) -> str:
+    """An exception's message cut to ``limit`` characters (a hostile frame must not flood the log)."""
+    s = str(e)
+    return s if len(s) <= limit else s[:limit] + f"... ({len(s)} chars)"
+
+
+TRAJECTORY_DTYPES = {"prompt_ids": "int32", "response_ids": "int32", "loss_mask": "uint8", "logprobs": "float32", "versions": "int32"}
+"""The element type of each of a ``Trajectory``'s arrays (what ``actors.actor.to_trajectory`` packs)."""
+
+
+def check_trajectory(t: Trajectory, vocab_size: int | None = None, max_version: int | None = None) -> None:
+    """Structural checks of a trajectory; a violation is a ``ProtocolError`` naming it.
+
+    Always: each array has its dtype, the response arrays line up, the prompt is not empty, the
+    mask is 0/1, ids are non-negative, sampled tokens carry a version >= 0 (others -1 or more), log-probs are finite and <= 0. With ``vocab_size``: every id is below it (an id past the
+    embedding would crash training). With ``max_version``: no token claims a policy version the
+    learner has not published yet.
+    """
+    where = f"trajectory {t.sample_id[:64]}#{t.chain}"
+    for name, dtype in TRAJECTORY_DTYPES.items():
+        if getattr(t, name).dtype != dtype:
+            raise ProtocolError(f"{where}: {name} must be {dtype}, got {getattr(t, name).dtype}")
     n = len(t.response_ids)
     for name in ("loss_mask", "logprobs", "versions"):
         if len(getattr(t, name)) != n:
-            raise ProtocolError(
-                f"trajectory {t.sample_id}#{t.chain}: {name} has {len(getattr(t, name))} entries, "
-                f"response_ids has {n}"
-            )
+            raise ProtocolError(f"{where}: {name} has {len(getattr(t, name))} entries, response_ids has {n}")
     if len(t.prompt_ids) == 0:
-        raise ProtocolError(f"trajectory {t.sample_id}#{t.chain}: empty prompt")
+        raise ProtocolError(f"{where}: empty prompt")
+    if t.chain < 0:
+        raise ProtocolError(f"{where}: negative chain index")
     mask = t.loss_mask.numpy()
     if mask.size and (mask.max() > 1):
-        raise ProtocolError(f"trajectory {t.sample_id}#{t.chain}: loss_mask is not 0/1")
-    ids = t.response_ids.numpy()
-    if ids.size and ids.min() < 0:
-        raise ProtocolError(f"trajectory {t.sample_id}#{t.chain}: negative token id")
+        raise ProtocolError(f"{where}: loss_mask is not 0/1")
+    for name in ("prompt_ids", "response_ids"):
+        ids = getattr(t, name).numpy()
+        if ids.size and ids.min() < 0:
+            raise ProtocolError(f"{where}: negative token id in {name}")
+        if vocab_size is not None and ids.size and ids.max() >= vocab_size:
+            raise ProtocolError(f"{where}: token id {int(ids.max())} in {name} is outside the vocabulary ({vocab_size})")
+    versions = t.versions.numpy()
+    sampled = mask == 1
+    if versions.size and (versions.min() < -1 or np.any(versions[sampled] < 0)):
+        raise ProtocolError(f"{where}: sampled tokens need a version >= 0, other tokens >= -1")
+    if max_version is not None and versions.size and versions.max() > max_version:
+        raise ProtocolError(f"{where}: version {int(versions.max())} is newer than the learner's v{max_version}")
     lp = t.logprobs.numpy()
-    if lp.size and (not np.all(np.isfinite(lp)) or np.any(lp[mask == 1] > 1e-4)):
-        raise ProtocolError(f"trajectory {t.sample_id}#{t.chain}: sampling log-probs must be finite and <= 0")
+    if lp.size and (not np.all(np.isfinite(lp)) or np.any(lp[sampled] > 1e-4)):
+        raise ProtocolError(f"{where}: sampling log-probs must be finite and <= 0")
+    if not all(math.isfinite(x) for x in (t.reward, *t.reward_components.values(), *t.turn_rewards)):
+        raise ProtocolError(f"{where}: rewards must be finite")

@@ -21,6 +21,21 @@ trajectory is lost. The control ROUTER has no send HWM (replies are never
 dropped) and ``ROUTER_MANDATORY`` so a reply to a vanished peer is an error we
 see, not a silent drop.
 
+Authentication and limits
+-------------------------
+Every message's first frame is a keyed MAC with the run secret
+(``protocol/auth.py`` says why a MAC and not CURVE, and what it does and does
+not protect): requests ``[tag, body]``, replies ``[tag, body]``, trajectories
+``[tag, body]``, weights chunks ``[tag, header, buf_0, ...]`` (the tag covers
+the header, which carries the buffers' checksum). A frame that does not
+verify is dropped unanswered and counted (``unauthenticated``). Learner
+sockets refuse frames over ``max_message_bytes`` (``ZMQ_MAXMSGSIZE``: the
+peer is disconnected), derived from the model's context length. Decoding is
+total (``messages.decode``), and both server loops survive anything a single
+message does to a handler: it is counted (``bad_messages``), logged in one
+bounded line (the first few in full, then one line per thousand), and the
+loop carries on.
+
 Readiness handshake
 -------------------
 The learner binds before any actor starts. An actor connects (ZeroMQ queues
@@ -47,6 +62,7 @@ import zmq
 import zmq.asyncio
 
 from protocol import messages as m
+from protocol.auth import DATA, REPLY, REQUEST, FrameMac, require_secret
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +71,38 @@ class TransportTimeout(TimeoutError):
     """A blocking wait on the transport ran out; the message says what for."""
 
 
+class LearnerRefused(m.ProtocolError):
+    """The learner answered a request with an ``Error``; ``code`` says why (see ``messages.Error``)."""
+
+    def __init__(self, request: str, error: m.Error):
+        super().__init__(f"learner refused {request}: {error.message}")
+        self.code = error.code
+
+
 def endpoints(host: str, port: int) -> tuple[str, str]:
     """The control and data endpoints of a learner at ``host:port``."""
     return f"tcp://{host}:{port}", f"tcp://{host}:{port + 1}"
+
+
+def message_size_limit(context_tokens: int) -> int:
+    """Largest frame the learner accepts: a trajectory of ``context_tokens`` tokens (13 bytes of
+    arrays per token, plus up to 51 bytes of decoded text each for its final answer) and 1 MiB
+    for everything else (reward components, stats)."""
+    return (1 << 20) + 64 * max(1, context_tokens)
+
+
+class _BadFrameLog:
+    """One bounded log line per bad frame for the first ``full`` of them, then one per ``every``."""
+
+    def __init__(self, full: int = 20, every: int = 1000):
+        self.full, self.every, self.n = full, every, 0
+
+    def __call__(self, what: str, peer: str, err: BaseException | str) -> None:
+        self.n += 1
+        if self.n <= self.full or self.n % self.every == 0:
+            text = str(err)
+            text = text if len(text) <= 300 else text[:300] + "..."
+            log.warning("%s from %s (%d so far): %s", what, peer, self.n, text)
 
 
 # ----------------------------------------------------------------- weights
@@ -174,16 +219,23 @@ class LearnerHandler(Protocol):
 class LearnerServer:
     """Rank 0's sockets, owned by one IO thread (ZeroMQ sockets are not thread-safe)."""
 
-    def __init__(self, handler: LearnerHandler, bind_host: str, port: int, hwm: int = 1024, tick_s: float = 0.2, ready: bool = True):
+    def __init__(
+        self, handler: LearnerHandler, bind_host: str, port: int, hwm: int = 1024, tick_s: float = 0.2, ready: bool = True,
+        *, secret: bytes | None = None, max_message_bytes: int = 64 << 20,
+    ):
         self.handler = handler
+        self.mac = FrameMac(require_secret(secret))
         self.ctx = zmq.Context()
         self.control = self.ctx.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.control.setsockopt(zmq.SNDHWM, 0)
         self.control.setsockopt(zmq.LINGER, 0)
+        self.control.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self.data = self.ctx.socket(zmq.PULL)
         self.data.setsockopt(zmq.RCVHWM, hwm)
         self.data.setsockopt(zmq.LINGER, 0)
+        self.data.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self.max_message_bytes = max_message_bytes
         control_ep, data_ep = endpoints(bind_host, port)
         self.control.bind(control_ep)
         self.data.bind(data_ep)
@@ -192,6 +244,12 @@ class LearnerServer:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.bad_messages = 0
+        """Authenticated frames that were malformed or that a handler refused (each dropped)."""
+        self.unauthenticated = 0
+        """Frames without a valid run-secret tag (dropped unanswered)."""
+        self.handler_errors = 0
+        """Messages whose handler raised something unexpected (counted in ``bad_messages`` too)."""
+        self._bad_log = _BadFrameLog()
         self.weights_bytes_sent = 0
         self.error: BaseException | None = None
         self.weights_group_for: Callable[[str], m.WeightsGroup | None] | None = None
@@ -223,11 +281,11 @@ class LearnerServer:
         with self._lock:
             snap = self._weights
         if snap is None or snap.version <= have_version:
-            self.control.send_multipart([ident, m.encode(m.NoWeights(learner_version=snap.version if snap else -1))])
+            self._reply(ident, m.NoWeights(learner_version=snap.version if snap else -1))
             return
         for i in range(len(snap)):
             header, bufs = snap.chunk(i)
-            self.control.send_multipart([ident, header, *bufs], copy=False)
+            self.control.send_multipart([ident, self.mac.tag(REPLY, header), header, *bufs], copy=False)
         self.weights_bytes_sent += snap.nbytes
 
     def _run(self) -> None:
@@ -240,18 +298,10 @@ class LearnerServer:
                 if self.data in events:
                     for _ in range(256):
                         try:
-                            frame = self.data.recv(zmq.NOBLOCK)
+                            frames = self.data.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        try:
-                            msg = m.decode(frame)
-                            if not isinstance(msg, m.Trajectory):
-                                raise m.ProtocolError(f"data socket carries trajectories, got {type(msg).__name__}")
-                        except m.ProtocolError as e:
-                            self.bad_messages += 1
-                            log.warning("dropped a malformed message on the data socket: %s", e)
-                            continue
-                        self.handler.on_trajectory(msg)
+                        self._take_trajectory(frames)
                 if self.control in events:
                     for _ in range(256):
                         try:
@@ -263,20 +313,60 @@ class LearnerServer:
                     held, self._held = self._held, []
                     for ident, frames in held:
                         self._serve(ident, frames)
-                self.handler.on_tick(time.monotonic())
+                try:
+                    self.handler.on_tick(time.monotonic())
+                except Exception as e:  # noqa: BLE001 - a bad tick must not end the IO thread
+                    self.handler_errors += 1
+                    self._bad_log("tick handler failed", "learner", f"{type(e).__name__}: {e}")
         except BaseException as e:  # the IO thread must not die silently
             self.error = e
             log.exception("learner IO thread failed")
 
+    def _authentic(self, direction: bytes, frames: list[bytes], peer: str) -> bool:
+        if len(frames) >= 2 and len(frames[0]) == 16 and self.mac.verify(direction, frames[0], frames[1]):
+            return True
+        self.unauthenticated += 1
+        self._bad_log("dropped an unauthenticated frame", peer, f"{len(frames)} frame(s) without a valid run-secret tag")
+        return False
+
+    def _bad(self, what: str, peer: str, e: BaseException) -> None:
+        self.bad_messages += 1
+        if not isinstance(e, m.ProtocolError):
+            self.handler_errors += 1
+            e = f"{type(e).__name__}: {e}"
+        self._bad_log(what, peer, e)
+
+    def _take_trajectory(self, frames: list[bytes]) -> None:
+        if not self._authentic(DATA, frames, "data socket"):
+            return
+        try:
+            if len(frames) != 2:
+                raise m.ProtocolError(f"trajectories are one tagged frame, got {len(frames) - 1}")
+            msg = m.decode(frames[1])
+            if not isinstance(msg, m.Trajectory):
+                raise m.ProtocolError(f"data socket carries trajectories, got {type(msg).__name__}")
+            self.handler.on_trajectory(msg)
+        except Exception as e:  # noqa: BLE001 - one message never ends the loop
+            self._bad("dropped a bad message on the data socket", "data socket", e)
+
     def _serve(self, ident: bytes, frames: list[bytes]) -> None:
         peer = ident.hex()
+        if not self._authentic(REQUEST, frames, peer):
+            return  # no reply: a peer without the secret learns nothing
         try:
-            if len(frames) != 1:
-                raise m.ProtocolError(f"control requests are one frame, got {len(frames)}")
-            msg = m.decode(frames[0])
+            self._answer(ident, frames)
+        except Exception as e:  # noqa: BLE001 - one message never ends the loop
+            self._bad("control message failed", peer, e)
+            self._reply(ident, m.Error(message=m._short(e)))
+
+    def _answer(self, ident: bytes, frames: list[bytes]) -> None:
+        peer = ident.hex()
+        try:
+            if len(frames) != 2:
+                raise m.ProtocolError(f"control requests are one tagged frame, got {len(frames) - 1}")
+            msg = m.decode(frames[1])
         except m.ProtocolError as e:
-            self.bad_messages += 1
-            log.warning("malformed control message from %s: %s", peer, e)
+            self._bad("malformed control message", peer, e)
             self._reply(ident, m.Error(message=str(e)))
             return
         if isinstance(msg, m.Register) and not self._ready.is_set():
@@ -297,10 +387,19 @@ class LearnerServer:
             self._reply(ident, reply)
 
     def _reply(self, ident: bytes, msg: m.Message) -> None:
+        body = m.encode(msg)
         try:
-            self.control.send_multipart([ident, m.encode(msg)])
+            self.control.send_multipart([ident, self.mac.tag(REPLY, body), body])
         except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY): nothing to deliver to
             log.warning("reply to %s undeliverable: %s", ident.hex(), e)
+
+    def counters(self) -> dict[str, int]:
+        """What the sockets dropped so far, for the step metrics."""
+        return {
+            "transport/bad_messages": self.bad_messages,
+            "transport/unauthenticated": self.unauthenticated,
+            "transport/handler_errors": self.handler_errors,
+        }
 
     def check(self) -> None:
         """Raise if the IO thread died."""
@@ -321,7 +420,8 @@ class LearnerServer:
 class ActorClient:
     """An actor's connection to the learner (asyncio; one request in flight at a time)."""
 
-    def __init__(self, host: str, port: int, hwm: int = 1024):
+    def __init__(self, host: str, port: int, hwm: int = 1024, *, secret: bytes | None = None):
+        self.mac = FrameMac(require_secret(secret))
         self.control_ep, self.data_ep = endpoints(host, port)
         self.ctx = zmq.asyncio.Context()
         self._dealer: zmq.asyncio.Socket | None = None
@@ -346,22 +446,30 @@ class ActorClient:
             self._dealer = None
 
     async def _recv(self, sock, timeout_s: float, what: str) -> list:
+        """The frames of one reply, its tag checked and removed."""
         if not await sock.poll(timeout_s * 1000, zmq.POLLIN):
             self._reset()
             raise TransportTimeout(f"no {what} from the learner at {self.control_ep} within {timeout_s:.0f}s")
         frames = await sock.recv_multipart(copy=False)
         self.bytes_received += sum(f.buffer.nbytes for f in frames)
-        return frames
+        if len(frames) < 2 or not self.mac.verify(REPLY, frames[0].buffer, frames[1].buffer):
+            self._reset()
+            raise m.ProtocolError(f"{what} from {self.control_ep} does not carry this run's secret (another job on that port?)")
+        return frames[1:]
+
+    async def _send(self, sock, msg: m.Message) -> None:
+        body = m.encode(msg)
+        await sock.send_multipart([self.mac.tag(REQUEST, body), body])
 
     async def call(self, msg: m.Message, timeout_s: float) -> m.Message:
-        """Send one control request and return its reply (an ``Error`` reply raises)."""
+        """Send one control request and return its reply (an ``Error`` reply raises ``LearnerRefused``)."""
         async with self._lock:
             sock = self._socket()
-            await sock.send(m.encode(msg))
+            await self._send(sock, msg)
             frames = await self._recv(sock, timeout_s, f"reply to {type(msg).__name__}")
         reply = m.decode(frames[0].bytes)
         if isinstance(reply, m.Error):
-            raise m.ProtocolError(f"learner refused {type(msg).__name__}: {reply.message}")
+            raise LearnerRefused(type(msg).__name__, reply)
         return reply
 
     async def fetch_weights(
@@ -370,13 +478,13 @@ class ActorClient:
         """Fetch the newest weights if newer than ``have_version``; all chunks or an error."""
         async with self._lock:
             sock = self._socket()
-            await sock.send(m.encode(m.WeightsRequest(actor_id=actor_id, have_version=have_version)))
+            await self._send(sock, m.WeightsRequest(actor_id=actor_id, have_version=have_version))
             frames = await self._recv(sock, timeout_s, "weights")
             first = m.decode(frames[0].bytes)
             if isinstance(first, m.NoWeights):
                 return None
             if isinstance(first, m.Error):
-                raise m.ProtocolError(f"learner refused WeightsRequest: {first.message}")
+                raise LearnerRefused("WeightsRequest", first)
             header, tensors = read_chunk([f.buffer for f in frames])
             out = list(tensors)
             for i in range(1, header.num_chunks):
@@ -394,7 +502,8 @@ class ActorClient:
             raise TransportTimeout(
                 f"the learner at {self.data_ep} accepted no trajectory within {timeout_s:.0f}s (queue full)"
             )
-        await self.push_sock.send(m.encode(traj))
+        body = m.encode(traj)
+        await self.push_sock.send_multipart([self.mac.tag(DATA, body), body])
 
     def close(self) -> None:
         self._reset()

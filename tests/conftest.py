@@ -1,4 +1,10 @@
+import os
+
 import pytest
+
+# Every process a test starts (and every server or client it builds in-process) speaks with this
+# run secret, as the processes of one `relay train` do; tests of authentication pass their own.
+os.environ.setdefault("RELAY_SECRET", "5e" * 32)
 
 
 @pytest.fixture(scope="session")
