@@ -11,14 +11,20 @@ How a config is assembled:
    them: the value is YAML (``true``, ``1e-6``, ``null``, ``[a,b]``,
    ``['a','b']``); a leading ``+``/``++`` is accepted; ``~key`` resets a key to
    its default.
-3. Every key goes through ``ALIASES`` (AgentFly and older verl spellings) to
-   its canonical key; unknown keys fail with the nearest valid key.
-   Later values win.
+   Hydra's config-group selection ``+experiment=NAME`` (``experiment=NAME``)
+   reads the bundled preset ``experiment/NAME`` after the presets, before the
+   other overrides.
+3. Every key goes through ``ALIASES`` (AgentFly, verl and Agent-Tunix
+   spellings) to its canonical key. Keys in ``NO_EFFECT`` (verl options Relay
+   has no use for) are accepted with a one-line note. Unknown keys fail, with
+   a "did you mean" only when a key is close (same last part, or a last part
+   at least 80% alike). Later values win.
 4. The dotted keys are nested again and validated by the pydantic schema;
    validation errors are translated to ``<dotted.key>: expected ..., got ...``.
 5. ``derive`` fills in the values that follow from others.
 
-Everything raised for bad input is a ``ConfigError``.
+Every problem of a command is reported at once: the ``ConfigError`` raised for
+bad input has one line per problem.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import difflib
 import functools
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -45,24 +52,124 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------- aliases
 
-ALIASES: dict[str, str] = {
-    # AgentFly: the agent's constructor arguments, flattened or nested under init_args.
+AGENTFLY_ALIASES: dict[str, str] = {
+    # the agent's constructor arguments, flattened or nested under init_args
     "agent.init_args.*": "agent.*",
     "agent.max_steps": "agent.max_turns",
     "agent.model_name_or_path": "actor_rollout_ref.model.path",
     "agent.backend": "actor_rollout_ref.rollout.name",
-    # verl: samples per prompt is the agent's group size.
+}
+"""AgentFly spellings (its ``agent`` section)."""
+
+VERL_ALIASES: dict[str, str] = {
+    # samples per prompt is the agent's group size
     "actor_rollout_ref.rollout.n": "agent.num_chains",
-    # verl keys whose value Relay keeps in one place.
+    # keys whose value Relay keeps in one place
     "actor_rollout_ref.rollout.val_kwargs.temperature": "actor_rollout_ref.rollout.val_temperature",
+    "actor_rollout_ref.rollout.val_kwargs.do_sample": "actor_rollout_ref.rollout.val_do_sample",
     "actor_rollout_ref.rollout.prompt_length": "data.max_prompt_length",
     "data.max_response_length": "actor_rollout_ref.rollout.response_length",
     "actor_rollout_ref.rollout.multi_turn.enable": "agent.use_agent",
     "actor_rollout_ref.rollout.multi_turn.max_assistant_turns": "agent.max_turns",
 }
+"""verl spellings that differ from Relay's (most verl keys are Relay's own)."""
+
+TUNIX_ALIASES: dict[str, str] = {
+    "grpo.num_generations": "agent.num_chains",
+    "grpo.beta": "actor_rollout_ref.actor.kl_loss_coef",
+    "grpo.epsilon": "actor_rollout_ref.actor.clip_ratio",
+    "optimizer.learning_rate": "actor_rollout_ref.actor.optim.lr",
+    "optimizer.warmup_ratio": "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio",
+    "optimizer.max_grad_norm": "actor_rollout_ref.actor.grad_clip",
+    "optimizer.weight_decay": "actor_rollout_ref.actor.optim.weight_decay",
+    "model.lora_rank": "actor_rollout_ref.model.lora_rank",
+    "model.lora_alpha": "actor_rollout_ref.model.lora_alpha",
+    "generation.temperature": "actor_rollout_ref.rollout.temperature",
+    "generation.top_k": "actor_rollout_ref.rollout.top_k",
+    "generation.top_p": "actor_rollout_ref.rollout.top_p",
+    "generation.max_generation_steps": "actor_rollout_ref.rollout.response_length",
+    "generation.max_prompt_length": "data.max_prompt_length",
+    "training.micro_batch_size": "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu",
+    "training.num_epochs": "trainer.total_epochs",
+}
+"""Agent-Tunix training-guide keys (``grpo.*``, ``optimizer.*``, ``generation.*``, ``training.*``)."""
+
+ALIASES: dict[str, str] = {
+    k: v for table in (AGENTFLY_ALIASES, VERL_ALIASES, TUNIX_ALIASES) for k, v in table.items() if k != v
+}
 """Alias dotted key -> canonical dotted key. A key ending in ``.*`` is a prefix:
 ``agent.init_args.X`` becomes ``agent.X``. Aliases chain (``agent.init_args.max_steps``
 -> ``agent.max_steps`` -> ``agent.max_turns``)."""
+
+ALIAS_ALSO: dict[str, tuple[str, str]] = {
+    "grpo.beta": ("actor_rollout_ref.actor.use_kl_loss", "a non-zero beta turns the KL loss on, 0 turns it off"),
+}
+"""Aliases that also set a second key: alias -> (key, rule). ``grpo.beta=B`` sets
+``kl_loss_coef=B`` and ``use_kl_loss = (B != 0)``, as Tunix's GRPO does."""
+
+
+@dataclass(frozen=True)
+class NoEffect:
+    """A key from another framework that Relay accepts but does not use."""
+
+    why: str
+    """The note shown once at start-up (after ``key=value: ``)."""
+    quiet: tuple = ()
+    """Values that match what Relay does anyway: no note."""
+    allowed: tuple | None = None
+    """If set, any other value is an error (``error`` says why)."""
+    error: str = ""
+
+
+_NO_DYNAMIC_BSZ = "no effect: Relay micro-batches by trajectory count (ppo_micro_batch_size_per_gpu), not by a token budget"
+
+NO_EFFECT: dict[str, NoEffect] = {
+    "actor_rollout_ref.actor.strategy": NoEffect(
+        "no effect: Relay's learner always trains with its own FSDP setup", quiet=("fsdp",),
+        allowed=("fsdp", "fsdp2"), error="Relay's learner trains with FSDP only"),
+    "critic.strategy": NoEffect(
+        "no effect: Relay's learner always trains with its own FSDP setup", quiet=("fsdp",),
+        allowed=("fsdp", "fsdp2"), error="Relay's learner trains with FSDP only"),
+    "actor_rollout_ref.actor.use_dynamic_bsz": NoEffect(_NO_DYNAMIC_BSZ, quiet=(False,)),
+    "actor_rollout_ref.actor.ppo_max_token_len_per_gpu": NoEffect(_NO_DYNAMIC_BSZ),
+    "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz": NoEffect(_NO_DYNAMIC_BSZ, quiet=(False,)),
+    "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu": NoEffect(_NO_DYNAMIC_BSZ),
+    "actor_rollout_ref.ref.log_prob_use_dynamic_bsz": NoEffect(_NO_DYNAMIC_BSZ, quiet=(False,)),
+    "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu": NoEffect(_NO_DYNAMIC_BSZ),
+    "critic.use_dynamic_bsz": NoEffect(_NO_DYNAMIC_BSZ, quiet=(False,)),
+    "critic.ppo_max_token_len_per_gpu": NoEffect(_NO_DYNAMIC_BSZ),
+    "critic.forward_max_token_len_per_gpu": NoEffect(_NO_DYNAMIC_BSZ),
+    "actor_rollout_ref.actor.ulysses_sequence_parallel_size": NoEffect(
+        "no effect: Relay has no sequence parallelism", quiet=(1,)),
+    "actor_rollout_ref.rollout.free_cache_engine": NoEffect(
+        "no effect: Relay's actors are their own processes and keep their engine and KV cache between updates"),
+    "actor_rollout_ref.rollout.mode": NoEffect(
+        "no effect: Relay's actors always run asynchronously from the learner "
+        "(algorithm.max_staleness=0 for on-policy training)", allowed=("sync", "async"),
+        error="verl's rollout modes are sync and async"),
+    "actor_rollout_ref.rollout.enable_chunked_prefill": NoEffect("no effect: vLLM's own default is used"),
+    "actor_rollout_ref.rollout.load_format": NoEffect(
+        "no effect: actors load the model from actor_rollout_ref.model.path, then the learner's weights (transport.weights)"),
+    "actor_rollout_ref.rollout.val_kwargs.n": NoEffect(
+        "no effect: Relay validates one sample per prompt (relay eval --num-chains N reports pass@k)", quiet=(1,)),
+    "actor_rollout_ref.rollout.val_kwargs.top_p": NoEffect(
+        "no effect: validation samples at val_temperature with top_p=1", quiet=(1, 1.0)),
+    "actor_rollout_ref.rollout.val_kwargs.top_k": NoEffect(
+        "no effect: validation samples at val_temperature with top_k=-1", quiet=(-1, 0)),
+    "actor_rollout_ref.hybrid_engine": NoEffect(
+        "no effect: actors and learner are always separate processes", quiet=(True,)),
+    "reward_model.enable": NoEffect(
+        "", quiet=(False,), allowed=(False,),
+        error="Relay has no learned reward model; score episodes with agent.reward_name or "
+              "custom_reward_function.path/name"),
+    "reward_model.reward_manager": NoEffect(
+        "no effect: every episode is scored by agent.reward_name when it ends", quiet=("naive",)),
+    "data.return_raw_chat": NoEffect("no effect: the agent always renders prompts from the chat messages"),
+    "data.filter_overlong_prompts_workers": NoEffect("no effect: the filter runs in the learner once, at start-up"),
+    "trainer.default_hdfs_dir": NoEffect("no effect: checkpoints go to trainer.default_local_dir only", quiet=(None,)),
+    "trainer.balance_batch": NoEffect("no effect: actors stream episodes; there is no batch to balance"),
+}
+"""Keys of other frameworks accepted with a one-line note because Relay has no such option."""
 
 ALIAS_VALUES: dict[str, dict[str, str]] = {
     "agent.backend": {
@@ -105,6 +212,18 @@ def _leaf_fields() -> dict[str, FieldInfo]:
 
 
 @functools.cache
+def _dict_fields() -> frozenset[str]:
+    """Leaf keys whose value is a mapping with free keys (``agent.tool_configs``): their
+    sub-keys (``agent.tool_configs.search.corpus``) are settings of their own."""
+    return frozenset(k for k, f in _leaf_fields().items() if getattr(f.annotation, "__origin__", None) is dict)
+
+
+def _dict_field_of(key: str) -> str | None:
+    """The dict field ``key`` lies under (``agent.tool_configs`` for ``agent.tool_configs.search.top_k``)."""
+    return next((d for d in _dict_fields() if key.startswith(d + ".")), None)
+
+
+@functools.cache
 def _sections() -> frozenset[str]:
     """Every dotted key that names a section (a sub-model) rather than a value."""
     return frozenset(k.rsplit(".", i)[0] for k in _leaf_fields() for i in range(1, k.count(".") + 1))
@@ -132,6 +251,11 @@ def _alias_chain(key: str) -> list[str]:
 def canonical_key(key: str) -> str:
     """The canonical dotted key an (alias) key lands on; the key itself if none applies."""
     return _alias_chain(key)[-1]
+
+
+@functools.cache
+def _all_keys_cached(aliases: bool) -> tuple[str, ...]:
+    return tuple(all_keys(aliases))
 
 
 def all_keys(aliases: bool = False) -> list[str]:
@@ -165,12 +289,31 @@ def _get(cfg: BaseModel, key: str) -> Any:
     return value
 
 
+def suggest_key(key: str) -> str | None:
+    """The valid (or alias) key ``key`` was probably meant to be, or None when none is close:
+    a key with the same last part, or one whose last part is at least 80% alike
+    (``difflib`` ratio); among several, the one most like ``key`` as a whole."""
+    leaf = key.rsplit(".", 1)[-1]
+    best: tuple[float, float, str] | None = None
+    for k in (*_all_keys_cached(True), *NO_EFFECT):
+        other = k.rsplit(".", 1)[-1]
+        leaf_ratio = 1.0 if other == leaf else difflib.SequenceMatcher(None, leaf, other).ratio()
+        if leaf_ratio < 0.8:
+            continue
+        score = (round(leaf_ratio, 2), difflib.SequenceMatcher(None, key, k).ratio(), k)
+        best = score if best is None or score[:2] > best[:2] else best
+    return None if best is None else best[2]
+
+
 def _unknown_key(key: str) -> ConfigError:
-    near = difflib.get_close_matches(key, all_keys(aliases=True), n=1, cutoff=0.6)
+    near = suggest_key(key)
     if near:
-        return ConfigError(f"unknown config key '{key}'; did you mean '{near[0]}'?")
+        return ConfigError(f"unknown config key '{key}'; did you mean '{near}'?")
     sections = sorted({k.split(".")[0] for k in _leaf_fields()})
-    return ConfigError(f"unknown config key '{key}'; top-level sections are {', '.join(sections)}")
+    return ConfigError(
+        f"unknown config key '{key}'; no key is named like it (top-level sections: {', '.join(sections)}; "
+        f"`relay keys WORD` lists keys)"
+    )
 
 
 # --------------------------------------------------------------------------- YAML
@@ -229,7 +372,10 @@ Entry = tuple[str, Any, str]
 def _flatten(tree: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
     for name, value in tree.items():
         key = f"{prefix}{name}"
-        if isinstance(value, dict) and canonical_key(key) not in _leaf_fields():
+        canon = canonical_key(key)
+        if isinstance(value, dict) and (canon not in _leaf_fields() or canon in _dict_fields() or _dict_field_of(canon)):
+            if not value and (canon in _dict_fields() or _dict_field_of(canon)):
+                yield key, value  # `agent.tool_configs: {}` empties the mapping
             yield from _flatten(value, key + ".")
         else:
             yield key, value
@@ -306,12 +452,35 @@ def _parse_override(text: str) -> Entry:
 # --------------------------------------------------------------------------- assembly
 
 
-def _set(state: dict[str, tuple[Any, str]], key: str, value: Any, origin: str) -> None:
-    """Record one setting under its canonical key (later wins), checking the key."""
+def _yaml_text(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _same(value: Any, other: Any) -> bool:
+    """Equal and both booleans or both not (``1`` is not ``true`` here)."""
+    return isinstance(value, bool) == isinstance(other, bool) and value == other
+
+
+def _set(state: dict[str, tuple[Any, str]], key: str, value: Any, origin: str, notes: dict[str, str]) -> None:
+    """Record one setting under its canonical key (later wins), checking the key; a
+    ``NO_EFFECT`` key records its note in ``notes`` instead."""
     chain = _alias_chain(key)
     canon = chain[-1]
     where = f" (in {origin})" if not origin.startswith("override") else ""
-    if canon not in _leaf_fields():
+    if canon in NO_EFFECT:
+        rule = NO_EFFECT[canon]
+        if value is _RESET:
+            notes.pop(canon, None)
+            return
+        if rule.allowed is not None and not any(_same(value, v) for v in rule.allowed):
+            raise ConfigError(f"{key}={_yaml_text(value)}: {rule.error}{where}")
+        if any(_same(value, q) for q in rule.quiet):
+            notes.pop(canon, None)
+        else:
+            notes[canon] = f"{key}={_yaml_text(value)}: {rule.why}"
+        return
+    dict_field = canon if canon in _dict_fields() else _dict_field_of(canon)
+    if canon not in _leaf_fields() and dict_field is None:
         if canon in _sections():
             if value is None or value is _RESET:
                 if value is _RESET:
@@ -321,6 +490,20 @@ def _set(state: dict[str, tuple[Any, str]], key: str, value: Any, origin: str) -
             first = next(k for k in _leaf_fields() if k.startswith(canon + "."))
             raise ConfigError(f"'{key}' is a section, not a value; set its keys, e.g. '{first}'{where}")
         raise ConfigError(f"{_unknown_key(key)}{where}")
+    if dict_field is not None:
+        # a mapping field is kept as its dotted sub-keys; setting one replaces what was below
+        # it and any plain value above it
+        for k in list(state):
+            if k == canon or k.startswith(canon + ".") or (k.startswith(dict_field) and canon.startswith(k + ".")):
+                del state[k]
+        if value is _RESET:
+            return
+        if isinstance(value, dict) and not value:
+            if canon == dict_field:
+                state[canon] = ({}, origin)
+            return
+        state[canon] = (value, origin)
+        return
     if value is _RESET:
         state.pop(canon, None)
         return
@@ -337,6 +520,9 @@ def _set(state: dict[str, tuple[Any, str]], key: str, value: Any, origin: str) -
     if _is_plain_str_field(_leaf_fields()[canon]) and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)  # `experiment_name: 7` in YAML means the text "7"
     state[canon] = (value, origin)
+    for alias in chain:
+        if alias in ALIAS_ALSO and isinstance(value, (int, float)) and not isinstance(value, bool):
+            state[ALIAS_ALSO[alias][0]] = (value != 0, origin)
 
 
 _EXPECTED = {
@@ -418,19 +604,73 @@ def _validate(tree: dict[str, Any], state: dict[str, tuple[Any, str]]) -> RelayC
         raise _translate(e, state) from None
 
 
+def _group_selection(text: str) -> str | None:
+    """The bundled preset a Hydra config-group override selects (``+experiment=quick_test``
+    -> ``experiment/quick_test``), or None when ``text`` is an ordinary override."""
+    body = text.strip().lstrip("+")
+    group, sep, name = body.partition("=")
+    group = group.strip()
+    if not sep or "." in group or not group or group in _sections() or not (CONFIG_DIR / group).is_dir():
+        return None
+    name = name.strip().strip("'\"").removesuffix(".yaml")
+    if not (CONFIG_DIR / group / f"{name}.yaml").is_file():
+        names = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+        raise ConfigError(f"override '{text}': no preset '{group}/{name}'; {group} presets: {', '.join(names)}")
+    return f"{group}/{name}"
+
+
+def load_config_with_notes(
+    presets: Sequence[str | Path] = (), overrides: Sequence[str] = ()
+) -> tuple[RelayConfig, list[str]]:
+    """``load_config``, plus one note per ``NO_EFFECT`` key that was set (to show once)."""
+    state: dict[str, tuple[Any, str]] = {}
+    notes: dict[str, str] = {}
+    problems: list[str] = []
+
+    def settle(key: str, value: Any, origin: str) -> None:
+        try:
+            _set(state, key, value, origin, notes)
+        except ConfigError as e:
+            problems.append(str(e))
+
+    groups, plain = [], []
+    for text in overrides:
+        try:
+            selected = _group_selection(text)
+        except ConfigError as e:
+            problems.append(str(e))
+            continue
+        (groups if selected else plain).append(selected or text)
+    for preset in [*presets, *groups]:
+        try:
+            entries = _read_preset(resolve_preset(preset))
+        except ConfigError as e:
+            problems.append(str(e))
+            continue
+        for key, value, origin in entries:
+            settle(key, value, origin)
+    for text in plain:
+        try:
+            key, value, origin = _parse_override(text)
+        except ConfigError as e:
+            problems.append(str(e))
+            continue
+        for k, v in _flatten({key: value}) if isinstance(value, dict) else [(key, value)]:
+            settle(k, v, origin)
+    try:
+        cfg = _validate(_unflatten({k: v for k, (v, _) in state.items()}), state)
+    except ConfigError as e:
+        problems.append(str(e))
+    if problems:
+        raise ConfigError("\n".join(dict.fromkeys(problems)))
+    return derive(cfg), list(notes.values())
+
+
 def load_config(presets: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> RelayConfig:
     """Layer ``presets`` (later wins), then ``overrides`` (``key=value``), validate and
-    ``derive``. Raises ``ConfigError`` naming the key, override or file at fault."""
-    state: dict[str, tuple[Any, str]] = {}
-    for preset in presets:
-        for key, value, origin in _read_preset(resolve_preset(preset)):
-            _set(state, key, value, origin)
-    for text in overrides:
-        key, value, origin = _parse_override(text)
-        for k, v in _flatten({key: value}) if isinstance(value, dict) else [(key, value)]:
-            _set(state, k, v, origin)
-    cfg = _validate(_unflatten({k: v for k, (v, _) in state.items()}), state)
-    return derive(cfg)
+    ``derive``. Raises ``ConfigError`` with one line per problem, each naming the key,
+    override or file at fault."""
+    return load_config_with_notes(presets, overrides)[0]
 
 
 # --------------------------------------------------------------------------- derived values
@@ -444,7 +684,9 @@ def derive(cfg: RelayConfig) -> RelayConfig:
     - ``actor_rollout_ref.actor.clip_ratio_low``/``_high``: ``clip_ratio`` when None;
     - ``critic.model.path``: the policy's ``actor_rollout_ref.model.path`` when None;
     - ``critic.ppo_mini_batch_size``/``ppo_micro_batch_size_per_gpu``: the actor's when None;
-    - ``transport.weights_dir``: ``<run dir>/weights`` when None.
+    - ``transport.weights_dir``: ``<run dir>/weights`` when None;
+    - ``agent.reward_name``: ``<path>:<name>`` when ``custom_reward_function.path`` is set;
+    - ``actor_rollout_ref.rollout.val_temperature``: 0 when ``val_do_sample`` is false.
     """
     d = cfg.model_dump()
     trainer, actor, critic = d["trainer"], d["actor_rollout_ref"]["actor"], d["critic"]
@@ -464,6 +706,12 @@ def derive(cfg: RelayConfig) -> RelayConfig:
             critic[size] = actor[size]
     if d["transport"]["weights_dir"] is None:
         d["transport"]["weights_dir"] = f"{run_dir}/weights"
+    custom = d["custom_reward_function"]
+    if custom["path"]:
+        d["agent"]["reward_name"] = f"{custom['path']}:{custom['name']}"
+    rollout = d["actor_rollout_ref"]["rollout"]
+    if not rollout["val_do_sample"]:
+        rollout["val_temperature"] = 0.0
     return _validate(d, {})
 
 
@@ -516,6 +764,14 @@ def no_effect_notes(cfg: RelayConfig, has_gpu: bool) -> list[str]:
                 note("actor_rollout_ref.rollout.gpu_memory_utilization", "only used by rollout.name=vllm")
     if not vllm and not gpu and _changed(cfg, "actor_rollout_ref.rollout.cpu_kvcache_space_gb"):
         note("actor_rollout_ref.rollout.cpu_kvcache_space_gb", "only used by rollout.name=vllm")
+    if not vllm:
+        for key in ("actor_rollout_ref.rollout.enforce_eager", "actor_rollout_ref.rollout.max_num_batched_tokens"):
+            if _get(cfg, key) is not None:
+                note(key, "only used by rollout.name=vllm")
+    if cfg.data.filter_overlong_prompts and cfg.data.truncation != "error":
+        note("data.truncation", "no effect while data.filter_overlong_prompts is true (overlong prompts are dropped first)")
+    if cfg.custom_reward_function.path is None and _changed(cfg, "custom_reward_function.name"):
+        note("custom_reward_function.name", "no effect: custom_reward_function.path is not set")
 
     if not cfg.algorithm.use_kl_in_reward:
         for key in ("algorithm.kl_penalty", "algorithm.kl_ctrl.type", "algorithm.kl_ctrl.kl_coef",

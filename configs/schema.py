@@ -19,7 +19,7 @@ Rules kept here:
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
@@ -61,11 +61,19 @@ class AgentConfig(Section):
     agent_type: Literal["hf", "react", "code"] = "hf"
     """Turn logic: ``hf`` (chat template tool calls), ``react`` (Thought/Action text), ``code`` (code blocks)."""
     tools: StrList = ["calculator"]
-    """Names of the tools the agent may call, from the tool registry in ``envs/tools``."""
+    """Tools the agent may call: registered names (``calculator``, ``answer``, ``search``,
+    ``code_interpreter`` and their aliases), or a user tool as ``path/to/file.py:name`` or
+    ``package.module:name`` (no ``PYTHONPATH`` needed)."""
+    tool_configs: dict[str, dict[str, Any]] = {}
+    """Options of a tool, by its name in ``tools``, passed to its factory:
+    ``agent.tool_configs.search.corpus=docs.jsonl`` (or ``.endpoint=URL``, ``.top_k=5``),
+    ``agent.tool_configs.code_interpreter.wall_s=5``."""
     template: str | None = None
     """Named chat template from ``envs``; None uses the tokenizer's own chat template."""
     reward_name: str = "math_reward_string_equal"
-    """Reward function name from the reward registry in ``envs/rewards``."""
+    """Reward function: a registered name (``envs/rewards``), or ``path/to/file.py:name`` /
+    ``package.module:name``; verl's ``compute_score(data_source, solution_str, ground_truth,
+    extra_info)`` signature is accepted too."""
     max_turns: int = Field(4, ge=1)
     """Most assistant turns per episode (AgentFly: ``max_steps``)."""
     num_chains: int = Field(8, ge=1)
@@ -138,25 +146,31 @@ class DataConfig(Section):
     """Prompt datasets (verl ``data``)."""
 
     train_files: StrList = ["runs/demo/data/train.jsonl"]
-    """JSONL/parquet training prompt files, paths relative to the working directory."""
-    val_files: StrList = ["runs/demo/data/test.jsonl"]
-    """JSONL/parquet validation prompt files."""
+    """Training prompt files (JSON list, JSONL or parquet; AgentFly rows ``{question, answer}``
+    or verl rows ``{prompt: [chat messages], reward_model: {ground_truth}, extra_info}``),
+    paths relative to the working directory."""
+    val_files: StrList = []
+    """Validation prompt files, same formats; empty = no validation."""
     train_batch_size: int = Field(8, ge=1)
     """Prompts per learner step (each expands to ``agent.num_chains`` episodes)."""
     val_batch_size: int = Field(32, ge=1)
     """Prompts per validation batch."""
     prompt_key: str = "question"
-    """Column of a dataset row holding the prompt text."""
+    """Column holding the prompt: text, or a chat list of ``{role, content}`` messages. With
+    ``question`` and rows that lack it but have verl's ``prompt``, ``prompt`` is used."""
     shuffle: bool = True
     """Shuffle the training prompts every epoch."""
     seed: int = 0
     """Seed of the training-prompt shuffle."""
-    max_prompt_length: int = Field(128, ge=1)
+    max_prompt_length: int = Field(512, ge=1)
     """Longest prompt in tokens, rendered by the agent (template, system prompt, tool descriptions)."""
     filter_overlong_prompts: bool = True
     """Drop training and validation prompts longer than ``max_prompt_length`` when the learner
-    loads them (logged once). False keeps them; an actor then reports, and the learner drops, any
-    prompt that leaves no room in the model's context."""
+    loads them (logged once). False hands every prompt to ``truncation``."""
+    truncation: Literal["error", "left", "right"] = "error"
+    """Prompts still longer than ``max_prompt_length`` (``filter_overlong_prompts=false``):
+    ``error`` stops before start-up naming the row; ``left``/``right`` cut the row's prompt
+    text from the start/end until the rendered prompt fits."""
 
 
 # --------------------------------------------------------------------------- trainer
@@ -320,6 +334,15 @@ class RolloutConfig(Section):
     ``in_flight``: loaded between turns, so one episode may span policy versions."""
     val_temperature: float = Field(0.0, ge=0)
     """Sampling temperature for validation (0 = greedy); verl ``val_kwargs.temperature``."""
+    val_do_sample: bool = True
+    """verl ``val_kwargs.do_sample``: false validates greedily whatever ``val_temperature`` is."""
+    max_model_len: int | None = Field(None, ge=1)
+    """Longest sequence (prompt plus response) an actor holds; None = the model's
+    ``max_position_embeddings``. An episode stops when its context is full."""
+    enforce_eager: bool | None = None
+    """vLLM: skip CUDA graphs and compilation (faster start, slower decode); None = only on CPU."""
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+    """vLLM: most tokens its scheduler batches in one step; None = vLLM's default."""
 
 
 class RefConfig(Section):
@@ -371,6 +394,20 @@ class CriticConfig(Section):
     """Value-function clip range around the old values."""
     ppo_epochs: int = Field(1, ge=1)
     """Passes over each learner batch for the critic."""
+
+
+# --------------------------------------------------------------------------- custom reward
+
+
+class CustomRewardConfig(Section):
+    """verl's ``custom_reward_function``: a reward loaded from a Python file."""
+
+    path: str | None = None
+    """Python file (or ``package.module``) holding the reward; set, it replaces
+    ``agent.reward_name`` with ``path:name`` (filled in by ``derive``)."""
+    name: str = "compute_score"
+    """Function in ``path``: verl's ``compute_score(data_source, solution_str, ground_truth,
+    extra_info)`` or Relay's ``fn(final_answer, trajectory, **row_fields)``."""
 
 
 # --------------------------------------------------------------------------- transport
@@ -425,6 +462,8 @@ class RelayConfig(Section):
     """Value model (``gae`` only)."""
     transport: TransportConfig = Field(default_factory=TransportConfig)
     """Actor-learner messaging."""
+    custom_reward_function: CustomRewardConfig = Field(default_factory=CustomRewardConfig)
+    """verl's reward-from-a-file keys."""
 
     @model_validator(mode="after")
     def _check(self) -> RelayConfig:
