@@ -10,11 +10,22 @@ says, and is probed once per process:
     namespaces, builds a new root on a tmpfs and chroots into it, then drops
     to a fresh unprivileged uid (no groups, ``no_new_privs``).
 
-    * Files: only ``/usr``, ``/etc``, the Python installation and its venv are
-      visible, read-only and nosuid. Everything else (``/work``, ``/root``,
-      ``/home``, the host ``/tmp``) does not exist inside. Files in those
-      visible trees that Unix permissions let "other" read are readable
-      (e.g. ``/etc/passwd``); ``/etc/shadow`` (mode 640) is not.
+    * Files: the root is an empty read-only tmpfs holding only
+      ``/usr``, ``/etc`` and the Python trees (``sys.base_prefix``,
+      ``sys.prefix`` and their resolved paths: the installation and the venv)
+      bound read-only, nosuid, at their own paths; ``/bin``, ``/sbin``,
+      ``/lib*`` as the host's symlinks (or binds where they are directories);
+      ``/dev/null``, ``/dev/zero``, ``/dev/random``, ``/dev/urandom``; a
+      ``/proc`` of the sandbox's own PID namespace (its processes only; files
+      such as ``/proc/meminfo`` still describe the host). The parents of the
+      Python trees exist only as the path to them (with pyenv and the checkout
+      in ``/work/main``: ``/root`` holds only ``.pyenv/versions/3.11.7``,
+      ``/work/main`` only ``.venv``); the rest of the host (the checkout, other
+      home directories, the host ``/tmp``) does not exist inside. Files in the
+      visible trees that Unix permissions let "other" read are readable (e.g.
+      ``/etc/passwd``); ``/etc/shadow`` (mode 640) is not. A Python or a
+      checkout under ``/tmp`` works: its bind is made on top of the private
+      ``/tmp``.
     * Working directory ``/sandbox`` and ``/tmp``: private size-limited tmpfs
       mounts, gone when the run ends.
     * Network: a fresh namespace with only loopback, down: every connect fails.
@@ -129,6 +140,19 @@ def isolation() -> str:
     return "uid"
 
 
+def _python_paths() -> list[str]:
+    """The trees the interpreter needs: its installation and venv, as named and resolved."""
+    named = [sys.base_prefix, sys.base_exec_prefix, sys.prefix, sys.exec_prefix]
+    resolved = [os.path.realpath(p) for p in named] + [os.path.dirname(os.path.realpath(sys.executable))]
+    return list(dict.fromkeys(named + resolved))
+
+
+def _outermost(paths: list[str]) -> list[str]:
+    """``paths`` without those inside another (non-symlink) entry, which its bind already shows."""
+    dirs = [q for q in paths if not os.path.islink(q)]
+    return [p for p in dict.fromkeys(paths) if not any(p.startswith(q.rstrip("/") + "/") for q in dirs)]
+
+
 def _rlimits(limits: SandboxLimits) -> dict[str, tuple[int, int]]:
     """(soft, hard) per limit; the CPU hard limit is one second later so SIGXCPU comes first."""
     return {
@@ -147,11 +171,11 @@ def _command(mode: str, workdir: Path, limits: SandboxLimits, uid: int) -> tuple
         inputs = workdir / "inputs"
         root = workdir / "root"
         root.mkdir()
-        ro_paths = ["/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", sys.base_prefix, sys.prefix]
+        ro_paths = ["/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", *_python_paths()]
         config = {
             "root": str(root),
             "inputs": str(inputs),
-            "ro_paths": list(dict.fromkeys(ro_paths)),
+            "ro_paths": _outermost(ro_paths),
             "uid": uid,
             "rlimits": _rlimits(limits),
             "tmp_bytes": limits.workdir_bytes,

@@ -56,7 +56,15 @@ def main():
     root = cfg["root"]
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
-    for path in cfg["ro_paths"]:
+    uid = cfg["uid"]
+    # The private tmpfs mounts first: a Python installation or checkout under /tmp is then bound
+    # on top of the fresh /tmp instead of being hidden by it.
+    for path, size in (("/tmp", cfg["tmp_bytes"]), ("/sandbox", cfg["workdir_bytes"])):
+        os.makedirs(root + path, exist_ok=True)
+        mount("tmpfs", root + path, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size},mode=700,uid={uid},gid={uid}")
+    for path in sorted(cfg["ro_paths"], key=lambda p: p.count("/")):
+        if path in ("/", "/tmp", "/sandbox", "/proc", "/dev"):
+            raise ValueError(f"cannot expose {path!r} read-only inside the sandbox (the Python installation must live below it)")
         bind_ro(root, path)
     for dev in ("null", "zero", "random", "urandom"):
         bind_ro(root, "/dev/" + dev)
@@ -65,10 +73,6 @@ def main():
         mount(None, root + "/dev/" + dev, None, MS_BIND | MS_REMOUNT | MS_NOSUID)
     os.makedirs(root + "/proc")
     mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV)
-    uid = cfg["uid"]
-    for path, size in (("/tmp", cfg["tmp_bytes"]), ("/sandbox", cfg["workdir_bytes"])):
-        os.makedirs(root + path, exist_ok=True)
-        mount("tmpfs", root + path, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size},mode=700,uid={uid},gid={uid}")
     for name in os.listdir(cfg["inputs"]):
         dst = root + "/sandbox/" + name
         shutil.copyfile(os.path.join(cfg["inputs"], name), dst)

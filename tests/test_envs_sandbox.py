@@ -1,10 +1,18 @@
 """Each escape or runaway comes back as an error observation within its limits."""
 
 import asyncio
+import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
+import envs.sandbox
 from envs.sandbox import SandboxLimits, isolation, run_python
 from envs.tools import get_tool
 
@@ -102,3 +110,54 @@ def test_tool_timeout_shorter_than_wall_kills_the_run():
 
 def test_isolation_mode_is_reported():
     assert isolation() in ("namespaces", "uid", "rlimits")
+
+
+@needs_namespaces
+def test_root_holds_only_the_documented_trees():
+    code = "import os, sys\nprint(sorted(os.listdir('/')))\nprint(sorted(os.listdir('/dev')))\nprint(sys.prefix)"
+    r = run(code)
+    assert r.ok, r.output
+    tops, devs, prefix = r.output.splitlines()
+    python_tops = {p.split("/")[1] for p in envs.sandbox._python_paths()}
+    host_links = {d for d in ("bin", "sbin", "lib", "lib32", "lib64", "libx32") if os.path.lexists("/" + d)}
+    assert set(eval(tops)) == {"usr", "etc", "dev", "proc", "tmp", "sandbox"} | host_links | python_tops
+    assert eval(devs) == ["null", "random", "urandom", "zero"]
+    assert prefix == sys.prefix
+
+
+SANDBOX_FROM_TMP = """
+import asyncio, importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("relay_sandbox", sys.argv[1])
+sandbox = sys.modules["relay_sandbox"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sandbox)
+code = "import os, sys\\nprint(sys.prefix)\\nprint(sorted(os.listdir('/tmp')))\\nopen('/tmp/x', 'w').write('ok')\\nprint(open('/tmp/x').read())"
+r = asyncio.run(sandbox.run_python(code))
+print(json.dumps({"mode": sandbox.isolation(), "output": r.output, "error": r.error}))
+"""
+
+
+def test_python_and_checkout_under_tmp(tmp_path):
+    """A venv and a checkout both under /tmp (real interpreter, real sandbox): the private /tmp of the
+    sandbox must not hide them (it once did: every run failed with exit status 127)."""
+    base = Path(tempfile.mkdtemp(prefix="relay-tmp-checkout-", dir="/tmp"))
+    try:
+        venv, checkout = base / "venv", base / "checkout"
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+        (checkout / "envs").mkdir(parents=True)
+        here = Path(envs.sandbox.__file__).parent
+        for name in ("sandbox.py", "sandbox_launcher.py"):
+            shutil.copy(here / name, checkout / "envs" / name)
+        out = subprocess.run(
+            [str(venv / "bin" / "python"), "-c", SANDBOX_FROM_TMP, str(checkout / "envs" / "sandbox.py")],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        report = json.loads(out.stdout.splitlines()[-1])
+        assert report["error"] is None, report
+        prefix, tmp_listing, written = report["output"].splitlines()
+        assert prefix == str(venv) and written == "ok"
+        if report["mode"] == "namespaces":
+            # the venv's own path is visible (bound on top of the private /tmp), nothing else of the host /tmp
+            assert eval(tmp_listing) == [base.name]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
