@@ -38,10 +38,15 @@ class ChatAgent(Agent):
         return system_prompt
 
     def start(self, row: dict[str, Any]) -> Conversation:
-        messages: list[dict[str, Any]] = []
+        prompt = row[self.prompt_key]  # text, or a chat list (verl's `prompt`; see envs.data)
+        messages: list[dict[str, Any]] = (
+            [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+        )
         if self.system_prompt is not None:
-            messages.append({"role": "system", "content": self.system_prompt})
-        messages.append({"role": "user", "content": row[self.prompt_key]})
+            if messages[0]["role"] == "system":  # the agent's instructions, then the row's own
+                messages[0] = {"role": "system", "content": f"{self.system_prompt}\n\n{messages[0]['content']}"}
+            else:
+                messages.insert(0, {"role": "system", "content": self.system_prompt})
         return Conversation(messages=messages, row=row)
 
     def prompt_text(self, conv: Conversation) -> str:

@@ -31,7 +31,10 @@ def normalize_number(text: str) -> str:
 
 
 def gsm8k_ground_truth(answer: str) -> str:
-    """The number on the ``#### N`` line of a GSM8K ``answer`` field."""
+    """The number on the ``#### N`` line of a GSM8K ``answer`` field, or the whole field when
+    it is just a number (verl's GSM8K parquet: ``reward_model.ground_truth`` is ``"72"``)."""
+    if "####" not in answer and re.fullmatch(r"\s*-?[\d,]*\.?\d+\s*", answer):
+        return normalize_number(answer)
     if "####" not in answer:
         raise ValueError(f"GSM8K answer has no '####' line: {answer[-80:]!r}")
     return normalize_number(answer.split("####")[-1])
