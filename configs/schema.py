@@ -179,6 +179,10 @@ class DataConfig(Section):
 class TrainerConfig(Section):
     """Run bookkeeping: length, logging, checkpoints, hardware (verl ``trainer``)."""
 
+    max_actor_restarts: int = Field(3, ge=0)
+    """Times ``relay train`` / ``relay actor`` start a dead actor process again (backoff 1 s,
+    doubling to 30 s) before its death fails the run; the learner requeues what it held."""
+
     project_name: str = "relay"
     """Project name for loggers and the run directory."""
     experiment_name: str = "demo"

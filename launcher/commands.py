@@ -122,6 +122,7 @@ def _supervise(children, run_dir: Path, main: str, cfg: RelayConfig, summary_nam
         "wall_s": time.monotonic() - t0,
         "peak_rss_bytes": sup.peak_rss,
         "exit_codes": {c.name: c.returncode for c in children},
+        "restarts": [{"child": name, "cause": cause} for name, cause in sup.restarts],
     }
     (run_dir / summary_name).write_text(json.dumps(summary, indent=2))
     _say(f"{'finished' if status == 0 else 'FAILED'} in {summary['wall_s']:.0f}s; peak memory of all processes {sup.peak_rss / 2**30:.2f} GiB")
@@ -144,7 +145,8 @@ def train_local(cfg: RelayConfig) -> int:
         return 2
     world = cfg.trainer.n_gpus_per_node
     port = cfg.transport.port
-    children = plan_local(config_path, run_dir, world, cfg.actor_rollout_ref.rollout.num_actors, port)
+    children = plan_local(config_path, run_dir, world, cfg.actor_rollout_ref.rollout.num_actors, port,
+                          max_actor_restarts=cfg.trainer.max_actor_restarts)
     _say(f"run dir {run_dir}: {world} learner rank(s), {cfg.actor_rollout_ref.rollout.num_actors} actor(s), learner at 127.0.0.1:{port}")
     _resume_note(cfg, run_dir)
     return _supervise(children, run_dir, "learner-0", cfg, "summary.json")
@@ -214,7 +216,7 @@ def run_actor_node(cfg: RelayConfig, learner: str, num_actors: int | None, first
     if error := _run_secret(run_dir, create=False):
         _say(error)
         return 2
-    children = plan_actors(config_path, run_dir, learner, n, first_index)
+    children = plan_actors(config_path, run_dir, learner, n, first_index, max_restarts=cfg.trainer.max_actor_restarts)
     _say(f"{n} actor(s) actor-{first_index}..actor-{first_index + n - 1} -> learner at {learner}; logs in {run_dir / 'logs'}")
     return _supervise(children, run_dir, f"actor-{first_index}", cfg, f"summary-actors-{first_index}.json")
 

@@ -4,7 +4,12 @@ Each child runs in its own session (so its whole process tree, vLLM's workers
 included, can be signalled at once) and logs to ``<run dir>/logs/<name>.log``;
 learner rank 0 is also echoed to this terminal. The supervisor polls the
 children: when one exits non-zero it names it, shows the end of its log,
-stops the others and returns non-zero. On Ctrl-C it stops everything. When
+stops the others and returns non-zero, except an actor with restarts left
+(``trainer.max_actor_restarts``): that one is started again after a backoff
+(1 s, doubling up to 30 s), logged, while the run goes on with the others; the
+learner requeues what the dead process held. Only an actor that keeps dying
+ends the run, named with its last exit and log. On Ctrl-C or SIGTERM it stops
+everything and says why. When
 learner rank 0 finishes, the actors are given a grace period to hear 'stop'
 and exit on their own, then are terminated. No process is left behind.
 
@@ -85,7 +90,12 @@ class Child:
     pump: threading.Thread | None = None
     required: bool = True
     """A required child's failure fails the run (all are, today)."""
+    max_restarts: int = 0
+    """Times this child is started again after it dies before its failure fails the run."""
+    restarts: int = 0
     returncode: int | None = field(default=None)
+    restart_at: float | None = None
+    """When a dead child is due to be started again (monotonic clock)."""
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,6 +145,10 @@ def describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
+class _Terminated(Exception):
+    """SIGTERM reached the supervisor."""
+
+
 class Supervisor:
     """Starts children, watches them, and stops them all on the first failure."""
 
@@ -143,6 +157,8 @@ class Supervisor:
         self.poll_s = poll_s
         self.peak_rss = 0
         self.failure: str | None = None
+        self.restarts: list[tuple[str, str]] = []
+        """(child, how it died) for every restart, in order."""
 
     def rss(self) -> int:
         total = 0
@@ -159,19 +175,46 @@ class Supervisor:
         for c in self.children:
             c.start()
         main_done_at: float | None = None
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum, frame):
+            raise _Terminated()
+
+        try:
+            signal.signal(signal.SIGTERM, on_sigterm)
+        except ValueError:  # not the main thread: Ctrl-C only
+            previous = None
         try:
             while True:
                 self.peak_rss = max(self.peak_rss, self.rss())
                 running = 0
                 for c in self.children:
+                    if c.restart_at is not None:
+                        running += 1
+                        if time.monotonic() >= c.restart_at and main_done_at is None:
+                            c.restart_at, c.returncode = None, None
+                            c.start()
+                        continue
                     code = c.proc.poll()
                     if code is None:
                         running += 1
                         continue
                     if c.returncode is None:
                         c.returncode = code
+                        if code != 0 and main_done_at is None and c.restarts < c.max_restarts:
+                            c.restarts += 1
+                            delay = min(30.0, 2.0 ** (c.restarts - 1))
+                            self.restarts.append((c.name, describe_exit(code)))
+                            print(f"[relay] {c.name} died ({describe_exit(code)}); restarting it in {delay:.0f}s "
+                                  f"(restart {c.restarts} of {c.max_restarts}); log {c.log_path}", file=sys.stderr)
+                            c.restart_at = time.monotonic() + delay
+                            running += 1
+                            continue
+                        if code != 0 and c.name != main and main_done_at is not None:
+                            continue  # an actor that failed after training finished: nothing left to lose
                         if code != 0:
-                            self.failure = f"{c.name} failed ({describe_exit(code)}); log {c.log_path}:\n{c.tail()}"
+                            again = f" after {c.restarts} restart(s)" if c.restarts else ""
+                            self.failure = f"{c.name} failed{again} ({describe_exit(code)}); log {c.log_path}:\n{c.tail()}"
                             print(f"\n[relay] {self.failure}\n[relay] stopping the other processes", file=sys.stderr)
                             self.stop_all()
                             return 1
@@ -187,8 +230,17 @@ class Supervisor:
                 time.sleep(self.poll_s)
         except KeyboardInterrupt:
             print("\n[relay] interrupted: stopping every process", file=sys.stderr)
+            self.failure = "interrupted (Ctrl-C)"
             self.stop_all()
             return 130
+        except _Terminated:
+            print("\n[relay] SIGTERM: stopping every process", file=sys.stderr)
+            self.failure = "terminated (SIGTERM)"
+            self.stop_all()
+            return 143
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     def stop_all(self, timeout_s: float = 10.0) -> None:
         """SIGTERM every child's process group, then SIGKILL whatever is left."""
@@ -223,11 +275,13 @@ def python_child(name: str, module: str, args: list[str], log_dir: Path, extra_e
     return Child(name, [sys.executable, "-m", module, *args], env, log_dir / f"{name}.log", echo=echo)
 
 
-def plan_local(config_path: Path, run_dir: Path, world: int, num_actors: int, port: int, threads: int = 1) -> list[Child]:
+def plan_local(
+    config_path: Path, run_dir: Path, world: int, num_actors: int, port: int, threads: int = 1, max_actor_restarts: int = 0
+) -> list[Child]:
     """The children of a local run: ``world`` learner ranks and ``num_actors`` actors."""
     return [
         *plan_learner_node(config_path, run_dir, 0, 1, world, "127.0.0.1", free_port(), threads),
-        *plan_actors(config_path, run_dir, f"127.0.0.1:{port}", num_actors, 0, threads, echo=False),
+        *plan_actors(config_path, run_dir, f"127.0.0.1:{port}", num_actors, 0, threads, echo=False, max_restarts=max_actor_restarts),
     ]
 
 
@@ -258,10 +312,12 @@ def plan_learner_node(
 
 
 def plan_actors(
-    config_path: Path, run_dir: Path, learner: str, num_actors: int, first_index: int = 0, threads: int = 1, echo: bool = True
+    config_path: Path, run_dir: Path, learner: str, num_actors: int, first_index: int = 0, threads: int = 1, echo: bool = True,
+    max_restarts: int = 0,
 ) -> list[Child]:
-    """Actors ``actor-<first_index> ..`` connecting to the learner at ``learner`` (HOST:PORT)."""
-    return [
+    """Actors ``actor-<first_index> ..`` connecting to the learner at ``learner`` (HOST:PORT), each
+    restarted up to ``max_restarts`` times when it dies."""
+    children = [
         python_child(
             f"actor-{i}",
             "actors.main",
@@ -272,3 +328,6 @@ def plan_actors(
         )
         for i in range(first_index, first_index + num_actors)
     ]
+    for c in children:
+        c.max_restarts = max_restarts
+    return children
