@@ -86,8 +86,7 @@ def bare_step(trainer, batch) -> None:
             nll = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), mb.input_ids[:, 1:].reshape(-1), reduction="none"
             )
-            loss = (nll * mb.loss_mask.reshape(-1)).sum() / mb.loss_mask.sum().clamp(min=1)
-            (loss * micro.weight).backward()
+            ((nll * mb.loss_mask.reshape(-1)).sum() * micro.loss_scale).backward()  # token-mean over the mini-batch
         torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), 1.0)
         trainer.optimizer.step()
 

@@ -682,6 +682,7 @@ def derive(cfg: RelayConfig) -> RelayConfig:
 
     - ``trainer.default_local_dir``: ``{project_name}``/``{experiment_name}`` filled in;
     - ``actor_rollout_ref.actor.clip_ratio_low``/``_high``: ``clip_ratio`` when None;
+    - ``actor_rollout_ref.actor.loss_agg_horizon``: ``rollout.response_length`` when None;
     - ``critic.model.path``: the policy's ``actor_rollout_ref.model.path`` when None;
     - ``critic.ppo_mini_batch_size``/``ppo_micro_batch_size_per_gpu``: the actor's when None;
     - ``transport.weights_dir``: ``<run dir>/weights`` when None;
@@ -699,6 +700,8 @@ def derive(cfg: RelayConfig) -> RelayConfig:
     for bound in ("clip_ratio_low", "clip_ratio_high"):
         if actor[bound] is None:
             actor[bound] = actor["clip_ratio"]
+    if actor["loss_agg_horizon"] is None:
+        actor["loss_agg_horizon"] = d["actor_rollout_ref"]["rollout"]["response_length"]
     if critic["model"]["path"] is None:
         critic["model"]["path"] = d["actor_rollout_ref"]["model"]["path"]
     for size in ("ppo_mini_batch_size", "ppo_micro_batch_size_per_gpu"):

@@ -278,7 +278,13 @@ class ActorConfig(Section):
     loss_agg_mode: Literal[
         "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
     ] = "token-mean"
-    """How token losses are reduced to one number (verl names)."""
+    """How token losses are reduced to one number (verl names): ``token-mean`` (every token of
+    the mini-batch weighs the same), ``seq-mean-token-sum``, ``seq-mean-token-mean`` (GRPO: every
+    episode weighs the same), ``seq-mean-token-sum-norm`` (Dr. GRPO: token sums over the constant
+    ``loss_agg_horizon``). Exact across micro-batches, mini-batches and ranks."""
+    loss_agg_horizon: int | None = Field(None, ge=1)
+    """The constant divisor of ``seq-mean-token-sum-norm`` (Dr. GRPO's horizon); None = the
+    response budget ``actor_rollout_ref.rollout.response_length`` (filled in by ``derive``)."""
     entropy_coeff: float = 0.0
     """Weight of the entropy bonus (subtracted from the loss)."""
     use_kl_loss: bool = False

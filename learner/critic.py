@@ -77,10 +77,10 @@ class Critic:
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro in mini:
                     mb = shard.select(micro.idx)
-                    loss, metrics = algos.value_loss(
+                    per_token, metrics = algos.value_loss(
                         self.forward(mb), old_values[micro.idx], returns[micro.idx], mb.loss_mask, self.cliprange
                     )
-                    (loss * micro.weight).backward()
+                    algos.agg_loss(per_token, mb.loss_mask, "token-mean", scale=micro.loss_scale).backward()
                     for k, v in metrics.items():
                         stats.setdefault(f"critic/{k}", []).append(float(v))
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)

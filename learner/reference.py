@@ -6,9 +6,10 @@ adapters), loaded once, frozen and FSDP2-sharded like the policy
 KL term is on (``actor.use_kl_loss`` or ``algorithm.use_kl_in_reward``);
 otherwise ``NoReference`` answers with nothing.
 
-KL loss (``KLLoss``), added to the policy loss of every micro-batch:
+KL loss (``KLLoss``), added to the per-token policy loss of every micro-batch
+(which the trainer then aggregates with ``loss_agg_mode``):
 
-    kl_loss_coef * agg_loss(k(logprobs, ref_logprobs), loss_mask, loss_agg_mode)
+    kl_loss_coef * k(logprobs, ref_logprobs)
 
 with ``k = kl_penalty(kind)`` for the per-token estimators, or the exact
 ``full_kl(logits, ref_logits)`` over the vocabulary for ``kl_loss_type=full``
@@ -85,19 +86,21 @@ KLTokens = Callable[[TrainBatch, torch.Tensor, torch.Tensor, "torch.Tensor | Non
 
 class NoKLLoss:
     def __call__(self, mb, logits, logprobs, ref_logprobs, metrics: dict) -> float:
-        return 0.0
+        return 0.0  # added to the per-token loss
 
 
 class KLLoss:
-    def __init__(self, per_token: KLTokens, coef: float, agg_mode: str):
+    def __init__(self, per_token: KLTokens, coef: float, agg_mode: str, horizon: int | None = None):
         self.per_token = per_token
         self.coef = coef
         self.agg_mode = agg_mode
+        self.horizon = horizon
 
     def __call__(self, mb: TrainBatch, logits, logprobs, ref_logprobs, metrics: dict) -> torch.Tensor:
-        """``coef * agg(kl)`` for one micro-batch; logs ``actor/kl_loss`` and ``actor/kl_coef`` into ``metrics``."""
-        kl = algos.agg_loss(self.per_token(mb, logits, logprobs, ref_logprobs), mb.loss_mask, self.agg_mode)
-        metrics["actor/kl_loss"] = kl.item()
+        """``coef * kl`` per token [n,T] for one micro-batch; logs ``actor/kl_loss`` (kl aggregated
+        over the micro-batch with ``agg_mode``) and ``actor/kl_coef`` into ``metrics``."""
+        kl = self.per_token(mb, logits, logprobs, ref_logprobs)
+        metrics["actor/kl_loss"] = algos.agg_loss(kl.detach(), mb.loss_mask, self.agg_mode, self.horizon).item()
         metrics["actor/kl_coef"] = self.coef
         return self.coef * kl
 
@@ -164,7 +167,8 @@ def build_kl_terms(cfg: RelayConfig, device: torch.device, world: int):
     precompute = alg.use_kl_in_reward or (arc.actor.use_kl_loss and arc.actor.kl_loss_type != "full")
     reference = Reference(model, arc.rollout.temperature, arc.ref.log_prob_micro_batch_size_per_gpu, world, precompute)
     kl_loss = (
-        KLLoss(kl_tokens(arc.actor.kl_loss_type, reference), arc.actor.kl_loss_coef, arc.actor.loss_agg_mode)
+        KLLoss(kl_tokens(arc.actor.kl_loss_type, reference), arc.actor.kl_loss_coef, arc.actor.loss_agg_mode,
+               arc.actor.loss_agg_horizon)
         if arc.actor.use_kl_loss
         else NoKLLoss()
     )

@@ -7,10 +7,13 @@ must run the same number of passes even when the shards differ in size (a
 refused trajectory leaves ``N`` not a multiple of ``world``): a rank whose
 shard has no rows for a pass runs it on its row 0 with weight 0.
 
-Loss weighting: each micro-batch's loss (a mean over its own tokens or
-sequences) is multiplied by ``micro_units / global_mini_units * world`` so
-that, after FSDP averages gradients over ranks, the gradient equals that of
-the chosen aggregation over the whole mini-batch of every rank.
+Loss weighting: every aggregation mode is a weighted token sum over a
+normaliser that does not depend on the loss (``learner.algos.losses``), so
+each micro-batch's loss is its weighted token sum times one ``loss_scale``,
+computed here from the whole mini-batch of every rank
+(``algos.loss_scale(mode, U_mini, world, horizon)``). After FSDP averages
+gradients over ranks, the gradient equals that of the chosen aggregation over
+the whole mini-batch, however it is split into micro-batches and ranks.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from learner.algos.losses import agg_units, loss_scale
 
 
 def shard_rows(n: int, rank: int, world: int) -> torch.Tensor:
@@ -54,17 +59,13 @@ def gather_rows(local: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return out
 
 
-def loss_units(mask: torch.Tensor, agg_mode: str) -> float:
-    """What a loss averages over: tokens for ``token-mean``, sequences with tokens otherwise."""
-    return float(mask.sum()) if agg_mode == "token-mean" else float((mask.sum(-1) > 0).sum())
-
-
 @dataclass(frozen=True)
 class Micro:
     idx: torch.Tensor
     """Row indices into this rank's shard (never empty)."""
-    weight: float
-    """Factor on the micro-batch's mean loss (0 for a padding pass)."""
+    loss_scale: float
+    """Factor on the micro-batch's weighted token sum (``algos.agg_loss(..., scale=)``);
+    0 for a padding pass."""
 
 
 def chunks(n_local: int, n: int, world: int, size: int) -> list[tuple[torch.Tensor, bool]]:
@@ -93,7 +94,13 @@ def map_chunks(fn, shard, n: int, world: int, size: int) -> torch.Tensor:
 
 
 def plan_minibatches(
-    mask: torch.Tensor, rank: int, world: int, rows_per_mini: int, micro_size: int, agg_mode: str
+    mask: torch.Tensor,
+    rank: int,
+    world: int,
+    rows_per_mini: int,
+    micro_size: int,
+    agg_mode: str,
+    horizon: int | None = None,
 ) -> list[list[Micro]]:
     """Mini-batches (one optimizer step each) of micro-batches (one backward each).
 
@@ -102,11 +109,14 @@ def plan_minibatches(
         rank, world: this process.
         rows_per_mini: rows of one rank's shard per mini-batch.
         micro_size: rows per micro-batch.
-        agg_mode: loss aggregation (``loss_units``).
+        agg_mode: loss aggregation (``algos.LOSS_AGG_MODES``).
+        horizon: the constant H of ``seq-mean-token-sum-norm`` (required there).
 
     Returns:
         One list of ``Micro`` per mini-batch; every rank gets the same number of
-        mini-batches and of micro-batches in each.
+        mini-batches and of micro-batches in each. Every micro-batch of a
+        mini-batch has the same ``loss_scale``, that of the mini-batch's rows on
+        every rank.
     """
     n = mask.shape[0]
     shards = [shard_rows(n, r, world) for r in range(world)]
@@ -115,14 +125,11 @@ def plan_minibatches(
     plan = []
     for start in range(0, n_max, rows_per_mini):
         end = start + rows_per_mini
-        total = max(1.0, sum(loss_units(mask[s[start:end]], agg_mode) for s in shards))
+        units = sum(agg_units(mask[s[start:end]], agg_mode) for s in shards)
+        scale = loss_scale(agg_mode, units, world, horizon)
         micros = []
         for m_start in range(start, min(end, n_max), micro_size):
             idx = torch.arange(m_start, min(m_start + micro_size, end, mine))
-            if len(idx) == 0:
-                micros.append(Micro(torch.tensor([0]), 0.0))
-                continue
-            units = loss_units(mask[shards[rank][idx]], agg_mode)
-            micros.append(Micro(idx, units / total * world))
+            micros.append(Micro(idx, scale) if len(idx) else Micro(torch.tensor([0]), 0.0))
         plan.append(micros)
     return plan

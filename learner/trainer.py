@@ -9,9 +9,11 @@ Per step:
    uint8 tensor; no pickle);
 2. every rank computes advantages on the whole batch (they are cheap and
    group statistics need every group), then trains on its shard: PPO epochs
-   over mini-batches, gradient accumulation over micro-batches, each
-   micro-batch weighted so the loss equals the chosen aggregation over the
-   global mini-batch;
+   over mini-batches, gradient accumulation over micro-batches. The policy,
+   entropy and KL terms form one per-token loss; each micro-batch reduces it
+   to its weighted token sum times the mini-batch's ``loss_scale``
+   (``learner.sharding``), so the gradient is that of the chosen aggregation
+   over the whole mini-batch of every rank;
 3. the full weights are gathered to rank 0, published as version ``v + 1``,
    and actors pull them before their next episodes.
 """
@@ -118,6 +120,7 @@ class Trainer:
             clip_ratio_high=arc.actor.clip_ratio_high,
             clip_ratio_c=arc.actor.clip_ratio_c,
             loss_agg_mode=arc.actor.loss_agg_mode,
+            norm_horizon=arc.actor.loss_agg_horizon,
             off_policy_correction=cfg.algorithm.off_policy_correction,
             tis_cap=cfg.algorithm.tis_cap,
             log_ratio_clamp=cfg.algorithm.log_ratio_clamp,
@@ -289,17 +292,18 @@ class Trainer:
                     logits = self.forward(mb)
                     logprobs = algos.logprobs_from_logits(logits, mb.input_ids[:, 1:])
                     old = logprobs.detach() if mt.old_logprobs is None else mt.old_logprobs
-                    loss, metrics = algos.policy_loss(
+                    per_token, metrics = algos.policy_loss(
                         algos.PolicyLossInputs(logprobs, old, mb.behaviour_logprobs, mt.advantages, mb.loss_mask),
                         self.loss_cfg,
                     )
                     if actor.entropy_coeff:
-                        entropy = algos.agg_loss(algos.entropy_from_logits(logits), mb.loss_mask, actor.loss_agg_mode)
-                        loss = loss - actor.entropy_coeff * entropy
-                        metrics["actor/entropy"] = entropy.item()
-                    loss = loss + self.kl_loss(mb, logits, logprobs, mt.ref_logprobs, metrics)
-                    (loss * micro.weight).backward()
-                    metrics["actor/loss"] = loss.item()  # pg + entropy + KL terms ("pg_loss" is the PPO term alone)
+                        entropy = algos.entropy_from_logits(logits)
+                        per_token = per_token - actor.entropy_coeff * entropy
+                        metrics["actor/entropy"] = self.local_agg(entropy.detach(), mb.loss_mask)
+                    per_token = per_token + self.kl_loss(mb, logits, logprobs, mt.ref_logprobs, metrics)
+                    algos.agg_loss(per_token, mb.loss_mask, actor.loss_agg_mode, scale=micro.loss_scale).backward()
+                    # pg + entropy + KL terms over this micro-batch ("pg_loss" is the policy term alone)
+                    metrics["actor/loss"] = self.local_agg(per_token.detach(), mb.loss_mask)
                     metrics["actor/logprob_mismatch_kl"] = algos.logprob_mismatch_kl(old, mb.behaviour_logprobs, mb.loss_mask)
                     # tokens sampled by exactly the weights the learner holds: |learner - engine| is numerics alone
                     same = mb.loss_mask * (mb.versions == self.version)
@@ -319,12 +323,18 @@ class Trainer:
     # ------------------------------------------------------------------ plumbing
 
     def policy_plan(self, batch_mask: torch.Tensor):
-        """This rank's policy mini/micro-batches (``learner.sharding.plan_minibatches``)."""
+        """This rank's policy mini/micro-batches and their loss scales (``learner.sharding.plan_minibatches``)."""
         actor = self.cfg.actor_rollout_ref.actor
         rows_per_mini = max(1, actor.ppo_mini_batch_size * self.cfg.agent.num_chains // self.world)
         return plan_minibatches(
-            batch_mask, self.rank, self.world, rows_per_mini, actor.ppo_micro_batch_size_per_gpu, actor.loss_agg_mode
+            batch_mask, self.rank, self.world, rows_per_mini, actor.ppo_micro_batch_size_per_gpu,
+            actor.loss_agg_mode, actor.loss_agg_horizon,
         )
+
+    def local_agg(self, per_token: torch.Tensor, mask: torch.Tensor) -> float:
+        """A per-token value aggregated over one micro-batch's rows (for metrics)."""
+        actor = self.cfg.actor_rollout_ref.actor
+        return algos.agg_loss(per_token, mask, actor.loss_agg_mode, actor.loss_agg_horizon).item()
 
     def forward(self, mb: TrainBatch) -> torch.Tensor:
         """Logits [n, L-1, V] predicting each next token."""

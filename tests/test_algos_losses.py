@@ -8,12 +8,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from learner.algos.losses import (
+    LOSS_AGG_MODES,
     OFF_POLICY_CORRECTIONS,
+    POLICY_LOSSES,
     PolicyLossConfig,
     PolicyLossInputs,
     agg_loss,
+    agg_units,
     entropy_from_logits,
     logprobs_from_logits,
+    loss_scale,
     policy_loss,
     value_loss,
 )
@@ -72,12 +76,55 @@ AGG_MASK = T([[1, 0, 1, 0], [1, 1, 1, 0], [0, 0, 0, 0]])
         ("token-mean", None, 22 / 5),  # (1 + 3 + 5 + 6 + 7) / 5
         ("seq-mean-token-sum", None, (4 + 18) / 2),  # empty row 2 excluded
         ("seq-mean-token-mean", None, (2 + 6) / 2),
-        ("seq-mean-token-sum-norm", None, 22 / 4),  # default horizon T = 4
-        ("seq-mean-token-sum-norm", 10, 22 / 10),
+        ("seq-mean-token-sum-norm", None, (4 + 18) / 4 / 2),  # default horizon T = 4
+        ("seq-mean-token-sum-norm", 10, (4 + 18) / 10 / 2),  # Dr. GRPO: mean over rows of sum / H
     ],
 )
 def test_agg_loss_modes(mode, norm_horizon, expected):
     assert agg_loss(LOSS, AGG_MASK, mode, norm_horizon).item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "mode, units, scale",
+    [
+        ("token-mean", 5, 1 / 5),
+        ("seq-mean-token-sum", 2, 1 / 2),
+        ("seq-mean-token-mean", 2, 1 / 2),
+        ("seq-mean-token-sum-norm", 2, 1 / (2 * 10)),
+    ],
+)
+def test_loss_scale_is_world_over_units_times_horizon(mode, units, scale):
+    assert agg_units(AGG_MASK, mode) == units
+    assert loss_scale(mode, units, world=1, horizon=10) == pytest.approx(scale)
+    assert loss_scale(mode, units, world=2, horizon=10) == pytest.approx(2 * scale)
+    # the explicit scale reproduces the default aggregation
+    expected = agg_loss(LOSS, AGG_MASK, mode, 10).item()
+    assert agg_loss(LOSS, AGG_MASK, mode, scale=scale).item() == pytest.approx(expected)
+
+
+def test_sum_norm_needs_a_horizon_for_its_scale():
+    with pytest.raises(ValueError, match="horizon"):
+        loss_scale("seq-mean-token-sum-norm", 4, 1, None)
+    assert loss_scale("token-mean", 4, 1, None) == 0.25
+
+
+@pytest.mark.parametrize("mode", sorted(LOSS_AGG_MODES))
+def test_micro_batch_sums_with_one_scale_equal_the_whole_batch(mode):
+    """Rows split 2 + 1 (and 1 + 1 + 1): the micro-batch sums times the whole batch's scale
+    give the whole batch's loss and gradient (the Dr. GRPO weighting that was wrong)."""
+    loss_mat = LOSS.clone().requires_grad_()
+    whole = agg_loss(loss_mat, AGG_MASK, mode, 10)
+    (g_whole,) = torch.autograd.grad(whole, loss_mat)
+    scale = loss_scale(mode, agg_units(AGG_MASK, mode), 1, 10)
+    for split in ([[0, 1], [2]], [[0], [1], [2]], [[1], [0, 2]]):
+        total = sum(agg_loss(loss_mat[rows], AGG_MASK[rows], mode, scale=scale) for rows in split)
+        (g,) = torch.autograd.grad(total, loss_mat)
+        assert total.item() == pytest.approx(whole.item())
+        torch.testing.assert_close(g, g_whole)
+    # hand values of the gradient: token-mean 1/5 per token; seq modes 1/2 per row (times 1/n_b or 1/H)
+    per_row = {"token-mean": [1 / 5] * 3, "seq-mean-token-sum": [1 / 2] * 3,
+               "seq-mean-token-mean": [1 / 4, 1 / 6, 0.0], "seq-mean-token-sum-norm": [1 / 20] * 3}[mode]
+    torch.testing.assert_close(g_whole, AGG_MASK.float() * T(per_row).unsqueeze(-1))
 
 
 def test_agg_loss_empty_mask_is_zero_and_unknown_mode_raises():
@@ -108,9 +155,15 @@ def make_inputs(behaviour=OLD, ratio=RATIO):
     return PolicyLossInputs(logprobs, OLD, behaviour, ADV, PMASK)
 
 
+def scalar_loss(inputs, cfg):
+    """policy_loss reduced with the config's aggregation over the rows given."""
+    per_token, metrics = policy_loss(inputs, cfg)
+    return agg_loss(per_token, inputs.mask, cfg.loss_agg_mode, cfg.norm_horizon), metrics
+
+
 def test_ppo_clip_and_dual_clip_hand_values():
     inputs = make_inputs()
-    loss, metrics = policy_loss(inputs, PolicyLossConfig(off_policy_correction="none"))
+    loss, metrics = scalar_loss(inputs, PolicyLossConfig(off_policy_correction="none"))
     assert loss.item() == pytest.approx(0.4)
     assert metrics["pg_loss"] == pytest.approx(0.4)
     assert metrics["pg_clipfrac"] == pytest.approx(0.5)  # t1, t2
@@ -123,20 +176,20 @@ def test_ppo_clip_and_dual_clip_hand_values():
 
 
 def test_asymmetric_clip_higher():
-    loss, _ = policy_loss(make_inputs(), PolicyLossConfig(off_policy_correction="none", clip_ratio_high=0.28))
+    loss, _ = scalar_loss(make_inputs(), PolicyLossConfig(off_policy_correction="none", clip_ratio_high=0.28))
     # t1 becomes -1.28: (-1 - 1.28 + .8 + 3) / 4
     assert loss.item() == pytest.approx(0.38)
 
 
 def test_policy_loss_uses_agg_mode():
     cfg = PolicyLossConfig(off_policy_correction="none", loss_agg_mode="seq-mean-token-sum")
-    loss, _ = policy_loss(make_inputs(), cfg)
+    loss, _ = scalar_loss(make_inputs(), cfg)
     assert loss.item() == pytest.approx(1.6)
 
 
 def test_none_correction_clips_against_behaviour():
     behaviour = OLD - WEIGHT.log()
-    loss, metrics = policy_loss(make_inputs(behaviour), PolicyLossConfig(off_policy_correction="none"))
+    loss, metrics = scalar_loss(make_inputs(behaviour), PolicyLossConfig(off_policy_correction="none"))
     # ratio vs behaviour = r * w = [2, .75, .5, 20]
     #   t0: max(-2, -1.2) = -1.2; t1: max(-.75, -.8) = -.75; t2: .8; t3: min(20, 3) = 3
     assert loss.item() == pytest.approx((-1.2 - 0.75 + 0.8 + 3.0) / 4)
@@ -146,7 +199,7 @@ def test_none_correction_clips_against_behaviour():
 def test_decoupled_correction_weights_clipped_loss():
     behaviour = OLD - WEIGHT.log()
     inputs = make_inputs(behaviour)
-    loss, metrics = policy_loss(inputs, PolicyLossConfig(off_policy_correction="decoupled"))
+    loss, metrics = scalar_loss(inputs, PolicyLossConfig(off_policy_correction="decoupled"))
     # per-token PPO loss vs old [-1, -1.2, .8, 3] times w = [2, .5, 1, 4]
     assert loss.item() == pytest.approx((-2.0 - 0.6 + 0.8 + 12.0) / 4)
     assert metrics["is_weight_mean"] == pytest.approx(7.5 / 4)
@@ -157,7 +210,7 @@ def test_decoupled_correction_weights_clipped_loss():
 
 def test_tis_correction_truncates_weight():
     behaviour = OLD - WEIGHT.log()
-    loss, metrics = policy_loss(make_inputs(behaviour), PolicyLossConfig(off_policy_correction="tis", tis_cap=2.0))
+    loss, metrics = scalar_loss(make_inputs(behaviour), PolicyLossConfig(off_policy_correction="tis", tis_cap=2.0))
     # weights [2, .5, 1, min(4, 2) = 2]
     assert loss.item() == pytest.approx((-2.0 - 0.6 + 0.8 + 6.0) / 4)
     assert metrics["is_weight_truncfrac"] == pytest.approx(0.25)
@@ -167,7 +220,7 @@ def test_tis_correction_truncates_weight():
 def test_log_ratio_is_clamped_before_exp():
     ratio_logs = T([[0.0, 0.0, 0.0, 100.0, 0.0]])
     inputs = PolicyLossInputs((OLD + ratio_logs).requires_grad_(), OLD, OLD, T([[0.0, 0.0, 0.0, 1.0, 0.0]]), PMASK)
-    loss, _ = policy_loss(inputs, PolicyLossConfig(off_policy_correction="none", log_ratio_clamp=20.0))
+    loss, _ = scalar_loss(inputs, PolicyLossConfig(off_policy_correction="none", log_ratio_clamp=20.0))
     # t3: A = 1, ratio exp(20) is clipped to 1.2 -> loss -1.2 / 4, finite
     assert loss.item() == pytest.approx(-1.2 / 4)
 
@@ -200,7 +253,7 @@ def test_corrections_equal_plain_ppo_when_behaviour_is_old(data, batch, length, 
     results = {}
     for name in OFF_POLICY_CORRECTIONS:
         logprobs = new.clone().requires_grad_()
-        loss, _ = policy_loss(
+        loss, _ = scalar_loss(
             PolicyLossInputs(logprobs, old, old.clone(), adv, mask),
             PolicyLossConfig(off_policy_correction=name, loss_agg_mode=mode),
         )
@@ -219,7 +272,8 @@ def test_value_loss_clipped_hand_values():
     values = T([[1.0, 2.0, 0.0]], requires_grad=True)
     old = T([[0.5, 2.0, 0.0]])
     returns = T([[2.0, 1.0, 5.0]])
-    loss, metrics = value_loss(values, old, returns, T([[1, 1, 0]]), cliprange_value=0.2)
+    per_token, metrics = value_loss(values, old, returns, T([[1, 1, 0]]), cliprange_value=0.2)
+    loss = agg_loss(per_token, T([[1, 1, 0]]), "token-mean")
     # t0: v_clip = .7; max((1 - 2)^2, (.7 - 2)^2) = 1.69; t1: max(1, 1) = 1; t2 padded
     assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0) / 2)
     assert metrics["vf_clipfrac"] == pytest.approx(0.5)
@@ -234,7 +288,7 @@ def test_nan_outside_mask_reaches_neither_loss_nor_grad():
     for name in OFF_POLICY_CORRECTIONS:
         logprobs = (OLD + RATIO.log()).requires_grad_()
         inputs = PolicyLossInputs(logprobs, OLD + nan_pad, OLD + nan_pad, ADV + nan_pad, PMASK)
-        loss, metrics = policy_loss(inputs, PolicyLossConfig(off_policy_correction=name))
+        loss, metrics = scalar_loss(inputs, PolicyLossConfig(off_policy_correction=name))
         assert loss.item() == pytest.approx(0.4), name
         (grad,) = torch.autograd.grad(loss, logprobs)
         torch.testing.assert_close(grad, T([[-0.25, 0.0, 0.0, 0.0, 0.0]]))
@@ -243,7 +297,8 @@ def test_nan_outside_mask_reaches_neither_loss_nor_grad():
 
 def test_value_loss_ignores_nan_outside_mask():
     values = T([[1.0, 2.0, 0.0]], requires_grad=True)
-    loss, _ = value_loss(values, T([[0.5, 2.0, float("nan")]]), T([[2.0, 1.0, float("nan")]]), T([[1, 1, 0]]), 0.2)
+    per_token, _ = value_loss(values, T([[0.5, 2.0, float("nan")]]), T([[2.0, 1.0, float("nan")]]), T([[1, 1, 0]]), 0.2)
+    loss = agg_loss(per_token, T([[1, 1, 0]]), "token-mean")
     assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0) / 2)
     (grad,) = torch.autograd.grad(loss, values)
     torch.testing.assert_close(grad, T([[0.0, 0.5, 0.0]]))

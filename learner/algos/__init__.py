@@ -11,19 +11,23 @@ What is here, and the simplifications made:
   per-trajectory reward sum, so per-turn rewards only shape gae and
   reinforce_plus_plus. Groups of one get mean 0 / std 1 (verl's choice).
   Whitening (gae, reinforce_plus_plus*) is over the whole batch given.
-- Policy loss (`losses.py`): clipped PPO with asymmetric clip and dual clip,
-  times a detached off-policy weight: `none` (ratio vs the actor's
-  log-probs), `decoupled` (ratio vs the learner's proximal log-probs, times
-  pi_prox / pi_behaviour, untruncated), `tis` (same, weight truncated at
-  tis_cap). No entropy bonus or KL-in-loss term here: the training step adds
-  them with `entropy_from_logits` / `kl_penalty` and `agg_loss`.
-- Value loss: clipped, 0.5 * max of squared errors.
+- Policy loss (`losses.py`): per-token `vanilla` clipped PPO (asymmetric and
+  dual clip), `gspo` (sequence-level ratio) or `cispo` (clipped IS weight on
+  the REINFORCE term), times a detached off-policy weight from a correction
+  (`none`, `decoupled` with AReaL's cap, `tis`, `seq_tis`, `seq_mis`,
+  `geo_mis`, `icepop`; masked tokens get weight 0). It returns the per-token
+  loss: the training step adds the entropy bonus and the KL-in-loss term per
+  token and reduces the sum once with `agg_loss`.
+- Value loss: clipped, 0.5 * max of squared errors, per token.
 - KL (`kl.py`): k1/abs/k2/k3 per-token estimators, exact `full_kl` from
   logits, fixed/adaptive coefficient controllers, KL-in-reward, and the k3
   learner-vs-actor mismatch logged every step.
 
-Aggregation (`agg_loss`) reduces over the tensor it is given; gradient
-accumulation across micro-batches must rescale to get a global mean.
+Aggregation (`agg_loss`): every mode is a weighted token sum over a
+normaliser that does not depend on the loss, so a micro-batch's share of the
+mini-batch loss is its weighted sum times one `loss_scale` (computed from the
+whole mini-batch of every rank by `learner.sharding.plan_minibatches`).
+Without a scale, `agg_loss` is the aggregation over the rows given.
 """
 
 from learner.algos.advantages import (
@@ -59,9 +63,14 @@ from learner.algos.kl import (
 from learner.algos.losses import (
     LOSS_AGG_MODES,
     OFF_POLICY_CORRECTIONS,
+    POLICY_LOSSES,
+    AggMode,
+    Correction,
     PolicyLossConfig,
     PolicyLossInputs,
     agg_loss,
+    agg_units,
+    loss_scale,
     entropy_from_logits,
     logprobs_from_logits,
     policy_loss,
@@ -73,6 +82,9 @@ __all__ = [
     "KL_PENALTIES",
     "LOSS_AGG_MODES",
     "OFF_POLICY_CORRECTIONS",
+    "POLICY_LOSSES",
+    "AggMode",
+    "Correction",
     "AdaptiveKLController",
     "AdvantageConfig",
     "AdvantageInputs",
@@ -80,6 +92,8 @@ __all__ = [
     "PolicyLossConfig",
     "PolicyLossInputs",
     "agg_loss",
+    "agg_units",
+    "loss_scale",
     "apply_kl_in_reward",
     "compute_gae",
     "discounted_returns",

@@ -1,0 +1,253 @@
+"""learner/sharding.py: rows per rank, equal pass counts, and one loss scale per micro-batch that
+makes the gradient of every aggregation mode independent of the micro-batch and rank split,
+checked on hand-computed tensors and through the real Trainer on 1 and 2 gloo ranks."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from learner.algos.losses import LOSS_AGG_MODES, agg_loss
+from learner.sharding import chunks, plan_minibatches, shard_rows
+
+T = torch.tensor
+MODES = sorted(LOSS_AGG_MODES)
+
+
+def test_shard_rows_interleave():
+    assert shard_rows(7, 0, 2).tolist() == [0, 2, 4, 6]
+    assert shard_rows(7, 1, 2).tolist() == [1, 3, 5]
+    assert shard_rows(2, 2, 3).tolist() == []
+
+
+def test_chunks_give_every_rank_the_same_number_of_passes():
+    # 7 rows over 2 ranks: rank 0 holds 4, rank 1 holds 3; passes of 3 rows
+    rank0 = [(idx.tolist(), real) for idx, real in chunks(4, 7, 2, 3)]
+    rank1 = [(idx.tolist(), real) for idx, real in chunks(3, 7, 2, 3)]
+    assert rank0 == [([0, 1, 2], True), ([3], True)]
+    assert rank1 == [([0, 1, 2], True), ([0], False)]  # a padding pass on row 0, output dropped
+
+
+# Four rows with 3, 1, 2, 2 sampled tokens.
+MASK = T([[1, 1, 1, 0], [1, 0, 0, 0], [0, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.float32)
+
+
+@pytest.mark.parametrize(
+    "mode, scale",
+    [
+        ("token-mean", 1 / 8),  # 8 tokens
+        ("seq-mean-token-sum", 1 / 4),  # 4 rows
+        ("seq-mean-token-mean", 1 / 4),
+        ("seq-mean-token-sum-norm", 1 / (4 * 16)),  # 4 rows, horizon 16
+    ],
+)
+def test_plan_one_rank_three_plus_one(mode, scale):
+    """A 3 + 1 micro-batch split: both micro-batches get the mini-batch's scale. (Dr. GRPO used to
+    get 3/4 and 1/4 on a token sum, so the lone row's tokens weighed a third of the others'.)"""
+    (mini,) = plan_minibatches(MASK, 0, 1, rows_per_mini=4, micro_size=3, agg_mode=mode, horizon=16)
+    assert [m.idx.tolist() for m in mini] == [[0, 1, 2], [3]]
+    assert [m.loss_scale for m in mini] == pytest.approx([scale, scale])
+
+
+def test_plan_two_ranks_with_a_padding_pass():
+    # 5 rows over 2 ranks: rank 0 owns rows 0, 2, 4 and rank 1 rows 1, 3; 2 shard rows per mini-batch
+    mask = torch.cat([MASK, T([[1.0, 1.0, 1.0, 1.0]])])
+    plans = [plan_minibatches(mask, r, 2, rows_per_mini=2, micro_size=1, agg_mode="token-mean") for r in (0, 1)]
+    # mini-batch 1 = rows 0, 2 (rank 0) and 1, 3 (rank 1): 3 + 2 + 1 + 2 = 8 tokens -> 2 / 8
+    # mini-batch 2 = row 4 (rank 0) alone: 4 tokens -> 2 / 4; rank 1 runs a zero-scale pass
+    assert [[(m.idx.tolist(), m.loss_scale) for m in mini] for mini in plans[0]] == [
+        [([0], 0.25), ([1], 0.25)], [([2], 0.5)]
+    ]
+    assert [[(m.idx.tolist(), m.loss_scale) for m in mini] for mini in plans[1]] == [
+        [([0], 0.25), ([1], 0.25)], [([0], 0.0)]
+    ]
+
+
+def test_plan_rejects_sum_norm_without_a_horizon():
+    with pytest.raises(ValueError, match="horizon"):
+        plan_minibatches(MASK, 0, 1, 4, 2, "seq-mean-token-sum-norm")
+
+
+def _planned_grad(loss_mat, mask, mode, world, micro, rows_per_mini, horizon=8):
+    """The gradient FSDP would see: every rank's planned micro-batch losses, averaged over ranks."""
+    grads = []
+    for mini_i in range(len(plan_minibatches(mask, 0, world, rows_per_mini, micro, mode, horizon))):
+        total = torch.zeros_like(loss_mat)
+        for rank in range(world):
+            mine = shard_rows(len(mask), rank, world)
+            mini = plan_minibatches(mask, rank, world, rows_per_mini, micro, mode, horizon)[mini_i]
+            for m in mini:
+                x = loss_mat.detach().clone().requires_grad_()
+                rows = mine[m.idx] if len(mine) else torch.tensor([0])
+                agg_loss(x[rows], mask[rows], mode, scale=m.loss_scale).backward()
+                total += x.grad
+        grads.append(total / world)
+    return grads
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradient_is_the_same_for_micro_splits_1_2_4_and_ranks_1_2(mode):
+    """8 rows of varied length in one mini-batch: d loss / d per-token loss is the hand-computed
+    aggregation weight for every split (token-mean 1/N_tokens, seq modes 1/N_rows times 1/n_b or 1/H)."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = [1, 2, 3, 4, 5, 6, 7, 8]
+    mask = T([[1.0] * n + [0.0] * (8 - n) for n in lengths])
+    loss_mat = torch.randn(8, 8, generator=gen)
+    coef = {
+        "token-mean": [1 / sum(lengths)] * 8,
+        "seq-mean-token-sum": [1 / 8] * 8,
+        "seq-mean-token-mean": [1 / 8 / n for n in lengths],
+        "seq-mean-token-sum-norm": [1 / 8 / 8] * 8,  # horizon 8
+    }[mode]
+    expected = mask * T(coef).unsqueeze(-1)
+    for world in (1, 2):
+        for micro in (1, 2, 4):
+            (grad,) = _planned_grad(loss_mat, mask, mode, world, micro, rows_per_mini=8 // world)
+            torch.testing.assert_close(grad, expected, msg=f"world {world}, micro {micro}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_ppo_mini_batch_is_normalised_by_its_own_rows(mode):
+    """Two mini-batches of 4 rows: each optimizer step's gradient is the aggregation over its own
+    4 rows, whatever the micro and rank split."""
+    lengths = [1, 2, 3, 4, 5, 6, 7, 8]
+    mask = T([[1.0] * n + [0.0] * (8 - n) for n in lengths])
+    loss_mat = torch.randn(8, 8, generator=torch.Generator().manual_seed(1))
+    reference = None
+    for world in (1, 2):
+        for micro in (1, 2, 4):
+            grads = _planned_grad(loss_mat, mask, mode, world, micro, rows_per_mini=4 // world)
+            # which rows a mini-batch holds depends on the rank split; its gradient is the
+            # aggregation over those rows alone
+            for g in grads:
+                rows = g.abs().sum(-1) > 0
+                x = loss_mat.clone().requires_grad_()
+                agg_loss(x[rows], mask[rows], mode, 8).backward()
+                whole = torch.zeros_like(loss_mat)
+                whole[rows] = x.grad[rows]
+                torch.testing.assert_close(g, whole)
+            if world == 1 and micro == 1:
+                reference = grads
+    assert reference is not None and len(reference) == 2
+
+
+# --------------------------------------------------------------------------
+# through the real Trainer (FSDP2, gloo): 1 rank in-process, 2 ranks spawned
+
+
+def _traj(sample_id: str, chain: int, reward: float, n_sampled: int, seed: int):
+    from protocol import messages as m
+
+    rng = np.random.default_rng(seed)
+    mask = [1] * n_sampled + [0] * 3 + [1] * 2  # a turn, an observation, a short second turn
+    logprobs = np.where(np.array(mask) == 1, -rng.uniform(4.0, 8.0, size=len(mask)), 0.0)
+    return m.Trajectory(
+        actor_id="a0", sample_id=sample_id, chain=chain,
+        prompt_ids=m.pack(rng.integers(10, 500, size=5), "int32"),
+        response_ids=m.pack(rng.integers(10, 500, size=len(mask)), "int32"),
+        loss_mask=m.pack(mask, "uint8"), logprobs=m.pack(logprobs, "float32"),
+        versions=m.pack([0 if k else -1 for k in mask], "int32"),
+        reward=reward, reward_components={"reward": reward},
+        stats=m.EpisodeStats(num_turns=2, tool_calls={}),
+    )
+
+
+def _trajs():
+    """7 rows (groups of 4 and 3) with 1..7 + 2 sampled tokens, so every mode weighs them differently."""
+    rewards = [1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0]
+    return [_traj("0:0" if i < 4 else "0:1", i % 4, r, n_sampled=i + 1, seed=i) for i, r in enumerate(rewards)]
+
+
+def _grads_for(trainer, batch, runs) -> dict[str, dict[str, torch.Tensor]]:
+    """Policy gradient of one train_step per (agg mode, micro size) in ``runs``, full tensors."""
+    out = {}
+    actor = trainer.cfg.actor_rollout_ref.actor
+    for mode, micro in runs:
+        actor.loss_agg_mode = mode
+        actor.ppo_micro_batch_size_per_gpu = micro
+        trainer.loss_cfg = dataclasses.replace(trainer.loss_cfg, loss_agg_mode=mode)
+        trainer.train_step(batch)
+        out[f"{mode}/{micro}"] = {n: p.grad.full_tensor().clone() for n, p in trainer.model.named_parameters()}
+    return out
+
+
+def _config(model_dir, run_dir):
+    from tests.learner_support import learner_config
+
+    return learner_config(
+        model_dir, run_dir,
+        "actor_rollout_ref.actor.ppo_mini_batch_size=2",  # both prompts: one optimizer step per train_step
+        "actor_rollout_ref.actor.grad_clip=1e9",  # gradients are compared unclipped
+        "actor_rollout_ref.actor.optim.lr=1e-30",  # and the weights stay put between runs
+        "actor_rollout_ref.actor.loss_agg_horizon=12",
+    )
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """Equal up to float32 summation order: 1e-5 of the tensor's largest entry."""
+    atol = 1e-5 * float(want.abs().max()) + 1e-12
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=atol, msg=lambda e: f"{what}: {e}")
+
+
+RUNS_1 = [(mode, micro) for mode in MODES for micro in (1, 2, 4)]
+RUNS_2 = [(mode, micro) for mode in MODES for micro in (1, 2)]
+
+
+def _rank_main(rank: int, cfg, port: int, out_path: str) -> None:
+    from learner.trainer import Trainer
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    trainer = Trainer(cfg, [{"question": f"q{i}", "answer": "1"} for i in range(8)])
+    trainer.setup()
+    try:
+        grads = _grads_for(trainer, trainer.step_batch(_trajs()).batch, RUNS_2)
+        if rank == 0:
+            torch.save(grads, out_path)
+    finally:
+        trainer.cleanup()
+
+
+def test_trainer_gradient_is_the_same_for_micro_splits_and_ranks(tmp_path, tiny_model_dir):
+    """Every aggregation mode: the gradient of a real train_step (7 rows, one mini-batch) is the
+    same with micro-batches of 1, 2 and 4 rows on one rank and of 1 and 2 rows on two gloo ranks
+    (where rank 1 holds 3 rows and runs a zero-scale padding pass)."""
+    from launcher.local import free_port
+    from tests.learner_support import trainer_world_1
+
+    with trainer_world_1(_config(tiny_model_dir, tmp_path / "w1")) as trainer:
+        one = _grads_for(trainer, trainer.step_batch(_trajs()).batch, RUNS_1)
+
+    out = tmp_path / "grads_w2.pt"
+    ctx = mp.start_processes(
+        _rank_main, args=(_config(tiny_model_dir, tmp_path / "w2"), free_port(), str(out)), nprocs=2,
+        join=False, start_method="spawn",
+    )
+    deadline = time.monotonic() + 600
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("2-rank trainer did not finish within 600 s")
+    two = torch.load(out)
+
+    for mode in MODES:
+        ref = one[f"{mode}/1"]
+        assert max(float(g.abs().max()) for g in ref.values()) > 0, mode
+        for key in [f"{mode}/2", f"{mode}/4"]:
+            for name, g in one[key].items():
+                _close(g, ref[name], f"{key} {name}")
+        for micro in (1, 2):
+            for name, g in two[f"{mode}/{micro}"].items():
+                _close(g, ref[name], f"2 ranks {mode}/{micro} {name}")
+    # the modes really differ (the test would not notice a mode silently falling back to another)
+    names = list(one["token-mean/1"])
+    assert any(not torch.allclose(one["token-mean/1"][n], one["seq-mean-token-mean/1"][n]) for n in names)
+    assert any(not torch.allclose(one["seq-mean-token-sum/1"][n], one["seq-mean-token-sum-norm/1"][n]) for n in names)
