@@ -45,6 +45,8 @@ def build_parts(cfg: RelayConfig, model_path: str) -> Parts:
     stop_ids.discard(tokenizer.unk_token_id)
     rollout = cfg.actor_rollout_ref.rollout
     max_context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", 4096)
+    if rollout.max_model_len is not None:  # verl's rollout.max_model_len caps the context
+        max_context = min(max_context, rollout.max_model_len)
     limits = EpisodeLimits(
         max_turns=cfg.agent.max_turns,
         max_tokens_per_turn=cfg.agent.max_tokens_per_turn,
@@ -79,7 +81,10 @@ def build_engine(cfg: RelayConfig, model_path: str, seed: int = 0) -> Engine:
             cpu_kvcache_space_gb=rollout.cpu_kvcache_space_gb,
             gpu_memory_utilization=rollout.gpu_memory_utilization,
             tensor_model_parallel_size=rollout.tensor_model_parallel_size,
-            enforce_eager=not _has_cuda(),  # the CPU build compiles for ~1 min at start for no gain on small models
+            # the CPU build compiles for ~1 min at start for no gain on small models
+            enforce_eager=not _has_cuda() if rollout.enforce_eager is None else rollout.enforce_eager,
+            max_model_len=rollout.max_model_len,
+            max_num_batched_tokens=rollout.max_num_batched_tokens,
             dtype="auto" if _has_cuda() else "float32",  # CPU: the learner's fp32, not vLLM-CPU's default bf16
         )
     from actors.engines.hf_engine import HFEngine

@@ -278,8 +278,12 @@ def key_help() -> dict[str, str]:
     return {k: f.description or "" for k, f in _leaf_fields().items()}
 
 
-def _schema_default(key: str) -> Any:
-    return _leaf_fields()[key].get_default(call_default_factory=True)
+def schema_default(key: str) -> Any:
+    """The schema default of a canonical key (or of the key an alias lands on)."""
+    return _leaf_fields()[canonical_key(key)].get_default(call_default_factory=True)
+
+
+_schema_default = schema_default
 
 
 def _get(cfg: BaseModel, key: str) -> Any:

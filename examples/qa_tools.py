@@ -1,7 +1,9 @@
 """Tools of the ReAct QA example: ``search`` over ``examples/data/qa_corpus.jsonl`` (BM25).
 
-Use as ``agent.tools=[examples.qa_tools:search,answer]`` (a dotted tool path, see
-``envs.tools.registry``); run from the repository root so ``examples`` is importable.
+The example script uses the built-in ``search`` with ``agent.tool_configs.search.corpus``;
+this module shows the same tool as user code: ``agent.tools=[examples/qa_tools.py:search,answer]``
+(a file path) or ``agent.tools=[examples.qa_tools:search,answer]`` (a module under the working
+directory); no ``PYTHONPATH`` needed.
 ``QA_CORPUS`` points the search at another JSONL corpus of ``{"id", "title", "text"}`` rows.
 """
 

@@ -4,21 +4,10 @@
 #   bash examples/react_qa_search_reinforce.sh
 #   MODEL=tiny bash examples/react_qa_search_reinforce.sh       # 2 tiny steps on CPU
 # Data: examples/data/qa_{train,test}.jsonl ({"question", "answer"}), corpus
-# examples/data/qa_corpus.jsonl, searched with BM25 by examples/qa_tools.py.
+# examples/data/qa_corpus.jsonl, searched with BM25 by the built-in `search` tool
+# (agent.tool_configs.search.corpus; examples/qa_tools.py shows the same tool as user code).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-MODEL_PATH=$MODEL
-if [ "$MODEL" = tiny ]; then
-  # The ReAct instructions with the tool schemas are ~600 tokens for the tiny byte-level tokenizer,
-  # more than the tiny model's 512-position window: use a copy whose window is 2048 (RoPE, random init).
-  MODEL_PATH=runs/models/tiny-2k
-  if [ ! -f "$MODEL_PATH/config.json" ]; then
-    "$RELAY" build-model runs/models/tiny >/dev/null
-    rm -rf "$MODEL_PATH.tmp" && cp -r runs/models/tiny "$MODEL_PATH.tmp"
-    "$PY" -c "import json, sys; p = sys.argv[1] + '/config.json'; c = json.load(open(p)); c['max_position_embeddings'] = 2048; json.dump(c, open(p, 'w'), indent=2)" "$MODEL_PATH.tmp"
-    mv "$MODEL_PATH.tmp" "$MODEL_PATH"
-  fi
-fi
 
 "$RELAY" train \
   algorithm.adv_estimator=reinforce_plus_plus \
@@ -28,14 +17,16 @@ fi
   data.train_batch_size=6 \
   data.max_prompt_length=1024 \
   data.max_response_length=768 \
-  actor_rollout_ref.model.path="$MODEL_PATH" \
+  actor_rollout_ref.model.path="$MODEL" \
   actor_rollout_ref.actor.optim.lr=1e-6 \
   actor_rollout_ref.actor.ppo_mini_batch_size=6 \
   actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4 \
   actor_rollout_ref.rollout.name=hf \
   actor_rollout_ref.rollout.n=4 \
   agent.agent_type=react \
-  agent.tools="[examples.qa_tools:search,answer]" \
+  agent.tools="[search,answer]" \
+  agent.tool_configs.search.corpus=examples/data/qa_corpus.jsonl \
+  agent.tool_configs.search.top_k=2 \
   agent.reward_name=qa_f1_reward \
   agent.max_steps=4 \
   agent.max_tokens_per_turn=128 \

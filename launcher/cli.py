@@ -17,22 +17,68 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Relay: asynchronous RL for tool-using LLM agents.")
 
 PRESETS = typer.Option(None, "--config", "-c", help="YAML preset(s), later ones win (path or bundled name, e.g. demo).")
-OVERRIDES = typer.Argument(None, help="Dotted overrides, e.g. algorithm.adv_estimator=grpo agent.tools=[calculator].")
+OVERRIDES = typer.Argument(
+    None,
+    help="Dotted overrides, e.g. algorithm.adv_estimator=grpo agent.tools=\\[calculator] +experiment=quick_test.",
+)
 
 
 SWEEP = typer.Option(
     None, "--sweep", help="key=v1,v2,...: one run per value (several --sweep: every combination), each with its own experiment name and run dir."
 )
+MULTIRUN = typer.Option(
+    False, "--multirun", "-m", help="Hydra style: every override with a comma-separated value (a=1,2) is a --sweep."
+)
 
 
-def _load(presets, overrides):
-    from configs.loader import ConfigError, load_config
+def _say(msg: str) -> None:
+    typer.echo(f"[relay] {msg}", err=True)
+
+
+def _load(presets, overrides, quiet: bool = False):
+    from configs.loader import ConfigError, load_config_with_notes
 
     try:
-        return load_config(presets or [], overrides or [])
+        cfg, notes = load_config_with_notes(presets or [], overrides or [])
     except ConfigError as e:
-        typer.echo(f"config error: {e}", err=True)
+        lines = str(e).splitlines()
+        typer.echo(f"config error: {lines[0]}" if len(lines) == 1 else f"config errors ({len(lines)}):", err=True)
+        for line in lines if len(lines) > 1 else []:
+            typer.echo(f"  {line}", err=True)
         raise typer.Exit(2)
+    for note in [] if quiet else notes:
+        _say(f"note: {note}")
+    return cfg
+
+
+def _checked(cfg, **kwargs):
+    """``launcher.preflight`` on ``cfg``: every problem on one line each and exit 2, else the
+    config with resolved model paths (the notes are shown)."""
+    from launcher.preflight import PreflightError, preflight
+
+    try:
+        cfg, notes = preflight(cfg, **kwargs)
+    except PreflightError as e:
+        typer.echo(f"error: {e.problems[0]}" if len(e.problems) == 1 else f"errors ({len(e.problems)}):", err=True)
+        for line in e.problems if len(e.problems) > 1 else []:
+            typer.echo(f"  {line}", err=True)
+        raise typer.Exit(2)
+    for note in notes:
+        _say(f"note: {note}")
+    return cfg
+
+
+def _split_multirun(overrides, sweep, multirun: bool):
+    """With ``--multirun``, overrides whose value lists several values become sweeps."""
+    if not multirun:
+        return overrides, sweep
+    from launcher.sweep import split_values
+
+    plain, sweeps = [], list(sweep or [])
+    for text in overrides or []:
+        key, sep, value = text.partition("=")
+        (sweeps if sep and len(split_values(value)) > 1 else plain).append(text)
+    return plain, sweeps
 
 
 def _sweep_points(sweep):
@@ -50,9 +96,12 @@ def train(
     overrides: Optional[List[str]] = OVERRIDES,
     presets: Optional[List[str]] = PRESETS,
     sweep: Optional[List[str]] = SWEEP,
+    multirun: bool = MULTIRUN,
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+    check: bool = typer.Option(False, "--check", help="Only check the config, data, model, tools and reward, then exit."),
 ):
     """Train locally: learner ranks and actors as processes on this machine."""
+    overrides, sweep = _split_multirun(overrides, sweep, multirun)
     cfg = _load(presets, overrides)
     points = _sweep_points(sweep)
     if print_config:
@@ -60,18 +109,26 @@ def train(
 
         typer.echo(dump_config(cfg))
         return
-    from launcher import commands
-
     if not points:
+        cfg = _checked(cfg)
+        if check:
+            _say("checks passed")
+            return
+        from launcher import commands
+
         raise typer.Exit(commands.train_local(cfg))
     from launcher.sweep import run_overrides
 
     base = cfg.trainer
-    raise typer.Exit(
-        commands.train_sweep(
-            lambda p: _load(presets, [*(overrides or []), *run_overrides(p, base.experiment_name, base.default_local_dir)]), points
-        )
-    )
+    # every sweep point is checked before the first run starts
+    cfgs = {p.tag: _checked(_load(presets, [*(overrides or []), *run_overrides(p, base.experiment_name, base.default_local_dir)], quiet=True))
+            for p in points}
+    if check:
+        _say(f"checks passed ({len(cfgs)} runs)")
+        return
+    from launcher import commands
+
+    raise typer.Exit(commands.train_sweep(lambda p: cfgs[p.tag], points))
 
 
 @app.command()
@@ -89,7 +146,7 @@ def learner(
     ),
 ):
     """Run this node's learner ranks (ranks node_rank*n_gpus_per_node ...); rank 0 also serves the actors."""
-    cfg = _load(presets, overrides)
+    cfg = _checked(_load(presets, overrides), resume=node_rank == 0, lengths=node_rank == 0)
     from launcher import commands
 
     raise typer.Exit(commands.run_learner_node(cfg, node_rank, master_addr, master_port))
@@ -104,7 +161,7 @@ def actor(
     first_index: int = typer.Option(0, "--first-index", help="Number of the first actor (ids actor-N...), unique across nodes."),
 ):
     """Run actor processes that register with a running learner and fetch its current weights."""
-    cfg = _load(presets, overrides)
+    cfg = _checked(_load(presets, overrides), resume=False, lengths=False)
     from launcher import commands
 
     raise typer.Exit(commands.run_actor_node(cfg, learner_addr, num_actors, first_index))
@@ -182,7 +239,7 @@ def sft(
     lr: float = typer.Option(1e-3),
 ):
     """Supervised warm start on demonstrations generated by the environment itself."""
-    cfg = _load(presets, overrides)
+    cfg = _checked(_load(presets, overrides), resume=False, lengths=False)
     from launcher import commands
 
     commands.sft(cfg, out, tool_fraction=tool_fraction, steps=steps, batch_size=batch_size, lr=lr)
@@ -201,9 +258,31 @@ def eval_(
 ):
     """Accuracy of a model on a dataset, through the same agent, tools and reward as training."""
     cfg = _load(presets, overrides)
+    files = [data] if data else cfg.data.val_files
+    if not files:
+        typer.echo("error: nothing to evaluate: give --data FILE or set data.val_files", err=True)
+        raise typer.Exit(2)
+    cfg = _checked(cfg, data_files=files, model=model, resume=False)  # --model resolves like the config's
     from launcher import commands
 
-    commands.evaluate(cfg, model, data, limit, num_chains, temperature, out)
+    commands.evaluate(cfg, None, files[0] if data else None, limit, num_chains, temperature, out)
+
+
+@app.command()
+def keys(
+    word: Optional[str] = typer.Argument(None, help="Show only keys containing this text (e.g. lr, rollout)."),
+    aliases: bool = typer.Option(False, "--aliases", help="Also list the verl / AgentFly / Agent-Tunix spellings."),
+):
+    """List the config keys with their defaults and descriptions."""
+    from configs.loader import all_keys, canonical_key, key_help, schema_default
+
+    docs = key_help()
+    for key in all_keys(aliases=aliases):
+        if word and word not in key:
+            continue
+        canon = canonical_key(key)
+        where = f" -> {canon}" if canon != key else f" = {schema_default(key)!r}"
+        typer.echo(f"{key}{where}\n    {docs[canon].splitlines()[0] if docs[canon] else ''}")
 
 
 @app.command("build-model")

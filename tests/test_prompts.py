@@ -46,10 +46,18 @@ def test_load_prompts_drops_overlong_rows_and_says_so(tmp_path, tiny_model_dir, 
     assert "first dropped: row 1" in caplog.text
 
 
-def test_load_prompts_keeps_everything_when_filtering_is_off(tmp_path, tiny_model_dir):
-    path = _write(tmp_path, ["1+1", "9" * 300])
-    cfg = learner_config(tiny_model_dir, tmp_path, "data.max_prompt_length=200", "data.filter_overlong_prompts=false")
-    assert len(load_prompts(cfg, [path], "train")) == 2
+def test_without_filtering_overlong_prompts_follow_truncation(tmp_path, tiny_model_dir):
+    path = _write(tmp_path, ["1+1", "12" + "9" * 300 + "34"])
+    off = ("data.max_prompt_length=200", "data.filter_overlong_prompts=false")
+    with pytest.raises(DataError, match=r"1 train prompts are longer than data.max_prompt_length=200 tokens \(first: row 2"):
+        load_prompts(learner_config(tiny_model_dir, tmp_path, *off), [path], "train")  # data.truncation=error
+    for side, kept_end in (("left", "34"), ("right", "12")):
+        cfg = learner_config(tiny_model_dir, tmp_path, *off, f"data.truncation={side}")
+        rows = load_prompts(cfg, [path], "train")
+        assert rows[0]["question"] == "1+1" and len(rows) == 2
+        cut = rows[1]["question"]
+        assert 0 < len(cut) < 304 and (cut.endswith(kept_end) if side == "left" else cut.startswith(kept_end))
+        assert prompt_lengths(cfg, rows)[1] <= 200
 
 
 def test_load_prompts_with_every_row_overlong_is_an_error(tmp_path, tiny_model_dir):

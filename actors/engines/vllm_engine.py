@@ -64,6 +64,7 @@ class VLLMEngine(Engine):
         enforce_eager: bool = False,
         dtype: str = "auto",
         max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
         start_timeout_s: float = 900.0,
         rpc_timeout_s: float = 600.0,
     ) -> None:
@@ -104,6 +105,7 @@ class VLLMEngine(Engine):
             enforce_eager=enforce_eager,
             dtype=dtype,
             max_num_seqs=max_num_seqs,
+            **({"max_num_batched_tokens": max_num_batched_tokens} if max_num_batched_tokens else {}),
             skip_tokenizer_init=True,
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=True,

@@ -45,14 +45,19 @@ def make_agent(
 
 
 def agent_for_config(cfg: RelayConfig, tokenizer: Any) -> Agent:
-    """The agent ``cfg`` describes (``agent.*`` with its registered tools, ``data.prompt_key``):
-    the one place actors and the learner's prompt-length filter build it, so both render alike."""
-    from envs.tools import get_tool
+    """The agent ``cfg`` describes (``agent.*`` with its tools built with their
+    ``agent.tool_configs`` options, ``data.prompt_key``): the one place actors, the learner's
+    prompt-length filter and the launcher's checks build it, so all render alike."""
+    from envs.tools import TOOL_ALIASES, get_tool
+
+    def options(name: str) -> dict[str, Any]:
+        configs = cfg.agent.tool_configs
+        return configs.get(name, configs.get(TOOL_ALIASES.get(name, name), {}))
 
     return make_agent(
         cfg.agent.agent_type,
         tokenizer,
-        [get_tool(name) for name in cfg.agent.tools],
+        [get_tool(name, **options(name)) for name in cfg.agent.tools],
         template=cfg.agent.template,
         system_prompt=cfg.agent.system_prompt,
         prompt_key=cfg.data.prompt_key,

@@ -18,7 +18,6 @@ length truncation, unparsable turn); rewards give 0 correctness then.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -95,8 +94,11 @@ def get_reward(name: str) -> RewardFn:
     """The reward registered as ``name``, or a function at a dotted path (``pkg.mod:fn`` / ``pkg.mod.fn``)."""
     if name in _REGISTRY:
         return RewardFn(name, _REGISTRY[name])
-    if ":" in name or "." in name:
-        module_name, _, attr = name.partition(":") if ":" in name else name.rpartition(".")
-        fn = getattr(importlib.import_module(module_name), attr)
-        return RewardFn(name, fn)
+    from envs.plugins import as_relay_reward, is_spec, load_object
+
+    if is_spec(name):  # path/to/file.py:name or package.module:name; verl's compute_score too
+        fn = load_object(name)
+        if not callable(fn):
+            raise TypeError(f"reward '{name}' is a {type(fn).__name__}, not a function")
+        return RewardFn(name, as_relay_reward(fn))
     raise KeyError(f"unknown reward '{name}'; registered: {registered_rewards()}")

@@ -2,15 +2,15 @@
 
 ``get_tool`` resolves, in order: the alias table ``TOOL_ALIASES``; the registry
 (built-in tools register themselves when ``envs.tools`` is imported); a dotted
-path ``my_pkg.my_tools:my_tool`` or ``my_pkg.my_tools.my_tool`` naming a
+path ``my_pkg.my_tools:my_tool``, ``my_pkg.my_tools.my_tool`` or ``path/to/file.py:my_tool`` naming a
 ``Tool`` (or a plain function, which is wrapped with ``@tool``).
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable
 
+from envs.plugins import is_spec, load_object
 from envs.tools.base import Tool, tool
 
 TOOL_ALIASES: dict[str, str] = {
@@ -59,13 +59,8 @@ def get_tool(name: str, **options: Any) -> Tool:
         raise TypeError(f"tool '{name}' takes no options, got {sorted(options)}")
     if key in _REGISTRY:
         return _REGISTRY[key]
-    if ":" in key or "." in key:
-        module_name, sep, attr = key.partition(":") if ":" in key else key.rpartition(".")
-        module = importlib.import_module(module_name)
-        try:
-            obj = getattr(module, attr)
-        except AttributeError:
-            raise KeyError(f"module '{module_name}' has no tool '{attr}'") from None
+    if is_spec(key):  # path/to/file.py:name or package.module:name (envs.plugins)
+        obj = load_object(key)
         if isinstance(obj, Tool):
             return obj
         if callable(obj):
