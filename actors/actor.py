@@ -29,7 +29,7 @@ from actors.rollout import Episode, EpisodeLimits, PromptTooLong, ToolBox, run_e
 from envs.base import Agent
 from protocol import messages as m
 from protocol.transport import ActorClient, LearnerRefused
-from protocol.weights import WeightsReceiver, make_receiver
+from protocol.weights import WeightsReceiver, WeightsRejected, make_receiver
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ class Actor:
         self.trajectories_sent = 0
         self.failures: list[BaseException] = []
         self.weights: WeightsReceiver | None = None
+        self.weights_refused = 0
         self.registrations = 0
         self._groups: set[asyncio.Task] = set()
         self._register_lock = asyncio.Lock()
@@ -228,11 +229,16 @@ class Actor:
             got = await self.weights.fetch(self.engine.version, timeout_s=self.s.request_timeout_s)
         if got is None:
             return
-        version, arrays = got
+        version, stream = got
         t1 = time.perf_counter()
-        named = [(name, as_tensor(a)) for name, a in arrays]
-        # a receiver's private buffers are handed over: the HF engine then serves them without a copy
-        await asyncio.to_thread(self.engine.load_weights, named, version, self.weights.private_buffers)
+        # a stream: the engine stages each bucket as it arrives (verified first) and swaps at the end
+        named = ((name, as_tensor(a)) for name, a in stream)
+        try:
+            await asyncio.to_thread(self.engine.load_weights, named, version, self.weights.private_buffers)
+        except WeightsRejected as e:  # corrupt or incomplete: nothing was applied, retried on the next sync
+            self.weights_refused += 1
+            log.error("%s: refused weights v%d, still serving v%d: %s", self.s.actor_id, version, self.engine.version, e)
+            return
         log.info("%s: now serving v%d (fetch %.2fs, load %.2fs)", self.s.actor_id, version, t1 - t0, time.perf_counter() - t1)
 
     async def heartbeat(self) -> None:

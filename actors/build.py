@@ -91,4 +91,7 @@ def build_engine(cfg: RelayConfig, model_path: str, seed: int = 0) -> Engine:
 
     import torch
 
-    return HFEngine(model_path, device="cuda" if torch.cuda.is_available() else "cpu", seed=seed)
+    from protocol.weights import serve_dtype
+
+    cuda = torch.cuda.is_available()
+    return HFEngine(model_path, device="cuda" if cuda else "cpu", seed=seed, dtype=serve_dtype(rollout.dtype, cuda))

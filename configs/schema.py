@@ -251,6 +251,10 @@ class FsdpConfig(Section):
     """Keep parameters on CPU between uses (GPU only)."""
     optimizer_offload: bool = False
     """Keep optimizer state on CPU between steps (GPU only)."""
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Compute dtype of the FSDP2 forward/backward (``MixedPrecisionPolicy``): ``bf16`` casts
+    parameters to bf16 for compute and reduces gradients in fp32 (master weights and optimizer
+    state stay fp32), on GPU or CPU; ``fp32`` never casts; ``auto`` = bf16 on GPU, fp32 on CPU."""
 
 
 class ActorConfig(Section):
@@ -342,6 +346,15 @@ class RolloutConfig(Section):
     weight_update_mode: Literal["between_episodes", "in_flight"] = "between_episodes"
     """``between_episodes``: new weights are loaded once running episodes finish;
     ``in_flight``: loaded between turns, so one episode may span policy versions."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Dtype the engines serve, and so the dtype the learner gathers and sends its weights in:
+    ``auto`` = bf16 when the actors have a GPU, fp32 on CPU (the learner trains fp32 there, so
+    learner and engine log-probs agree to ~1e-6)."""
+    max_logprob_diff: float | None = Field(1.0, gt=0)
+    """Guard: the mean |learner - engine| log-prob of the tokens an actor sampled with exactly the
+    weights the learner holds. Past it the run stops with an error naming the actor and version
+    (an engine serving weights other than the published ones); None = only report it
+    (``actor/logprob_abs_diff_same_version``)."""
     val_temperature: float = Field(0.0, ge=0)
     """Sampling temperature for validation (0 = greedy); verl ``val_kwargs.temperature``."""
     val_do_sample: bool = True
@@ -449,7 +462,11 @@ class TransportConfig(Section):
     weights_dir: str | None = None
     """Directory for ``weights=filesystem``; None = ``<trainer.default_local_dir>/weights``."""
     weights_chunk_mb: int = Field(64, ge=1)
-    """Size of one weight message chunk, MiB."""
+    """Unused: weights travel in buckets of ``weights_bucket_mb`` (kept so older configs load)."""
+    weights_bucket_mb: int = Field(256, ge=1)
+    """Weights are gathered from the FSDP shards, checksummed and sent (zmq message, filesystem
+    shard) in buckets of this many MiB (a larger tensor is a bucket alone); the filesystem
+    transport holds one bucket on learner rank 0 whatever the model size."""
 
 
 # --------------------------------------------------------------------------- root

@@ -140,10 +140,10 @@ class Checkpointer:
         freq = self.cfg.trainer.save_freq
         return freq > 0 and (version % freq == 0 or version == total_steps)
 
-    def save(self, version: int, parts: dict[str, tuple], policy_arrays, coordinator, extra: dict | None = None) -> Path | None:
-        """Write checkpoint ``global_step_<version>`` of ``parts`` (``trainable_parts``); rank 0
-        passes the policy as published to actors (``policy_arrays``, exported as HF) and its
-        coordinator. ``extra``: name -> small state dict of other learner state (the KL
+    def save(self, version: int, parts: dict[str, tuple], export_policy, coordinator, extra: dict | None = None) -> Path | None:
+        """Write checkpoint ``global_step_<version>`` of ``parts`` (``trainable_parts``);
+        ``export_policy(dir)`` writes the policy as a plain HF directory (a collective every rank
+        runs: it streams the shards, ``Trainer.export_policy``); rank 0 passes its coordinator. ``extra``: name -> small state dict of other learner state (the KL
         controller), given back by ``restore`` as ``self.extra``. Returns the path on rank 0."""
         t0 = time.perf_counter()
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -151,16 +151,16 @@ class Checkpointer:
         schedulers = {name: sched.state_dict() for name, (_, _, sched) in parts.items()}
         rngs = [None] * self.world if self.rank == 0 else None
         dist.gather_object(_rng_state(), rngs, dst=0)
+        hf_stage = checkpoint_dir(self.run_dir) / f".hf-stage-{version}"
+        export_policy(hf_stage)
         path = None
         if self.rank == 0:
-            path = self._write(version, states, schedulers, rngs, policy_arrays, coordinator, extra or {})
+            path = self._write(version, states, schedulers, rngs, hf_stage, coordinator, extra or {})
             log.info("checkpoint v%d written to %s in %.1fs", version, path, time.perf_counter() - t0)
         dist.barrier()
         return path
 
-    def _write(self, version, states, schedulers, rngs, policy_arrays, coordinator, extra) -> Path:
-        from learner.model import export_hf
-
+    def _write(self, version, states, schedulers, rngs, hf_stage: Path, coordinator, extra) -> Path:
         root = checkpoint_dir(self.run_dir)
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(f".tmp-{PREFIX}*"):
@@ -176,7 +176,7 @@ class Checkpointer:
         ledger = self.run_dir / "ledger.jsonl"
         lines = [rec for rec in read_ledger(ledger) if rec["step"] < version]
         (tmp / "ledger.jsonl").write_text("".join(json.dumps(rec) + "\n" for rec in lines))
-        export_hf(policy_arrays, self.cfg.actor_rollout_ref.model.path, str(tmp / "hf"))
+        hf_stage.rename(tmp / "hf")
         meta = {"step": version, "version": version, "world_size": self.world, "time": time.time()}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         (tmp / MARKER).write_text("")

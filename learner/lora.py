@@ -1,25 +1,29 @@
 """LoRA through peft: only the adapters train; actors receive merged full weights.
 
 ``add_adapters`` wraps the policy before it is sharded (identity when the rank
-is 0). The learner gathers the full state dict of the wrapped model every
-step; ``merged_arrays`` folds each adapter into its base weight,
+is 0). What leaves the learner is the gathered state-dict stream
+(``learner/model.py:stream_full_tensors``) passed through ``publish_view``:
+for a LoRA policy, ``merged_stream`` folds each adapter into its base weight,
 
     W' = W + (lora_alpha / lora_rank) * B @ A        A: [r, in], B: [out, r]
 
-and renames every tensor back to the base model's parameter names (peft's
-``base_model.model.`` prefix and ``.base_layer`` infix removed, adapter
-tensors dropped), so actors and ``export_hf`` see a plain model of the base
-architecture. Chosen once at setup with ``publish_view``.
+as soon as the three tensors of a module have gone by (peft lists them
+together, so it holds one module's worth), and renames every tensor back to
+the base model's parameter names (peft's ``base_model.model.`` prefix and
+``.base_layer`` infix removed, adapter tensors dropped), so actors and
+``export_hf`` see a plain model of the base architecture. The merge runs in
+fp32 (the stream is gathered in fp32 for it) and each merged tensor is then
+cast to the serve dtype. Chosen once at setup with ``publish_view``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
-import numpy as np
+import torch
 
-Arrays = list[tuple[str, np.ndarray]]
+Named = Iterable[tuple[str, torch.Tensor]]
 
 _PREFIX = "base_model.model."
 
@@ -50,35 +54,60 @@ def add_adapters(model, lora: LoraSettings | None):
     return get_peft_model(model, cfg)
 
 
-def merged_arrays(arrays: Arrays, scale: float, adapter: str = "default") -> Arrays:
-    """Fold LoRA adapters into their base weights and restore the base model's names.
+def merged_stream(named: Named, scale: float, dtype: torch.dtype, adapter: str = "default") -> Iterator[tuple[str, torch.Tensor]]:
+    """Fold LoRA adapters into their base weights and restore the base model's names, lazily.
 
     Args:
-        arrays: the full state dict of a peft-wrapped model as (name, array) pairs.
+        named: the full state dict of a peft-wrapped model as (name, tensor) pairs, fp32.
         scale: lora_alpha / lora_rank.
+        dtype: what each output tensor is cast to (after the fp32 merge).
         adapter: the peft adapter name.
 
-    Returns:
-        (name, array) pairs of the base model, adapters merged (float32 where merged).
+    Yields:
+        (name, tensor) pairs of the base model, adapters merged. Raises ``ValueError`` if an
+        adapted module's base weight or adapters are missing from the stream.
     """
-    by_name = dict(arrays)
-    out: Arrays = []
-    for name, value in arrays:
-        if f".lora_A.{adapter}." in name or f".lora_B.{adapter}." in name:
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    a_key, b_key = f".lora_A.{adapter}.weight", f".lora_B.{adapter}.weight"
+    for name, value in named:
+        if name.endswith(a_key) or name.endswith(b_key):
+            module, kind = name[: -len(a_key)], "A" if name.endswith(a_key) else "B"
+        elif name.endswith(".base_layer.weight"):
+            module, kind = name[: -len(".base_layer.weight")], "W"
+        else:
+            if f".lora_A.{adapter}." in name or f".lora_B.{adapter}." in name:
+                continue  # adapter biases or other adapter tensors (bias="none": none expected)
+            yield name.replace(".base_layer.", ".").removeprefix(_PREFIX), _cast(value, dtype)
             continue
-        if ".base_layer." in name:
-            module, leaf = name.split(".base_layer.")
-            if leaf == "weight":
-                a = by_name[f"{module}.lora_A.{adapter}.weight"].astype(np.float32)
-                b = by_name[f"{module}.lora_B.{adapter}.weight"].astype(np.float32)
-                value = value.astype(np.float32) + scale * (b @ a)
-            name = f"{module}.{leaf}"
-        out.append((name.removeprefix(_PREFIX), value))
-    return out
+        got = parts.setdefault(module, {})
+        got[kind] = value
+        if len(got) == 3:
+            del parts[module]
+            merged = got["W"].float() + scale * (got["B"].float() @ got["A"].float())
+            yield f"{module}.weight".removeprefix(_PREFIX), merged.to(dtype)
+    if parts:
+        raise ValueError(f"LoRA merge: modules without base weight or adapters: {sorted(parts)[:5]}")
 
 
-def publish_view(lora: LoraSettings) -> Callable[[Arrays], Arrays]:
-    """What the learner publishes given its gathered state dict: itself, or the merged base model."""
-    if lora.rank == 0:
-        return lambda arrays: arrays
-    return lambda arrays: merged_arrays(arrays, lora.scale)
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+class PublishView:
+    """What the learner publishes from its gathered state-dict stream: the stream itself, or the
+    merged base model. ``gather_dtype`` is what the stream should be gathered in."""
+
+    def __init__(self, lora: LoraSettings, dtype: torch.dtype):
+        self.lora, self.dtype = lora, dtype
+        self.gather_dtype = dtype if lora.rank == 0 else torch.float32
+        self.merges = lora.rank > 0
+
+    def __call__(self, named: Named) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.lora.rank == 0:
+            return iter(named)
+        return merged_stream(named, self.lora.scale, self.dtype)
+
+
+def publish_view(lora: LoraSettings, dtype: torch.dtype = torch.float32) -> Callable[[Named], Iterator[tuple[str, torch.Tensor]]]:
+    """The ``PublishView`` of ``lora`` producing tensors in ``dtype``."""
+    return PublishView(lora, dtype)

@@ -1,8 +1,19 @@
-"""Policy loading, FSDP2 sharding and full-weight gathering.
+"""Policy loading, FSDP2 sharding and the full-weight stream.
 
 Any Hugging Face causal-LM directory loads (the embedded tiny model is one).
 Each decoder layer is its own FSDP2 unit (``fully_shard``), then the root;
-gloo on CPU, NCCL on GPU. bf16 mixed precision on GPU, fp32 on CPU.
+gloo on CPU, NCCL on GPU. Master weights are fp32; compute is bf16 with fp32
+gradient reduction (FSDP2 ``MixedPrecisionPolicy``) when
+``fsdp_config.mixed_precision`` says so: ``auto`` = bf16 on GPU, fp32 on CPU;
+``bf16`` runs the bf16 path on CPU too.
+
+Weights leave the learner as a stream (``stream_full_tensors``): one
+state-dict entry at a time, cast to the requested dtype *on its shard* and
+then all-gathered (``DTensor.full_tensor``), so a gathered bf16 tensor is
+never materialised in fp32 and rank 0 holds one gathered tensor beyond what
+its consumer keeps (a publisher's bucket, a shard being written). Publishing,
+``export_hf`` (checkpoints and the final model) and the LoRA merge
+(``learner/lora.py``) all consume this walk.
 ``fsdp_config.param_offload`` moves sharded parameters (and with them the
 optimizer state) to CPU between uses (``CPUOffloadPolicy``, GPU only). The
 policy, the critic (``learner.critic``) and the reference (``learner.reference``)
@@ -11,12 +22,13 @@ are all sharded by ``fsdp_shard``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 if TYPE_CHECKING:
     from learner.lora import LoraSettings
@@ -28,6 +40,21 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return list(base.layers)
 
 
+def mp_policy(setting: str, device: torch.device):
+    """FSDP2 ``MixedPrecisionPolicy`` for ``fsdp_config.mixed_precision`` (``None`` = plain fp32):
+    ``auto`` is bf16 on GPU and fp32 on CPU; ``bf16`` computes in bf16 anywhere (fp32 master
+    weights, optimizer state and gradient reduction); ``fp32`` never casts."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if setting == "auto":
+        setting = "bf16" if device.type == "cuda" else "fp32"
+    if setting == "fp32":
+        return None
+    if setting == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    raise ValueError(f"fsdp_config.mixed_precision must be auto, bf16 or fp32, got {setting!r}")
+
+
 def load_policy(
     path: str,
     device: torch.device,
@@ -35,6 +62,7 @@ def load_policy(
     gradient_checkpointing: bool = False,
     param_offload: bool = False,
     lora: "LoraSettings | None" = None,
+    mixed_precision: str = "auto",
 ):
     """Load the HF causal LM at ``path``, optionally add LoRA adapters (only they train),
     shard it with FSDP2 and return it (train mode)."""
@@ -44,27 +72,31 @@ def load_policy(
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model = add_adapters(model, lora)
-    return fsdp_shard(model, device, gradient_checkpointing=gradient_checkpointing, param_offload=param_offload)
+    return fsdp_shard(
+        model, device, gradient_checkpointing=gradient_checkpointing, param_offload=param_offload, mixed_precision=mixed_precision
+    )
 
 
-def fsdp_shard(model, device: torch.device, *, gradient_checkpointing: bool = False, param_offload: bool = False):
+def fsdp_shard(
+    model, device: torch.device, *, gradient_checkpointing: bool = False, param_offload: bool = False, mixed_precision: str = "auto"
+):
     """Shard an HF model with FSDP2 (one unit per decoder layer, then the root).
 
-    bf16 compute with fp32 gradient reduction on GPU, fp32 on CPU.
-    ``param_offload`` keeps the sharded parameters, their gradients and hence the
-    optimizer state on CPU (``CPUOffloadPolicy``); it needs a GPU (no effect on CPU).
+    Compute dtype from ``mixed_precision`` (``mp_policy``). ``param_offload``
+    keeps the sharded parameters, their gradients and hence the optimizer state
+    on CPU (``CPUOffloadPolicy``); it needs a GPU (no effect on CPU).
     """
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.to(device)
     kwargs = {}
-    if device.type == "cuda":
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if param_offload:
-            kwargs["offload_policy"] = CPUOffloadPolicy()
+    if (policy := mp_policy(mixed_precision, device)) is not None:
+        kwargs["mp_policy"] = policy
+    if device.type == "cuda" and param_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
@@ -72,32 +104,110 @@ def fsdp_shard(model, device: torch.device, *, gradient_checkpointing: bool = Fa
     return model
 
 
+def _tied_lm_head(model, name: str) -> bool:
+    """``name`` is the output embedding of a model that ties it to the input embedding."""
+    config = model.config
+    return bool(getattr(config, "tie_word_embeddings", False)) and name.removeprefix("base_model.model.") == "lm_head.weight"
+
+
+def stream_full_tensors(model, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The full state dict, one entry at a time (a collective: every rank iterates it to the end).
+
+    Each floating-point entry is cast to ``dtype`` on its shard, then gathered
+    (``DTensor.full_tensor``); rank 0 gets ``(name, tensor)`` pairs, contiguous
+    on CPU and never aliasing a live parameter (so a consumer may keep them while
+    training goes on); the other ranks get nothing. A tied ``lm_head.weight`` is
+    skipped (it is the input embedding)."""
+    rank0 = dist.get_rank() == 0
+    gpu_group = dist.get_backend() == "nccl"
+    for name, value in model.state_dict().items():
+        if _tied_lm_head(model, name):
+            continue
+        local = value.to_local() if isinstance(value, DTensor) else value
+        if gpu_group and local.device.type == "cpu":  # offloaded shards: gather on the GPU
+            value = value.to(torch.device("cuda", torch.cuda.current_device()))
+        if value.is_floating_point():
+            value = value.to(dtype)
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        if not rank0:
+            continue
+        full = full.detach().to("cpu").contiguous()
+        if full.untyped_storage().data_ptr() == local.untyped_storage().data_ptr():
+            full = full.clone()  # world size 1 and no cast: the gather returned the parameter itself
+        yield name, full
+
+
+def drain(stream: Iterable) -> None:
+    """Run a collective stream to its end (ranks other than 0, which consume nothing)."""
+    for _ in stream:
+        pass
+
+
 def full_state_arrays(model) -> list[tuple[str, np.ndarray]]:
-    """Gather the full weights (a collective: every rank calls it); rank 0 gets them as numpy."""
+    """The full weights as fp32 numpy on rank 0, in one piece (a collective). For tests: the
+    reference the stream is checked against; publishing uses ``stream_full_tensors``."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return []
-    if getattr(model.config, "tie_word_embeddings", False):
-        sd.pop("lm_head.weight", None)  # the same tensor as the input embedding: never send it twice
-    return [(k, v.detach().to(torch.float32).numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()) for k, v in sd.items()]
+    return [
+        (k, v.detach().to(torch.float32).numpy() if v.dtype == torch.bfloat16 else v.detach().numpy())
+        for k, v in sd.items()
+        if not _tied_lm_head(model, k)
+    ]
 
 
-def export_hf(arrays: list[tuple[str, np.ndarray]], base_path: str, out_dir: str) -> None:
-    """Write ``arrays`` (a full state dict) as a plain HF directory loadable by transformers/vLLM."""
+def export_hf(named: Iterable[tuple[str, torch.Tensor]], base_path: str, out_dir: str, shard_bytes: int = 1 << 30) -> None:
+    """Write a stream of full tensors (base-model names) as a plain HF directory loadable by
+    transformers/vLLM: safetensors shards written as they fill (at most ``shard_bytes`` held),
+    an index, the base model's config (its dtype set to the tensors') and tokenizer.
+    Refuses (``ValueError``, nothing written at ``out_dir``) a stream that does not fit ``base_path``."""
+    import json
     import shutil
     from pathlib import Path
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays}, strict=False)
-    if unexpected or set(missing) - ({"lm_head.weight"} if model.config.tie_word_embeddings else set()):
-        raise ValueError(f"exported weights do not fit {base_path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    from protocol.weights import buckets_of, write_safetensors
+
+    config = AutoConfig.from_pretrained(base_path)
+    with torch.device("meta"):
+        expected = set(AutoModelForCausalLM.from_config(config).state_dict())
+    if getattr(config, "tie_word_embeddings", False):
+        expected.discard("lm_head.weight")
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    tmp.mkdir(parents=True)
+    files: list[tuple[str, list[str]]] = []
+    seen: set[str] = set()
+    dtypes: set[torch.dtype] = set()
+    total = 0
+    for i, bucket in enumerate(buckets_of(named, shard_bytes)):
+        fname = f"model-{i + 1:05d}.safetensors"
+        write_safetensors(tmp / fname, bucket.named(), {"format": "pt"})
+        files.append((fname, [mt.name for mt in bucket.metas]))
+        seen.update(mt.name for mt in bucket.metas)
+        dtypes.update(t.dtype for t in bucket.tensors if t.is_floating_point())
+        total += bucket.nbytes
+        del bucket
+    if seen != expected:
+        shutil.rmtree(tmp)
+        raise ValueError(
+            f"exported weights do not fit {base_path}: missing {sorted(expected - seen)[:5]}, unexpected {sorted(seen - expected)[:5]}"
+        )
+    if len(files) == 1:
+        (tmp / files[0][0]).rename(tmp / "model.safetensors")
+    else:
+        weight_map = {name: fname for fname, names in files for name in names}
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+        )
+    if len(dtypes) == 1:
+        config.dtype = str(next(iter(dtypes))).removeprefix("torch.")
+    config.save_pretrained(tmp)
+    if (Path(base_path) / "generation_config.json").is_file():
+        shutil.copy(Path(base_path) / "generation_config.json", tmp / "generation_config.json")
     AutoTokenizer.from_pretrained(base_path).save_pretrained(tmp)
     if out.exists():
         shutil.rmtree(out)

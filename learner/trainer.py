@@ -40,7 +40,7 @@ from learner.coordinator import Coordinator, DataStream
 from learner.critic import build_critic
 from learner.lora import LoraSettings, publish_view
 from learner.metrics import MetricsLogger, reward_metrics
-from learner.model import export_hf, full_state_arrays, load_policy
+from learner.model import drain, export_hf, load_policy, stream_full_tensors
 from learner.optim import build_optimizer, lr_lambda, optimizer_offload  # noqa: F401  (lr_lambda re-exported)
 from learner.reference import build_kl_terms, next_token_logits
 from learner.replay import BatchDump, NoBatchDump
@@ -48,7 +48,7 @@ from learner.sharding import gather_rows, map_chunks, plan_minibatches, shard_ro
 from learner.validation import Validator
 from protocol import messages as m
 from protocol.transport import LearnerServer, message_size_limit
-from protocol.weights import make_publisher
+from protocol.weights import make_publisher, serve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,11 @@ class Trainer:
             gradient_checkpointing=arc.model.enable_gradient_checkpointing,
             param_offload=arc.actor.fsdp_config.param_offload,
             lora=lora,
+            mixed_precision=arc.actor.fsdp_config.mixed_precision,
         )
-        self.weights_for_actors = publish_view(lora)
+        # actors get the stream in their serve dtype; checkpoints and the final export in fp32
+        self.weights_for_actors = publish_view(lora, serve_dtype(arc.rollout.dtype, cuda=self.device.type == "cuda"))
+        self.weights_for_export = publish_view(lora, torch.float32)
         self.pad_id = self.model.config.pad_token_id or 0
         self.total_steps = self._total_steps()
         self.optimizer, self.scheduler = build_optimizer(self.model.parameters(), arc.actor.optim, self.total_steps)
@@ -146,7 +149,7 @@ class Trainer:
                 max_message_bytes=message_size_limit(getattr(self.model.config, "max_position_embeddings", 32768)),
             )
             self.weights = make_publisher(
-                cfg.transport.weights, server=self.server, chunk_bytes=cfg.transport.weights_chunk_mb << 20,
+                cfg.transport.weights, server=self.server, bucket_bytes=cfg.transport.weights_bucket_mb << 20,
                 weights_dir=cfg.transport.weights_dir, host=cfg.transport.host,
                 n_actors=cfg.actor_rollout_ref.rollout.num_actors, backend=backend, timeout_s=cfg.transport.recv_timeout_s,
             )
@@ -201,7 +204,7 @@ class Trainer:
         """Checkpoint ``global_step_<version>`` (a collective: every rank calls it)."""
         parts = trainable_parts(self.model, self.optimizer, self.scheduler, self.critic)
         self.checkpoints.save(
-            self.version, parts, self._last_arrays, self.coordinator if self.rank == 0 else None,
+            self.version, parts, self.export_policy, self.coordinator if self.rank == 0 else None,
             extra={"kl_in_reward": self.kl_in_reward.state_dict()},
         )
 
@@ -349,17 +352,29 @@ class Trainer:
         )
 
     def publish(self) -> None:
-        arrays = self.weights_for_actors(full_state_arrays(self.model))
-        self._last_arrays = arrays
+        """Stream the policy to the actors as ``self.version`` (a collective; version 0 is on disk)."""
+        view = self.weights_for_actors
+        named = view(stream_full_tensors(self.model, view.gather_dtype)) if self.version > 0 else iter(())
         if self.rank == 0:
-            self.weights.publish(self.version, arrays)  # complete before it is announced
+            self.weights.publish(self.version, named)  # complete before it is announced
             self.coordinator.advance(self.version)
+        else:
+            drain(named)
+
+    def export_policy(self, out_dir) -> None:
+        """Write the policy as a plain HF directory, fp32 (a collective; rank 0 writes)."""
+        view = self.weights_for_export
+        named = view(stream_full_tensors(self.model, view.gather_dtype))
+        if self.rank == 0:
+            export_hf(named, self.cfg.actor_rollout_ref.model.path, str(out_dir))
+        else:
+            drain(named)
 
     def cleanup(self) -> None:
+        self.export_policy(self.run_dir / "final")
         if self.rank == 0:
             self.coordinator.finish()
             (self.run_dir / "actors.json").write_text(json.dumps(self.coordinator.actors_summary(), indent=2))
-            export_hf(self._last_arrays, self.cfg.actor_rollout_ref.model.path, str(self.run_dir / "final"))
             log.info("final policy v%d exported to %s", self.version, self.run_dir / "final")
             # let actors hear 'stop' on their next request before the sockets close
             deadline = time.monotonic() + 3 * self.cfg.transport.heartbeat_interval_s + 5

@@ -1,23 +1,47 @@
-"""Weight channels, learner -> actors: one small interface, three transports.
+"""Weight channels, learner -> actors: a bucketed stream, one small interface, three transports.
 
-The learner (rank 0) holds a ``WeightsPublisher``; each actor holds a
-``WeightsReceiver``. The kind is chosen once, from ``transport.weights``:
+The stream
+----------
+Learner rank 0 publishes a version as an *iterable* of ``(name, tensor)``
+pairs that it gathers from the FSDP shards one parameter at a time, already in
+the dtype the actors serve (``learner/model.py:stream_full_tensors``). Every
+publisher groups that stream into *buckets* of about ``bucket_bytes``
+(``buckets_of``: consecutive tensors, a tensor larger than a bucket alone in
+its own) and hashes each bucket (xxh3_64 over its tensors' raw bytes) as soon
+as it is full. Tensors travel as raw bytes with a dtype string (``bfloat16``,
+``float32``, ...; ``messages.TENSOR_DTYPES``): no numpy upcast, no copy
+between the gathered tensor and the socket or file.
 
+Receivers return the tensors as an iterable too. The zmq and filesystem ones
+are lazy: a bucket is read and verified when the consumer (the engine's
+``load_weights``) reaches it, and a bucket that fails its checksum, or a
+stream that ends early, raises ``WeightsRejected`` *before* any of that
+bucket's tensors is yielded. The engine stages what it receives and swaps
+only after the last bucket (``actors/engines/hf_engine.py``), so a refused
+update leaves the served version untouched.
+
+The transports
+--------------
 ``zmq`` (default; one node or many)
-    The chunked control-socket path of ``protocol/transport.py``: ``publish``
-    splits the arrays into checksummed chunks (xxh3_64) and hands them to the
-    ``LearnerServer``; ``fetch`` sends a ``WeightsRequest`` on the actor's
-    DEALER and reads ``WeightsChunk`` messages until the last one.
+    The version's buckets are handed to the ``LearnerServer`` as one
+    ``BucketSnapshot`` (each bucket one ``WeightsChunk`` message: header with
+    the checksum, then one frame per tensor, sent zero-copy); ``fetch`` sends a
+    ``WeightsRequest`` on the actor's DEALER and reads the chunks one by one as
+    its stream is consumed. Actors pull at their own pace, so the learner keeps
+    the newest version's buckets (one copy, in the serve dtype) until the next
+    publish starts; the previous one is dropped *before* the new one is
+    gathered (a request in between gets ``NoWeights`` and retries later).
 
 ``filesystem`` (nodes that share a disk)
-    ``publish`` writes ``<weights_dir>/.tmp-v<N>-<pid>/`` (safetensors shards
-    plus ``manifest.json`` with each shard's size and checksum, written last),
-    renames it to ``v<N>`` (atomic on one filesystem) and then garbage-collects
-    all but the newest ``keep`` versions (renamed aside first, so a reader
-    never lists a half-deleted one). ``fetch`` maps the newest ``v<N>``'s
-    shards (``mmap``, copy-on-write: tensors are views, nothing is copied
-    until the engine loads them), checks every shard's size and checksum and
-    refuses the version (``WeightsRejected``) if anything is missing or wrong.
+    Each bucket is written as one safetensors shard of
+    ``<weights_dir>/.tmp-v<N>-<pid>/`` as soon as it is full and then freed
+    (rank 0 holds one bucket, whatever the model size); ``manifest.json`` with
+    each shard's size and checksum is written last, the directory is renamed to
+    ``v<N>`` (atomic on one filesystem), and all but the newest ``keep``
+    versions are garbage-collected (renamed aside first, so a reader never
+    lists a half-deleted one). ``fetch`` checks the manifest and every shard's
+    size and opens them all (an open file outlives its collection), then maps
+    and verifies each shard when the stream reaches it.
 
 ``nccl`` (GPU clusters with NCCL connectivity; ``gloo`` on CPU)
     A collective group of learner rank 0 (rank 0) and the actors (ranks
@@ -29,17 +53,16 @@ The learner (rank 0) holds a ``WeightsPublisher``; each actor holds a
     tensor list) under ``round/<r>`` in the store, waits until every actor has
     incremented ``ready/<r>`` (the last one sets ``go/<r>``), then broadcasts
     the tensors (small ones packed into ``BUCKET_BYTES`` buffers). Broadcasts
-    run on a publisher thread, so ``publish`` never blocks training; a round
+    run on a publisher thread, so ``publish`` never waits for actors; it keeps
+    the version's tensors (serve dtype) until the thread sent them. A round
     not yet started is replaced by a newer version. Every actor joins every
     round, in order; the set of actors is fixed (``rollout.num_actors``).
 
 In every case the actor learns that a new version exists from the control
 channel (``WorkGrant``/``HeartbeatAck.learner_version``), which the learner
-advances only after ``publish`` returned, and ``fetch`` returns a version only
-once every byte of it arrived and was verified; the caller then loads it into
-the engine, so an engine never serves a half-applied update. Version 0 is the
-model every actor loads from disk: ``fetch(have_version=0)`` is ``None`` until
-the learner publishes a newer one.
+advances only after ``publish`` returned. Version 0 is the model every actor
+loads from disk: it is announced, never sent (``fetch(have_version=0)`` is
+``None`` until the learner publishes a newer one).
 """
 
 from __future__ import annotations
@@ -53,33 +76,163 @@ import re
 import shutil
 import threading
 import time
+import warnings
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Protocol
 
 import numpy as np
+import torch
 
 from protocol import messages as m
-from protocol.transport import CHECKSUM, ActorClient, LearnerServer, TransportTimeout, checksum, make_snapshot
+from protocol.transport import CHECKSUM, ActorClient, LearnerServer, LearnerRefused, TransportTimeout, checksum
 
 log = logging.getLogger(__name__)
 
-NamedArrays = Sequence[tuple[str, Any]]
-"""``(name, array)`` pairs: numpy arrays (publishers take these; receivers return them, except
-an ``nccl`` receiver on the GPU, which returns CUDA tensors)."""
+NamedTensors = Iterable[tuple[str, Any]]
+"""``(name, tensor)`` pairs, consumed once: publishers take torch tensors or numpy arrays;
+receivers yield torch tensors (CPU, or CUDA from an ``nccl`` receiver on the GPU)."""
 
 KINDS = ("zmq", "filesystem", "nccl")
+
+SERVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+"""``actor_rollout_ref.rollout.dtype`` settings and the dtype each puts on the wire."""
+
+_TORCH_DTYPES = {
+    "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64,
+    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_NUMPY_NAMES = {"<f2": "float16", "<f4": "float32", "<f8": "float64", "<i8": "int64", "<i4": "int32",
+                "<i2": "int16", "|i1": "int8", "|u1": "uint8", "|b1": "bool"}
 
 
 class WeightsRejected(m.ProtocolError):
     """A published version failed verification (partial, truncated or corrupted); nothing was applied."""
 
 
+def serve_dtype(setting: str, cuda: bool) -> torch.dtype:
+    """The dtype actors serve (and the learner sends) for ``rollout.dtype``: ``auto`` is bf16 when
+    the engines run on a GPU, fp32 on CPU (where the tiny demo model and the tests run)."""
+    if setting == "auto":
+        return torch.bfloat16 if cuda else torch.float32
+    try:
+        return SERVE_DTYPES[setting]
+    except KeyError:
+        raise ValueError(f"rollout.dtype must be auto or one of {sorted(SERVE_DTYPES)}, got {setting!r}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The wire name of a torch dtype (``torch.bfloat16`` -> ``bfloat16``)."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in _TORCH_DTYPES:
+        raise TypeError(f"dtype {dtype} cannot be sent as weights (one of {sorted(_TORCH_DTYPES)})")
+    return name
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a wire name (torch names, or numpy ``dtype.str`` from older senders)."""
+    dt = _TORCH_DTYPES.get(_NUMPY_NAMES.get(name, name))
+    if dt is None:
+        raise m.ProtocolError(f"unknown weight dtype {name[:32]!r}")
+    return dt
+
+
+def as_tensor(a) -> torch.Tensor:
+    """A contiguous CPU tensor of ``a`` (a tensor or numpy array), sharing its memory when it can."""
+    if isinstance(a, np.ndarray):
+        a = torch.from_numpy(np.ascontiguousarray(a))
+    return a.detach().to("cpu").contiguous()
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor (no copy)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def tensor_from_buffer(buf, meta: m.TensorMeta) -> torch.Tensor:
+    """A tensor viewing ``buf`` (no copy), as ``meta`` describes it."""
+    mv = memoryview(buf).cast("B")
+    if mv.nbytes != meta.nbytes:
+        raise WeightsRejected(f"tensor {meta.name}: {mv.nbytes} bytes, header says {meta.nbytes}")
+    dtype = torch_dtype(meta.dtype)
+    if mv.nbytes == 0:
+        return torch.empty(meta.shape, dtype=dtype)
+    with warnings.catch_warnings():  # received frames are read-only; engines only read them
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        flat = torch.frombuffer(mv, dtype=torch.uint8)
+    try:
+        return flat.view(dtype).reshape(meta.shape)
+    except RuntimeError as e:
+        raise WeightsRejected(f"tensor {meta.name}: {meta.nbytes} bytes do not make a {meta.dtype}{meta.shape}: {e}") from e
+
+
+# ----------------------------------------------------------------- buckets
+
+
+@dataclass
+class Bucket:
+    """Consecutive tensors of one version and the checksum of their bytes."""
+
+    metas: list[m.TensorMeta]
+    tensors: list[torch.Tensor]
+    """Contiguous CPU tensors (the gathered ones themselves, not copies)."""
+    checksum: int
+    nbytes: int
+
+    def buffers(self) -> list[memoryview]:
+        return [tensor_bytes(t) for t in self.tensors]
+
+    def named(self) -> list[tuple[str, torch.Tensor]]:
+        return [(mt.name, t) for mt, t in zip(self.metas, self.tensors)]
+
+
+def buckets_of(named: NamedTensors, bucket_bytes: int) -> Iterator[Bucket]:
+    """Group a stream of tensors into buckets of at most ``bucket_bytes`` (a larger tensor goes
+    alone), each yielded, hashed, as soon as the next tensor would not fit."""
+    pending: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, a in named:
+        t = as_tensor(a)
+        n = t.numel() * t.element_size()
+        if pending and size + n > bucket_bytes:
+            yield seal(pending)
+            pending, size = [], 0
+        pending.append((name, t))
+        size += n
+    if pending:
+        yield seal(pending)
+
+
+def seal(named: list[tuple[str, torch.Tensor]]) -> Bucket:
+    """A bucket of these (contiguous CPU) tensors, hashed."""
+    metas = [m.TensorMeta(name=name, dtype=dtype_name(t.dtype), shape=list(t.shape), nbytes=t.numel() * t.element_size())
+             for name, t in named]
+    tensors = [t for _, t in named]
+    bucket = Bucket(metas, tensors, 0, sum(mt.nbytes for mt in metas))
+    bucket.checksum = checksum(bucket.buffers())
+    return bucket
+
+
+def verified_tensors(header: m.WeightsChunk, bufs: list, where: str) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of one received bucket, after its checksum matched (``WeightsRejected`` if not)."""
+    if len(bufs) != len(header.tensors):
+        raise WeightsRejected(f"{where}: {len(header.tensors)} tensors but {len(bufs)} buffers; refusing it")
+    views = [memoryview(b) for b in bufs]
+    if checksum(views, header.checksum_algo) != header.checksum:
+        raise WeightsRejected(
+            f"{where}: {header.checksum_algo} checksum mismatch (corrupted in transit or in memory); refusing it"
+        )
+    return [(mt.name, tensor_from_buffer(v, mt)) for mt, v in zip(header.tensors, views)]
+
+
 class WeightsPublisher(Protocol):
     """Learner rank 0's side."""
 
-    def publish(self, version: int, named_arrays: NamedArrays) -> None:
-        """Make ``version`` available to actors. Returns once it may be announced."""
+    def publish(self, version: int, named: NamedTensors) -> None:
+        """Make ``version`` available to actors, consuming ``named`` once (lazily: a bucket is
+        sent or written as soon as it is full). Returns once the version may be announced."""
 
     def weights_group_for(self, actor_id: str) -> m.WeightsGroup | None:
         """What ``Welcome.weights_group`` tells ``actor_id`` (``None`` unless collective)."""
@@ -91,14 +244,17 @@ class WeightsReceiver(Protocol):
     """One actor's side."""
 
     private_buffers: bool
-    """True when fetched arrays live in memory only this process holds and nothing reuses (so an
-    engine may serve them without a copy); False for file-backed arrays."""
+    """True when fetched tensors live in memory only this process holds and nothing reuses;
+    False for file-backed ones."""
 
-    async def fetch(self, have_version: int, timeout_s: float) -> tuple[int, NamedArrays] | None:
-        """The newest version if newer than ``have_version``, complete and verified; else ``None``.
+    async def fetch(self, have_version: int, timeout_s: float) -> tuple[int, NamedTensors] | None:
+        """The newest version if newer than ``have_version``, as a stream of tensors to consume
+        once, from a worker thread (``asyncio.to_thread``), not the event loop; else ``None``.
 
-        Raises ``TransportTimeout`` (saying what it waited for) or ``ProtocolError``
-        (``WeightsRejected`` for a version that failed verification)."""
+        The stream verifies each bucket before yielding its tensors and raises
+        ``WeightsRejected`` for a bucket that fails its checksum or a version
+        that ends early; ``fetch`` itself raises ``TransportTimeout`` (saying
+        what it waited for) or ``ProtocolError``."""
 
     def close(self) -> None: ...
 
@@ -106,15 +262,45 @@ class WeightsReceiver(Protocol):
 # ----------------------------------------------------------------- zmq
 
 
+class BucketSnapshot:
+    """One version's buckets as the ``LearnerServer`` serves them (``WeightsSnapshot``'s interface):
+    chunk ``i`` is bucket ``i``, its tensors sent zero-copy."""
+
+    def __init__(self, version: int, buckets: list[Bucket]):
+        self.version = version
+        self.buckets = buckets
+        self.nbytes = sum(b.nbytes for b in buckets)
+        self._headers: list[bytes | None] = [None] * len(buckets)
+
+    def __len__(self) -> int:
+        return len(self.buckets)
+
+    def chunk(self, i: int) -> tuple[bytes, list[memoryview]]:
+        b = self.buckets[i]
+        if self._headers[i] is None:
+            self._headers[i] = m.encode(
+                m.WeightsChunk(
+                    version=self.version, chunk=i, num_chunks=len(self.buckets), tensors=b.metas,
+                    checksum=b.checksum, checksum_algo=CHECKSUM,
+                )
+            )
+        return self._headers[i], b.buffers()
+
+
 class ZmqPublisher:
-    """Serves the newest version as chunks on the learner's control socket."""
+    """Serves the newest version's buckets on the learner's control socket."""
 
-    def __init__(self, server: LearnerServer, chunk_bytes: int):
+    def __init__(self, server: LearnerServer, bucket_bytes: int):
         self.server = server
-        self.chunk_bytes = chunk_bytes
+        self.bucket_bytes = bucket_bytes
+        self.snapshot: BucketSnapshot | None = None
 
-    def publish(self, version: int, named_arrays: NamedArrays) -> None:
-        self.server.publish(make_snapshot(version, list(named_arrays), self.chunk_bytes))
+    def publish(self, version: int, named: NamedTensors) -> None:
+        self.server.publish(None)  # drop the previous version before gathering this one (one copy held, not two)
+        self.snapshot = None
+        snap = BucketSnapshot(version, list(buckets_of(named, self.bucket_bytes)))
+        self.snapshot = snap
+        self.server.publish(snap)
 
     def weights_group_for(self, actor_id: str) -> None:
         return None
@@ -124,7 +310,12 @@ class ZmqPublisher:
 
 
 class ZmqReceiver:
-    """Pulls chunks over the actor's control DEALER (``ActorClient.fetch_weights``)."""
+    """Pulls buckets over the actor's control DEALER, one per step of the returned stream.
+
+    The client's request lock is held from the request until the stream is
+    exhausted or closed (the DEALER carries one exchange at a time); a stream
+    abandoned early resets the DEALER so the chunks still on their way are never
+    read as the reply to a later request."""
 
     private_buffers = True  # each fetch receives into new ZeroMQ messages
 
@@ -132,92 +323,152 @@ class ZmqReceiver:
         self.client = client
         self.actor_id = actor_id
 
-    async def fetch(self, have_version: int, timeout_s: float) -> tuple[int, NamedArrays] | None:
-        return await self.client.fetch_weights(self.actor_id, have_version, timeout_s)
+    async def fetch(self, have_version: int, timeout_s: float) -> tuple[int, NamedTensors] | None:
+        c = self.client
+        await c._lock.acquire()
+        try:
+            sock = c._socket()
+            await c._send(sock, m.WeightsRequest(actor_id=self.actor_id, have_version=have_version))
+            frames = await c._recv(sock, timeout_s, "weights")
+            first = m.decode(frames[0].bytes)
+            if isinstance(first, m.NoWeights):
+                c._lock.release()
+                return None
+            if isinstance(first, m.Error):
+                raise LearnerRefused("WeightsRequest", first)
+            if not isinstance(first, m.WeightsChunk) or first.chunk != 0:
+                raise m.ProtocolError(f"expected weights chunk 0, got {type(first).__name__}")
+        except BaseException:
+            c._reset()
+            c._lock.release()
+            raise
+        stream = _ZmqStream(c, sock, first, [f.buffer for f in frames[1:]], timeout_s, asyncio.get_running_loop())
+        return first.version, stream
 
     def close(self) -> None:
         pass  # the client is the actor's
 
 
+class _ZmqStream:
+    """The tensors of one version, bucket by bucket, read off the DEALER as they are consumed."""
+
+    def __init__(self, client: ActorClient, sock, first: m.WeightsChunk, bufs: list, timeout_s: float, loop):
+        self.client, self.sock, self.first, self.bufs = client, sock, first, bufs
+        self.timeout_s, self.loop = timeout_s, loop
+        self.buckets_received = 0
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        done = False
+        try:
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is self.loop:
+                raise RuntimeError("consume a zmq weights stream from a worker thread (asyncio.to_thread), not its event loop")
+            header, bufs = self.first, self.bufs
+            self.first = self.bufs = None  # each bucket's frames are released once consumed
+            v, n = header.version, header.num_chunks
+            for i in range(n):
+                if i > 0:
+                    what = f"weights v{v} chunk {i}/{n}"
+                    fut = asyncio.run_coroutine_threadsafe(self.client._recv(self.sock, self.timeout_s, what), self.loop)
+                    try:
+                        frames = fut.result(self.timeout_s + 30)
+                    except TransportTimeout as e:
+                        raise WeightsRejected(f"weights v{v} incomplete: {e}; refusing it") from e
+                    header = m.decode(frames[0].bytes)
+                    if not isinstance(header, m.WeightsChunk) or header.version != v or header.chunk != i:
+                        raise WeightsRejected(f"weights chunks out of order: got {header!r:.80}, want v{v}#{i}; refusing it")
+                    bufs = [f.buffer for f in frames[1:]]
+                tensors = verified_tensors(header, bufs, f"weights v{v} chunk {i}/{n}")
+                bufs = None
+                self.buckets_received += 1
+                yield from tensors
+                del tensors
+            done = True
+        finally:
+            if not done:  # chunks may still be on their way: never read them as a later reply
+                self.loop.call_soon_threadsafe(self.client._reset)
+            self.loop.call_soon_threadsafe(self.client._lock.release)
+
+
 # ----------------------------------------------------------------- filesystem
 
 _ST_DTYPES = {
-    "float32": "F32", "float16": "F16", "float64": "F64", "int64": "I64", "int32": "I32",
-    "int16": "I16", "int8": "I8", "uint8": "U8", "uint16": "U16", "uint32": "U32", "uint64": "U64", "bool": "BOOL",
+    "bfloat16": "BF16", "float32": "F32", "float16": "F16", "float64": "F64", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
 }
-_NP_DTYPES = {v: np.dtype(k) for k, v in _ST_DTYPES.items()}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 _VERSION_DIR = re.compile(r"v(\d+)")
 MANIFEST = "manifest.json"
 
 
-def write_safetensors(path: Path, named_arrays: NamedArrays, metadata: dict[str, str]) -> tuple[int, int]:
-    """Write a safetensors file from numpy arrays without an intermediate blob; return (bytes, checksum)."""
+def write_safetensors(path: Path, named: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> tuple[int, int]:
+    """Write a safetensors file from contiguous CPU tensors without an intermediate blob;
+    return (bytes, checksum of the whole file)."""
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
-    arrays = []
-    for name, arr in named_arrays:
-        arr = np.ascontiguousarray(arr)
-        if arr.dtype.name not in _ST_DTYPES or arr.dtype.byteorder == ">":
-            raise TypeError(f"tensor {name}: dtype {arr.dtype} cannot be written as safetensors")
-        header[name] = {"dtype": _ST_DTYPES[arr.dtype.name], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-        arrays.append(arr)
+    bufs = []
+    for name, t in named:
+        t = as_tensor(t)
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[dtype_name(t.dtype)], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+        bufs.append(tensor_bytes(t))
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # data starts 8-byte aligned
     prefix = len(head).to_bytes(8, "little") + head
-    bufs = [prefix, *(memoryview(arr.reshape(-1).view(np.uint8)) for arr in arrays)]
     with open(path, "wb") as f:
+        f.write(prefix)
         for buf in bufs:
             f.write(buf)
-    return len(prefix) + offset, checksum(bufs)
+    return len(prefix) + offset, checksum([prefix, *bufs])
 
 
-def parse_safetensors(buf: np.ndarray, where: str) -> list[tuple[str, np.ndarray]]:
-    """Zero-copy views of the tensors in one safetensors file held in ``buf`` (uint8), in file order."""
+def parse_safetensors(buf, where: str) -> list[tuple[str, torch.Tensor]]:
+    """Zero-copy views of the tensors of one safetensors file held in ``buf``, in file order."""
+    mv = memoryview(buf).cast("B")
     try:
-        n = int.from_bytes(buf[:8].tobytes(), "little")
-        header = json.loads(buf[8 : 8 + n].tobytes())
-        data = buf[8 + n :]
+        n = int.from_bytes(mv[:8], "little")
+        header = json.loads(bytes(mv[8 : 8 + n]))
+        data = mv[8 + n :]
         out = []
         for name, meta in sorted(
             ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
         ):
             start, end = meta["data_offsets"]
-            out.append((name, data[start:end].view(_NP_DTYPES[meta["dtype"]]).reshape(meta["shape"])))
+            tm = m.TensorMeta(name=name, dtype=_ST_NAMES[meta["dtype"]], shape=list(meta["shape"]), nbytes=end - start)
+            t = tensor_from_buffer(data[start:end], tm)
+            out.append((name, t))
         return out
     except (ValueError, KeyError, TypeError) as e:
         raise WeightsRejected(f"{where}: not a readable safetensors file: {e}") from e
 
 
 class FilesystemPublisher:
-    """Writes each version to ``weights_dir/v<N>/`` atomically and keeps the newest ``keep``."""
+    """Writes each version to ``weights_dir/v<N>/`` atomically, one shard per bucket as it fills,
+    and keeps the newest ``keep``."""
 
-    def __init__(self, weights_dir: str | Path, shard_bytes: int, keep: int = 2):
+    def __init__(self, weights_dir: str | Path, bucket_bytes: int, keep: int = 2):
         self.dir = Path(weights_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.shard_bytes = shard_bytes
+        self.bucket_bytes = bucket_bytes
         self.keep = max(1, keep)
         for stale in self.dir.glob(".tmp-*"):  # left by a crashed learner: never visible to readers
             shutil.rmtree(stale, ignore_errors=True)
 
-    def publish(self, version: int, named_arrays: NamedArrays) -> None:
+    def publish(self, version: int, named: NamedTensors) -> None:
         tmp = self.dir / f".tmp-v{version}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        shards: list[list[tuple[str, np.ndarray]]] = [[]]
-        size = 0
-        for name, arr in named_arrays:
-            if shards[-1] and size + arr.nbytes > self.shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append((name, arr))
-            size += arr.nbytes
         files = []
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            nbytes, digest = write_safetensors(tmp / fname, shard, {"format": "pt", "relay_version": str(version)})
+        for i, bucket in enumerate(buckets_of(named, self.bucket_bytes)):
+            fname = f"shard-{i + 1:05d}.safetensors"
+            nbytes, digest = write_safetensors(tmp / fname, bucket.named(), {"format": "pt", "relay_version": str(version)})
             files.append({"name": fname, "nbytes": nbytes, "checksum": digest, "checksum_algo": CHECKSUM})
+            del bucket  # written: the next bucket reuses the memory
         (tmp / MANIFEST).write_text(json.dumps({"version": version, "files": files}, indent=1))
         final = self.dir / f"v{version}"
         if final.exists():  # republishing a version (a resumed run): move the old copy aside first
@@ -241,7 +492,7 @@ class FilesystemPublisher:
 
 
 class FilesystemReceiver:
-    """Reads the newest complete version from ``weights_dir`` and verifies it."""
+    """Reads the newest complete version from ``weights_dir``, verifying each shard as it is read."""
 
     private_buffers = False  # mapped from files the publisher later deletes (unsafe to serve from on NFS)
 
@@ -256,27 +507,28 @@ class FilesystemReceiver:
             return -1
         return max((int(mt.group(1)) for n in names if (mt := _VERSION_DIR.fullmatch(n))), default=-1)
 
-    async def fetch(self, have_version: int, timeout_s: float) -> tuple[int, NamedArrays] | None:
+    async def fetch(self, have_version: int, timeout_s: float) -> tuple[int, NamedTensors] | None:
         return await asyncio.to_thread(self.fetch_blocking, have_version, timeout_s)
 
-    def fetch_blocking(self, have_version: int, timeout_s: float) -> tuple[int, NamedArrays] | None:
+    def fetch_blocking(self, have_version: int, timeout_s: float) -> tuple[int, NamedTensors] | None:
         deadline = time.monotonic() + timeout_s
         while True:
             version = self.newest()
             if version <= have_version:
                 return None
             try:
-                return version, self.read(version)
-            except FileNotFoundError as e:  # collected while we read it: a newer one exists, read that
+                return version, self.open(version)
+            except FileNotFoundError as e:  # collected while we opened it: a newer one exists, read that
                 if time.monotonic() > deadline:
                     raise TransportTimeout(
                         f"no weights version newer than v{have_version} stayed in {self.dir} long enough to be "
                         f"read within {timeout_s:.0f}s (last: v{version}, {e})"
                     ) from e
-                log.info("weights v%d was garbage-collected while being read; retrying", version)
+                log.info("weights v%d was garbage-collected while being opened; retrying", version)
 
-    def read(self, version: int) -> list[tuple[str, np.ndarray]]:
-        """Every tensor of ``v<version>``, verified; ``WeightsRejected`` if it is incomplete or corrupt."""
+    def open(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """Check ``v<version>``'s manifest and shard sizes and open every shard (``WeightsRejected``
+        if it is incomplete); the returned stream maps and verifies each shard when it gets there."""
         vdir = self.dir / f"v{version}"
         if not vdir.is_dir():
             raise FileNotFoundError(vdir)
@@ -290,27 +542,46 @@ class FilesystemReceiver:
             raise WeightsRejected(f"weights v{version} at {vdir}: unreadable {MANIFEST} ({e}); refusing it") from e
         if manifest.get("version") != version:
             raise WeightsRejected(f"weights at {vdir}: manifest says v{manifest.get('version')}; refusing it")
-        out: list[tuple[str, np.ndarray]] = []
-        for entry in manifest["files"]:
-            path = vdir / entry["name"]
-            size = path.stat().st_size
-            if size != entry["nbytes"]:
-                raise WeightsRejected(
-                    f"weights v{version}: {path} has {size} bytes, the manifest says {entry['nbytes']} "
-                    f"(partial or truncated); refusing it"
-                )
-            with open(path, "rb") as f:  # a private mapping: stays valid if the file is collected meanwhile
-                buf = np.frombuffer(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY), dtype=np.uint8)
-            algo = entry.get("checksum_algo", "crc32")
-            if checksum([buf], algo) != entry["checksum"]:
-                raise WeightsRejected(f"weights v{version}: {path} fails its {algo} checksum (corrupted); refusing it")
-            out.extend(parse_safetensors(buf, str(path)))
-        return out
+        opened = []
+        try:
+            for entry in manifest["files"]:
+                path = vdir / entry["name"]
+                f = open(path, "rb")  # open now: the shard stays readable if the version is collected meanwhile
+                opened.append((entry, path, f))
+                size = os.fstat(f.fileno()).st_size
+                if size != entry["nbytes"]:
+                    raise WeightsRejected(
+                        f"weights v{version}: {path} has {size} bytes, the manifest says {entry['nbytes']} "
+                        f"(partial or truncated); refusing it"
+                    )
+        except BaseException:
+            for _, _, f in opened:
+                f.close()
+            raise
+        return self._stream(version, opened)
+
+    def _stream(self, version: int, opened) -> Iterator[tuple[str, torch.Tensor]]:
+        try:
+            for entry, path, f in opened:
+                # a private mapping: valid after the file is collected, and tensors may view it
+                buf = mmap.mmap(f.fileno(), entry["nbytes"], access=mmap.ACCESS_COPY) if entry["nbytes"] else b""
+                algo = entry.get("checksum_algo", "crc32")
+                if checksum([buf], algo) != entry["checksum"]:
+                    raise WeightsRejected(f"weights v{version}: {path} fails its {algo} checksum (corrupted); refusing it")
+                tensors = parse_safetensors(buf, str(path))
+                del buf
+                yield from tensors
+                del tensors
+        finally:
+            for _, _, f in opened:
+                f.close()
+
+    def read(self, version: int) -> list[tuple[str, torch.Tensor]]:
+        """Every tensor of ``v<version>``, verified (``WeightsRejected`` if incomplete or corrupt)."""
+        return list(self.open(version))
 
     def close(self) -> None:
         pass
-
-
 # ----------------------------------------------------------------- nccl / gloo
 
 
@@ -419,14 +690,12 @@ class CollectivePublisher:
         self.round = 0
         self.rounds_sent = 0
         self.error: BaseException | None = None
-        self._pending: tuple[int, NamedArrays] | None = None
+        self._pending: tuple[int, list[tuple[str, torch.Tensor]]] | None = None
         self._closing = False
         self._waiting_round: int | None = None
         self._cond = threading.Condition()
         self._device = None
         if backend == "nccl":
-            import torch
-
             self._device = torch.device("cuda", torch.cuda.current_device())
         self._thread = threading.Thread(target=self._run, name="relay-weights-broadcast", daemon=True)
         self._thread.start()
@@ -443,11 +712,12 @@ class CollectivePublisher:
                 self.ranks[actor_id] = len(self.ranks) + 1
             return m.WeightsGroup(host=self.host, port=self.port, rank=self.ranks[actor_id], world_size=self.world_size, backend=self.backend)
 
-    def publish(self, version: int, named_arrays: NamedArrays) -> None:
+    def publish(self, version: int, named: NamedTensors) -> None:
         self.check()
+        tensors = [] if version == 0 else [(n, as_tensor(t)) for n, t in named]  # gathered now, sent by the thread
         with self._cond:
             if version > 0:  # version 0 is what actors loaded from disk: announced, never sent
-                self._pending = (version, named_arrays)
+                self._pending = (version, tensors)
                 self._cond.notify_all()
         self.store.set("latest", str(version))
 
@@ -471,21 +741,19 @@ class CollectivePublisher:
             self.error = e
             log.exception("weights broadcast thread failed")
 
-    def _send(self, version: int, arrays: NamedArrays) -> None:
-        import torch
-
+    def _send(self, version: int, tensors: list[tuple[str, torch.Tensor]]) -> None:
         r = self.round
-        arrays = [(name, np.ascontiguousarray(a)) for name, a in arrays]
-        metas = [m.TensorMeta(name=name, dtype=a.dtype.str, shape=list(a.shape), nbytes=a.nbytes) for name, a in arrays]
+        metas = [m.TensorMeta(name=name, dtype=dtype_name(t.dtype), shape=list(t.shape), nbytes=t.numel() * t.element_size())
+                 for name, t in tensors]
         payload = []
         for idx, offs, total in plan_buckets([mt.nbytes for mt in metas]):
             if len(idx) == 1 and offs == [0]:
-                payload.append(torch.from_numpy(arrays[idx[0]][1]))
+                payload.append(tensors[idx[0]][1].reshape(-1).view(torch.uint8))
                 continue
-            flat = np.empty(total, dtype=np.uint8)
+            flat = torch.empty(total, dtype=torch.uint8)
             for i, off in zip(idx, offs):
-                flat[off : off + metas[i].nbytes] = arrays[i][1].reshape(-1).view(np.uint8)
-            payload.append(torch.from_numpy(flat))
+                flat[off : off + metas[i].nbytes] = tensors[i][1].reshape(-1).view(torch.uint8)
+            payload.append(flat)
         self._tstore.set(f"round/{r}", m.encode(m.WeightsAnnounce(version=version, round=r, tensors=metas)))
         if not self._wait_ready(r, version):
             return
@@ -555,16 +823,12 @@ class CollectiveReceiver:
         self.round = 0
         self.device = None
         if group.backend == "nccl":
-            import torch
-
             self.device = torch.device("cuda", torch.cuda.current_device())
 
-    async def fetch(self, have_version: int, timeout_s: float) -> tuple[int, NamedArrays] | None:
+    async def fetch(self, have_version: int, timeout_s: float) -> tuple[int, NamedTensors] | None:
         return await asyncio.to_thread(self.fetch_blocking, have_version, timeout_s)
 
-    def fetch_blocking(self, have_version: int, timeout_s: float) -> tuple[int, NamedArrays] | None:
-        import torch
-
+    def fetch_blocking(self, have_version: int, timeout_s: float) -> tuple[int, NamedTensors] | None:
         latest = int(self.store.get("latest"))
         if latest <= have_version:
             return None
@@ -585,20 +849,16 @@ class CollectiveReceiver:
             if self.device is not None:
                 torch.cuda.set_device(self.device)
             self.group = _new_group(self.store, self.spec.rank, self.spec.world_size, self.spec.backend, self.timeout)
-        # receive buffers: numpy-backed on CPU (returned as numpy), torch on the GPU
+        # receive buffers: one flat uint8 tensor per broadcast (CPU, or CUDA for nccl), tensors view them
         metas = ann.tensors
         arrays: list = [None] * len(metas)
         payload = []
         for idx, offs, total in plan_buckets([mt.nbytes for mt in metas]):
-            flat = np.empty(total, dtype=np.uint8) if self.device is None else torch.empty(total, dtype=torch.uint8, device=self.device)
+            flat = torch.empty(total, dtype=torch.uint8, device=self.device or "cpu")
             for i, off in zip(idx, offs):
                 mt = metas[i]
-                view = flat[off : off + mt.nbytes]
-                if self.device is None:
-                    arrays[i] = view.view(np.dtype(mt.dtype)).reshape(mt.shape)
-                else:
-                    arrays[i] = view.view(torch.from_numpy(np.empty(0, np.dtype(mt.dtype))).dtype).reshape(mt.shape)
-            payload.append(torch.from_numpy(flat) if self.device is None else flat)
+                arrays[i] = flat[off : off + mt.nbytes].view(torch_dtype(mt.dtype)).reshape(mt.shape)
+            payload.append(flat)
         try:
             _broadcast_all(self.group, payload, self.timeout, f"weights round {r} (v{ann.version}) from {where}", 1 << 62)
         except (TransportTimeout, RuntimeError):
@@ -629,7 +889,7 @@ def make_publisher(
     kind: str,
     *,
     server: LearnerServer,
-    chunk_bytes: int,
+    bucket_bytes: int,
     weights_dir: str | Path | None,
     host: str,
     n_actors: int,
@@ -638,13 +898,13 @@ def make_publisher(
 ) -> WeightsPublisher:
     """The learner's publisher for ``transport.weights=kind``; collective ones hook ``server``'s Welcome."""
     if kind == "zmq":
-        return ZmqPublisher(server, chunk_bytes)
+        return ZmqPublisher(server, bucket_bytes)
     if kind == "filesystem":
         if weights_dir is None:
             raise ValueError("transport.weights=filesystem needs transport.weights_dir")
-        return FilesystemPublisher(weights_dir, chunk_bytes)
+        return FilesystemPublisher(weights_dir, bucket_bytes)
     if kind == "nccl":
-        pub = CollectivePublisher(host, n_actors, backend, timeout_s, window_bytes=max(chunk_bytes, 1 << 20) * 4)
+        pub = CollectivePublisher(host, n_actors, backend, timeout_s, window_bytes=max(bucket_bytes, 1 << 20) * 2)
         server.weights_group_for = pub.weights_group_for
         return pub
     raise ValueError(f"transport.weights must be one of {KINDS}, got {kind!r}")

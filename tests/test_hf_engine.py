@@ -1,4 +1,4 @@
-"""The transformers engine: exact log-probs, dynamic batching, in-place weight updates."""
+"""The transformers engine: exact log-probs, dynamic batching, staged weight updates."""
 
 import asyncio
 
@@ -60,31 +60,66 @@ def test_weights_that_do_not_fit_are_refused(tiny_model_dir):
     import pytest
 
     engine = HFEngine(tiny_model_dir, seed=0)
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match="'model.not_a_param' is not a parameter of the served model"):
         engine.load_weights([("model.not_a_param", torch.zeros(3))], version=1)
+    new = {k: v + 1.0 for k, v in engine.model.state_dict().items() if k != "lm_head.weight"}
+    with pytest.raises(ValueError, match=r"weights v2 are incomplete: missing \['model.norm.weight'\]"):
+        engine.load_weights(((k, v) for k, v in new.items() if k != "model.norm.weight"), version=2)
+    with pytest.raises(ValueError, match=r"model.norm.weight has shape \[3\]"):
+        engine.load_weights([("model.norm.weight", torch.zeros(3))], version=3)
     assert engine.version == 0
 
 
-def test_adopted_weights_are_served_without_a_copy_and_stay_tied(tiny_model_dir):
+def test_a_stream_that_fails_midway_leaves_the_served_weights_and_version(tiny_model_dir):
+    import pytest
+
+    from protocol.weights import WeightsRejected
+
     engine = HFEngine(tiny_model_dir, seed=0)
     s = SamplingSettings(max_tokens=8, temperature=0.0)
-    new = {k: v + 0.5 * torch.randn_like(v) for k, v in engine.model.state_dict().items() if k != "lm_head.weight"}
-    copied = HFEngine(tiny_model_dir, seed=0)
-    copied.load_weights(new.items(), version=2)
-    engine.load_weights(new.items(), version=2, adopt=True)
-    model = engine.model
-    assert model.model.embed_tokens.weight.data_ptr() == new["model.embed_tokens.weight"].data_ptr()
-    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
-    # the same weights served either way: the same greedy tokens and log-probs
-    a, b = (asyncio.run(e.generate([1, 5, 6], s)) for e in (engine, copied))
-    assert a.token_ids == b.token_ids and a.version == b.version == 2
-    assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-6)
+    v1 = {k: v + 0.5 * torch.randn_like(v) for k, v in engine.model.state_dict().items() if k != "lm_head.weight"}
+    engine.load_weights(v1.items(), version=1)
+    served = asyncio.run(engine.generate([1, 5, 6], s))
+
+    def corrupt_stream():  # what a receiver does when bucket 2 fails its checksum
+        for i, (k, v) in enumerate(v1.items()):
+            if i == len(v1) // 2:
+                raise WeightsRejected("weights v2 chunk 1/2: xxh3_64 checksum mismatch; refusing it")
+            yield k, v * 0 + 7.0
+
+    with pytest.raises(WeightsRejected, match="checksum mismatch"):
+        engine.load_weights(corrupt_stream(), version=2)
+    assert engine.version == 1
+    state = engine.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in v1.items())  # not one tensor of v2 is served
+    again = asyncio.run(engine.generate([1, 5, 6], s))
+    assert again.version == 1 and again.token_ids == served.token_ids and again.logprobs == served.logprobs
 
 
-def test_adopt_falls_back_to_a_copy_when_a_dtype_differs(tiny_model_dir):
+def test_updates_are_staged_then_swapped_and_tied_weights_stay_tied(tiny_model_dir):
     engine = HFEngine(tiny_model_dir, seed=0)
-    new = {k: v.double() for k, v in engine.model.state_dict().items() if k != "lm_head.weight"}
-    engine.load_weights(new.items(), version=1, adopt=True)
-    weight = engine.model.model.embed_tokens.weight
-    assert weight.dtype == torch.float32 and weight.data_ptr() != new["model.embed_tokens.weight"].data_ptr()
-    assert torch.equal(weight, new["model.embed_tokens.weight"].float())
+    model = engine.model
+    assert model.config.tie_word_embeddings
+    s = SamplingSettings(max_tokens=8, temperature=0.0)
+    for version in (1, 2, 3):  # the standby copy is allocated once and swapped each time
+        new = {k: v + 0.1 * version for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        engine.load_weights(iter(new.items()), version=version)
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+        assert torch.equal(model.lm_head.weight, new["model.embed_tokens.weight"])
+        got = asyncio.run(engine.generate([1, 5, 6], s))
+        ref = full_forward_logprobs(model, [1, 5, 6], got.token_ids)
+        assert got.version == version and torch.allclose(torch.tensor(got.logprobs), ref, atol=1e-4)
+    assert len(engine._standby) == len(engine._params())
+
+
+def test_bf16_weights_load_into_a_bf16_or_fp32_engine(tiny_model_dir):
+    fp32 = HFEngine(tiny_model_dir, seed=0)
+    bf16 = HFEngine(tiny_model_dir, seed=0, dtype=torch.bfloat16)
+    assert bf16.model.model.norm.weight.dtype == torch.bfloat16
+    new = {k: (v + 0.25).to(torch.bfloat16) for k, v in fp32.model.state_dict().items() if k != "lm_head.weight"}
+    for engine in (fp32, bf16):
+        engine.load_weights(new.items(), version=1)
+        assert torch.equal(engine.model.model.embed_tokens.weight.to(torch.bfloat16), new["model.embed_tokens.weight"])
+    s = SamplingSettings(max_tokens=6, temperature=0.0)
+    g = asyncio.run(bf16.generate([1, 5, 6], s))
+    assert g.version == 1 and len(g.token_ids) == 6

@@ -8,6 +8,16 @@ for the next one (dynamic, not continuous, batching).
 
 Log-probs are ``log_softmax(logits / T)`` of the sampled token (``T = 1`` for
 greedy), before top-k/top-p truncation: what the learner recomputes.
+
+Weight updates are staged. ``load_weights`` consumes a stream of tensors
+(bucket by bucket, as the receiver verifies them) and copies each into a
+*standby* copy of the parameters while batches keep running on the served
+copy; only when the stream ended, complete, does it swap the two under the
+batch lock (a pointer swap per parameter, microseconds). A stream that fails
+(a bucket with a bad checksum, a truncated version, a tensor that does not
+fit) raises before the swap: the served weights and version are untouched.
+The standby copy (one model in the serve dtype) is allocated at the first
+update and reused, so an update adds only the receive window to the process.
 """
 
 from __future__ import annotations
@@ -22,11 +32,14 @@ from actors.engines.base import Engine, Generation, SamplingSettings
 
 
 class HFEngine(Engine):
-    def __init__(self, model_path: str, device: str = "cpu", max_batch: int = 256, seed: int = 0):
+    def __init__(self, model_path: str, device: str = "cpu", max_batch: int = 256, seed: int = 0, dtype: torch.dtype | None = None):
+        """``dtype``: what the engine serves (None = bf16 on a GPU, fp32 on CPU)."""
         from transformers import AutoModelForCausalLM
 
         self.device = torch.device(device)
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        if dtype is None:
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = dtype
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
         self.pad_id = self.model.config.pad_token_id or 0
         self.max_batch = max_batch
@@ -38,6 +51,8 @@ class HFEngine(Engine):
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.batches = 0
+        self._standby: dict[str, torch.Tensor] | None = None
+        self.loading = threading.Lock()  # one update at a time
 
     async def generate(self, prompt_ids: list[int], settings: SamplingSettings) -> Generation:
         loop = asyncio.get_running_loop()
@@ -81,30 +96,50 @@ class HFEngine(Engine):
             self._worker.cancel()
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, adopt: bool = False) -> None:
-        """Copy the tensors into the model; with ``adopt``, serve them without a copy where they
-        already have the parameter's device, dtype and shape (every one of them, or none)."""
-        state = {name: t for name, t in named_tensors}
-        with self._lock:
-            assign = adopt and self._fits_as_is(state)
-            result = self.model.load_state_dict(state, strict=False, assign=assign)
-            if assign:
-                self.model.tie_weights()  # lm_head must follow an adopted embedding (tied models)
-            tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
-            missing = set(result.missing_keys) - tied
-            if missing or result.unexpected_keys:
-                raise ValueError(
-                    f"weights v{version} do not fit the model: missing {sorted(missing)[:5]}, "
-                    f"unexpected {sorted(result.unexpected_keys)[:5]}"
-                )
-            self.version = version
+        """Stage the streamed tensors into the standby parameters, then swap them in and serve
+        ``version``; anything wrong with the stream raises before the swap (nothing changes).
+        ``adopt`` changes nothing: every tensor is copied into the standby copy as it arrives."""
+        with self.loading:
+            slots = self._slots()
+            standby = self._standby_copy()
+            seen: set[str] = set()
+            for name, t in named_tensors:
+                canonical = slots.get(name)
+                if canonical is None:
+                    raise ValueError(f"weights v{version}: tensor {name!r} is not a parameter of the served model")
+                dst = standby[canonical]
+                if tuple(t.shape) != tuple(dst.shape):
+                    raise ValueError(f"weights v{version}: {name} has shape {list(t.shape)}, the model's is {list(dst.shape)}")
+                dst.copy_(t)
+                seen.add(canonical)
+            missing = set(standby) - seen
+            if missing:
+                raise ValueError(f"weights v{version} are incomplete: missing {sorted(missing)[:5]} ({len(missing)} tensors)")
+            params = self._params()
+            with self._lock:  # no batch runs during the swap
+                for canonical, p in params.items():
+                    p.data, standby[canonical] = standby[canonical], p.data
+                self.version = version
 
-    def _fits_as_is(self, state: dict[str, torch.Tensor]) -> bool:
-        """Every tensor has its parameter's device, dtype and shape (so it can be served as is)."""
-        current = self.model.state_dict()
-        return all(
-            name in current and (t.device, t.dtype, t.shape) == (current[name].device, current[name].dtype, current[name].shape)
-            for name, t in state.items()
-        )
+    def _params(self) -> dict[str, torch.Tensor]:
+        """The served parameters and persistent buffers, one name each (tied ones once)."""
+        out: dict[str, torch.Tensor] = {}
+        ids: set[int] = set()
+        for name, t in self.model.state_dict(keep_vars=True).items():
+            if id(t) not in ids:
+                ids.add(id(t))
+                out[name] = t
+        return out
+
+    def _slots(self) -> dict[str, str]:
+        """Every state-dict name -> the name its tensor is staged under (tied names share one)."""
+        first: dict[int, str] = {}
+        return {name: first.setdefault(id(t), name) for name, t in self.model.state_dict(keep_vars=True).items()}
+
+    def _standby_copy(self) -> dict[str, torch.Tensor]:
+        if self._standby is None:
+            self._standby = {name: torch.empty_like(p.data) for name, p in self._params().items()}
+        return self._standby
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
