@@ -659,6 +659,8 @@ def load_config_with_notes(
         except ConfigError as e:
             problems.append(str(e))
             continue
+        if isinstance(value, dict) and value and (canonical_key(key) in _dict_fields() or _dict_field_of(canonical_key(key))):
+            settle(key, _RESET, origin)  # `agent.tool_configs.search={...}` replaces that level
         for k, v in _flatten({key: value}) if isinstance(value, dict) else [(key, value)]:
             settle(k, v, origin)
     try:

@@ -508,3 +508,169 @@ def test_schema_module_has_no_torch_import():
     for path in CONFIG_DIR.glob("*.py"):
         assert not re.search(r"^\s*(import|from)\s+torch", path.read_text(), re.M), path
     assert schema.RelayConfig is RelayConfig
+
+
+# --------------------------------------------------------------------------- verl scripts, Agent-Tunix, Hydra habits
+
+from configs.loader import NO_EFFECT, TUNIX_ALIASES, load_config_with_notes, suggest_key  # noqa: E402
+
+# verl keys from its GSM8K/PPO run scripts that Relay implements (key=value -> (canonical key, value))
+VERL_IMPLEMENTED = {
+    "actor_rollout_ref.rollout.max_model_len=4096": ("actor_rollout_ref.rollout.max_model_len", 4096),
+    "actor_rollout_ref.rollout.enforce_eager=True": ("actor_rollout_ref.rollout.enforce_eager", True),
+    "actor_rollout_ref.rollout.max_num_batched_tokens=8192": ("actor_rollout_ref.rollout.max_num_batched_tokens", 8192),
+    "actor_rollout_ref.rollout.val_kwargs.temperature=0.6": ("actor_rollout_ref.rollout.val_temperature", 0.6),
+    "actor_rollout_ref.rollout.val_kwargs.do_sample=True": ("actor_rollout_ref.rollout.val_do_sample", True),
+    "data.truncation='left'": ("data.truncation", "left"),
+    "data.truncation=right": ("data.truncation", "right"),
+    "data.truncation='error'": ("data.truncation", "error"),
+    "data.filter_overlong_prompts=True": ("data.filter_overlong_prompts", True),
+    "custom_reward_function.path=rewards/my_score.py": ("agent.reward_name", "rewards/my_score.py:compute_score"),
+}
+
+
+@pytest.mark.parametrize("override", VERL_IMPLEMENTED)
+def test_verl_keys_with_behaviour(override):
+    key, expected = VERL_IMPLEMENTED[override]
+    cfg, notes = load_config_with_notes([], [override])
+    assert get(cfg, key) == expected
+    assert notes == []
+
+
+def test_val_do_sample_false_is_greedy_and_custom_reward_name():
+    cfg = load_config([], ["actor_rollout_ref.rollout.val_kwargs.temperature=0.6",
+                           "actor_rollout_ref.rollout.val_kwargs.do_sample=False",
+                           "custom_reward_function.path=/x/r.py", "custom_reward_function.name=score"])
+    assert cfg.actor_rollout_ref.rollout.val_temperature == 0.0
+    assert cfg.agent.reward_name == "/x/r.py:score"
+    assert derive(cfg) == cfg
+
+
+VERL_NO_EFFECT = [
+    "actor_rollout_ref.actor.use_dynamic_bsz=True",
+    "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=24000",
+    "actor_rollout_ref.rollout.free_cache_engine=True",
+    "actor_rollout_ref.rollout.mode=async",
+    "actor_rollout_ref.rollout.val_kwargs.n=4",
+    "actor_rollout_ref.actor.strategy=fsdp2",
+    "reward_model.reward_manager=prime",
+    "trainer.balance_batch=True",
+]
+
+
+def test_verl_keys_without_effect_are_accepted_with_one_note_each():
+    cfg, notes = load_config_with_notes([], VERL_NO_EFFECT)
+    assert cfg == load_config()
+    assert len(notes) == len(VERL_NO_EFFECT)
+    for override, note in zip(VERL_NO_EFFECT, notes):
+        key, value = override.split("=")
+        assert note.startswith(f"{key}={value.lower() if value in ('True', 'False') else value}: no effect")
+        assert "\n" not in note
+
+
+def test_verl_values_matching_relay_say_nothing():
+    _, notes = load_config_with_notes([], [
+        "actor_rollout_ref.actor.strategy=fsdp", "reward_model.enable=False", "actor_rollout_ref.rollout.val_kwargs.n=1",
+        "actor_rollout_ref.actor.use_dynamic_bsz=False", "actor_rollout_ref.actor.ulysses_sequence_parallel_size=1",
+    ])
+    assert notes == []
+
+
+def test_verl_values_relay_cannot_honour_are_errors():
+    with pytest.raises(ConfigError) as e:
+        load_config([], ["reward_model.enable=True", "actor_rollout_ref.actor.strategy=megatron"])
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith("reward_model.enable=true: Relay has no learned reward model")
+    assert lines[1] == "actor_rollout_ref.actor.strategy=megatron: Relay's learner trains with FSDP only"
+
+
+def test_every_error_of_a_command_is_reported_together():
+    with pytest.raises(ConfigError) as e:
+        load_config([], ["actor_rollout_ref.rollout.max_model_lenn=4096", "data.trunc=left", "algorithm.gamma=high",
+                         "trainer.logger=[console,slack]", "nonsense"])
+    lines = str(e.value).splitlines()
+    assert len(lines) == 5
+    assert lines[0] == ("unknown config key 'actor_rollout_ref.rollout.max_model_lenn'; "
+                        "did you mean 'actor_rollout_ref.rollout.max_model_len'?")
+    assert lines[1].startswith("unknown config key 'data.trunc'; no key is named like it")
+    assert lines[2] == "override 'nonsense' is not of the form key=value"
+    assert lines[3] == "algorithm.gamma: expected a number, got 'high'"
+    assert lines[4].startswith("trainer.logger[1]: expected one of")
+
+
+@pytest.mark.parametrize(
+    "typed, suggestion",
+    [
+        ("algorithm.adv_estimater", "algorithm.adv_estimator"),
+        ("actor_rollout_ref.rollout.lr", "actor_rollout_ref.actor.optim.lr"),  # same last part
+        ("actor_rollout_ref.actor.optim.lrr", "actor_rollout_ref.actor.optim.lr"),
+        ("trainer.total_training_step", "trainer.total_training_steps"),
+        ("actor_rollout_ref.rollout.max_modl_len", "actor_rollout_ref.rollout.max_model_len"),
+        ("actor_rollout_ref.rollout.foo_bar_baz", None),
+        ("data.shuffle_seed", None),  # 'seed' and 'shuffle' exist, but no last part is close
+    ],
+)
+def test_did_you_mean_only_when_close(typed, suggestion):
+    assert suggest_key(typed) == suggestion
+
+
+TUNIX = {
+    "grpo.num_generations=4": ("agent.num_chains", 4),
+    "grpo.epsilon=0.2": ("actor_rollout_ref.actor.clip_ratio", 0.2),
+    "optimizer.learning_rate=3e-6": ("actor_rollout_ref.actor.optim.lr", 3e-6),
+    "optimizer.warmup_ratio=0.1": ("actor_rollout_ref.actor.optim.lr_warmup_steps_ratio", 0.1),
+    "optimizer.max_grad_norm=0.1": ("actor_rollout_ref.actor.grad_clip", 0.1),
+    "model.lora_rank=64": ("actor_rollout_ref.model.lora_rank", 64),
+    "generation.temperature=0.9": ("actor_rollout_ref.rollout.temperature", 0.9),
+    "generation.top_k=50": ("actor_rollout_ref.rollout.top_k", 50),
+    "generation.top_p=0.95": ("actor_rollout_ref.rollout.top_p", 0.95),
+    "generation.max_generation_steps=768": ("actor_rollout_ref.rollout.response_length", 768),
+    "generation.max_prompt_length=256": ("data.max_prompt_length", 256),
+    "training.micro_batch_size=2": ("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", 2),
+    "training.num_epochs=3": ("trainer.total_epochs", 3),
+}
+
+
+@pytest.mark.parametrize("override", TUNIX)
+def test_agent_tunix_keys(override):
+    key, expected = TUNIX[override]
+    assert get(load_config([], [override]), key) == expected
+
+
+def test_tunix_table_is_tested_and_beta_turns_the_kl_loss_on():
+    assert {o.split("=")[0] for o in TUNIX} | {"grpo.beta", "optimizer.weight_decay", "model.lora_alpha"} == set(TUNIX_ALIASES)
+    on = load_config([], ["grpo.beta=0.04"]).actor_rollout_ref.actor
+    assert (on.use_kl_loss, on.kl_loss_coef) == (True, 0.04)
+    assert load_config([], ["grpo.beta=0"]).actor_rollout_ref.actor.use_kl_loss is False
+
+
+def test_hydra_experiment_group_selects_the_preset():
+    for text in ("+experiment=quick_test", "experiment=quick_test", "++experiment=quick_test.yaml"):
+        assert load_config([], [text]) == load_config(["experiment/quick_test"])
+    # the group is applied before the other overrides, wherever it is written
+    cfg = load_config([], ["trainer.total_training_steps=3", "+experiment=quick_test"])
+    assert cfg.trainer.total_training_steps == 3 and cfg.trainer.experiment_name == "quick_test"
+    with pytest.raises(ConfigError, match=r"no preset 'experiment/quik_test'; experiment presets: multi_node, quick_test"):
+        load_config([], ["+experiment=quik_test"])
+
+
+def test_tool_configs_from_the_command_line_and_yaml(tmp_path):
+    cfg = load_config([], ["agent.tools=[search,answer]", "agent.tool_configs.search.corpus=docs.jsonl",
+                           "agent.tool_configs.search.top_k=5", "agent.tool_configs.code_interpreter.wall_s=2.5"])
+    assert cfg.agent.tool_configs == {"search": {"corpus": "docs.jsonl", "top_k": 5}, "code_interpreter": {"wall_s": 2.5}}
+    preset = write(tmp_path / "t.yaml", "agent:\n  tool_configs:\n    search: {endpoint: 'http://x', style: searxng}\n")
+    assert load_config([preset]).agent.tool_configs == {"search": {"endpoint": "http://x", "style": "searxng"}}
+    # a later setting of a level replaces what was below it; ~ forgets; {} empties
+    later = load_config([preset], ["agent.tool_configs.search={corpus: c.jsonl}"])
+    assert later.agent.tool_configs == {"search": {"corpus": "c.jsonl"}}
+    assert load_config([preset], ["~agent.tool_configs"]).agent.tool_configs == {}
+    assert load_config([preset], ["agent.tool_configs={}"]).agent.tool_configs == {}
+    assert load_config([], ["agent.init_args.tool_configs.search.corpus=a.jsonl"]).agent.tool_configs == {"search": {"corpus": "a.jsonl"}}
+    assert load_config([write(tmp_path / "d.yaml", dump_config(cfg))]) == cfg
+    with pytest.raises(ConfigError, match=r"agent\.tool_configs"):
+        load_config([], ["agent.tool_configs.search=3"])
+
+
+def test_prompt_length_default_is_verls():
+    assert load_config().data.max_prompt_length == 512
+    assert load_config().data.val_files == []
