@@ -127,7 +127,7 @@ def _load(files: list[str], cfg: RelayConfig, what: str, report: Report) -> list
 
 
 def _check_tools(cfg: RelayConfig, report: Report) -> bool:
-    from envs.tools import TOOL_ALIASES, get_tool
+    from envs.tools import TOOL_ALIASES, get_tool, registered_tools
 
     ok = True
     names = set(cfg.agent.tools) | {TOOL_ALIASES.get(t, t) for t in cfg.agent.tools}
@@ -144,13 +144,22 @@ def _check_tools(cfg: RelayConfig, report: Report) -> bool:
             hint = ""
             if TOOL_ALIASES.get(name, name) == "search" and "exactly one" in str(e):
                 hint = f"; set agent.tool_configs.{name}.corpus=FILE.jsonl or agent.tool_configs.{name}.endpoint=URL"
+            if isinstance(e, KeyError) and str(e.args[0]).startswith("unknown tool"):
+                hint = _did_you_mean(name, [*registered_tools(), *TOOL_ALIASES])
             report.problems.append(f"agent.tools: {name}: {_one_line(e)}{hint}")
             ok = False
     return ok
 
 
+def _did_you_mean(name: str, known: list[str]) -> str:
+    import difflib
+
+    near = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+    return f"; did you mean '{near[0]}'?" if near else ""
+
+
 def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e).strip().splitlines()
     return text[0] if text else type(e).__name__
 
 
@@ -161,12 +170,13 @@ def _reward_fields(fn) -> set[str]:
 
 
 def _check_reward(cfg: RelayConfig, rows: list[dict[str, Any]], files: list[str], report: Report) -> None:
-    from envs.rewards import get_reward
+    from envs.rewards import get_reward, registered_rewards
 
     try:
         reward = get_reward(cfg.agent.reward_name)
     except Exception as e:
-        report.problems.append(f"agent.reward_name={cfg.agent.reward_name}: {_one_line(e)}")
+        hint = _did_you_mean(cfg.agent.reward_name, registered_rewards()) if str(e).startswith(("unknown reward", "'unknown reward")) else ""
+        report.problems.append(f"agent.reward_name={cfg.agent.reward_name}: {_one_line(e)}{hint}")
         return
     if rows:
         missing = sorted(_reward_fields(reward.fn) - set(rows[0]))
