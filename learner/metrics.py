@@ -248,3 +248,44 @@ def reward_hacking_monitors(trajs) -> dict:
         for t in trajs
     ]
     return monitor_batch(summaries)
+
+
+class EngineMismatch(RuntimeError):
+    """An actor's engine sampled with weights other than the version it claims (the log-prob guard)."""
+
+
+def check_same_version_logprobs(actor_ids: list[str], rows, version: int, threshold: float | None) -> dict:
+    """The log-prob guard over one batch: per actor, the mean |learner - engine| log-prob of the
+    tokens it sampled with exactly version ``version`` (the weights the learner holds, so the gap
+    is numerics alone: ~1e-6 in fp32, ~1e-2 with a bf16 engine).
+
+    Args:
+        actor_ids: [N] the actor of each batch row.
+        rows: [N, 2] per row: sum of |learner - engine| over its same-version tokens, and their
+            count (``Trainer.update_policy``); None when the policy was not updated (critic warm-up).
+        version: the version the learner held when it computed its log-probs.
+        threshold: ``rollout.max_logprob_diff``; None = report only.
+
+    Returns:
+        ``actor/logprob_abs_diff_same_version_max`` (the worst actor's mean) when any row has such
+        tokens. Raises ``EngineMismatch`` naming the actor and version past ``threshold``.
+    """
+    if rows is None:
+        return {}
+    per_actor: dict[str, list[float]] = {}
+    for actor_id, (diff, count) in zip(actor_ids, rows.double().cpu().tolist()):
+        acc = per_actor.setdefault(actor_id, [0.0, 0.0])
+        acc[0] += diff
+        acc[1] += count
+    means = {a: d / c for a, (d, c) in per_actor.items() if c > 0}
+    if not means:
+        return {}
+    worst = max(means, key=means.get)
+    if threshold is not None and means[worst] > threshold:
+        raise EngineMismatch(
+            f"{worst} does not serve the weights of v{version}: on the {int(per_actor[worst][1])} tokens it sampled "
+            f"with v{version}, its log-probs differ from the learner's by {means[worst]:.4g} on average "
+            f"(rollout.max_logprob_diff = {threshold}); an engine that did not load v{version} correctly "
+            f"(e.g. a silently failed or partial weight update), or a different model, stops the run"
+        )
+    return {"actor/logprob_abs_diff_same_version_max": means[worst]}

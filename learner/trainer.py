@@ -39,7 +39,7 @@ from learner.checkpoint import Checkpointer, trainable_parts
 from learner.coordinator import Coordinator, DataStream
 from learner.critic import build_critic
 from learner.lora import LoraSettings, publish_view
-from learner.metrics import MetricsLogger, reward_metrics
+from learner.metrics import MetricsLogger, check_same_version_logprobs, reward_metrics
 from learner.model import drain, export_hf, load_policy, stream_full_tensors
 from learner.optim import build_optimizer, lr_lambda, optimizer_offload  # noqa: F401  (lr_lambda re-exported)
 from learner.reference import build_kl_terms, next_token_logits
@@ -175,6 +175,7 @@ class Trainer:
             sb, wait_info = self.next_batch()
             t1 = time.perf_counter()
             stats = self.train_step(sb.batch)
+            stats |= self.check_engines(sb)  # every rank: all stop together
             t2 = time.perf_counter()
             self.version += 1
             self.publish()
@@ -255,6 +256,7 @@ class Trainer:
         actor = self.cfg.actor_rollout_ref.actor
         n = len(batch)
         mine = shard_rows(n, self.rank, self.world)
+        self._same_version_rows = None
         full, shard = batch.to(self.device), batch.select(mine).to(self.device)
         plan = self.policy_plan(full.loss_mask)
         single_update = actor.ppo_epochs == 1 and len(plan) == 1 and not self.cfg.algorithm.use_kl_in_reward
@@ -278,6 +280,7 @@ class Trainer:
         if self.version >= self.cfg.trainer.critic_warmup:
             stats |= self.update_policy(plan, shard, StepTensors(adv[mine], old_logprobs, ref_logprobs))
         out = all_reduce_means(stats, self.device)
+        self.same_version_rows = gather_rows(self._same_version_rows, n)  # [n, 2] for the log-prob guard
         if out.get("actor/same_version_tokens", 0) > 0:
             out["actor/logprob_abs_diff_same_version"] = out["actor/same_version_abs_diff_sum"] / out["actor/same_version_tokens"]
         return out
@@ -286,6 +289,7 @@ class Trainer:
         """PPO epochs over mini-batches (one optimizer step each) of weighted micro-batches."""
         actor = self.cfg.actor_rollout_ref.actor
         stats: dict[str, list[float]] = {}
+        self._same_version_rows = torch.zeros(len(shard), 2, device=self.device)
         self.optimizer_offload.load()
         for _ in range(actor.ppo_epochs):
             for mini in plan:
@@ -312,6 +316,9 @@ class Trainer:
                     same = mb.loss_mask * (mb.versions == self.version)
                     metrics["actor/same_version_abs_diff_sum"] = float(((old - mb.behaviour_logprobs).abs() * same).sum())
                     metrics["actor/same_version_tokens"] = float(same.sum())
+                    self._same_version_rows[micro.idx] = torch.stack(
+                        [((old - mb.behaviour_logprobs).abs() * same).sum(1), same.sum(1)], 1
+                    ).detach().to(self._same_version_rows.dtype)
                     for k, v in metrics.items():
                         stats.setdefault(k if "/" in k else f"actor/{k}", []).append(float(v))
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), actor.grad_clip)
@@ -322,6 +329,13 @@ class Trainer:
         self.optimizer_offload.offload()
         self.scheduler.step()  # the policy's schedule counts policy updates (as verl: not critic warm-up steps)
         return stats
+
+    def check_engines(self, sb: StepBatch) -> dict:
+        """The log-prob guard (``learner.metrics.check_same_version_logprobs``) on the last step."""
+        return check_same_version_logprobs(
+            [t.actor_id for t in sb.trajectories], self.same_version_rows, self.version,
+            self.cfg.actor_rollout_ref.rollout.max_logprob_diff,
+        )
 
     # ------------------------------------------------------------------ plumbing
 
