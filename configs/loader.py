@@ -41,6 +41,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from configs.schema import RelayConfig
+from learner.algos import registry as algo_registry
 
 CONFIG_DIR = Path(__file__).resolve().parent
 """Directory of the bundled presets; preset names like ``demo`` resolve here."""
@@ -53,13 +54,19 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------- aliases
 
 AGENTFLY_ALIASES: dict[str, str] = {
-    # the agent's constructor arguments, flattened or nested under init_args
+    # the agent's constructor and run arguments, flattened or nested as AgentFly versions have them
     "agent.init_args.*": "agent.*",
+    "agent.init_config.*": "agent.*",
+    "agent.run_config.*": "agent.*",
     "agent.max_steps": "agent.max_turns",
     "agent.model_name_or_path": "actor_rollout_ref.model.path",
     "agent.backend": "actor_rollout_ref.rollout.name",
+    "agent.backend_config.backend": "agent.backend",
+    "agent.max_model_len": "actor_rollout_ref.rollout.max_model_len",
+    "agent.generation_config.max_tokens": "agent.max_tokens_per_turn",
+    "agent.generation_config.temperature": "actor_rollout_ref.rollout.temperature",
 }
-"""AgentFly spellings (its ``agent`` section)."""
+"""AgentFly spellings (its ``agent`` section: ``init_args``/``init_config``/``run_config``)."""
 
 VERL_ALIASES: dict[str, str] = {
     # samples per prompt is the agent's group size
@@ -164,6 +171,12 @@ NO_EFFECT: dict[str, NoEffect] = {
               "custom_reward_function.path/name"),
     "reward_model.reward_manager": NoEffect(
         "no effect: every episode is scored by agent.reward_name when it ends", quiet=("naive",)),
+    "agent.context_config.resource_backend": NoEffect(
+        "no effect: tools run in each actor's sandbox (envs/sandbox.py)", quiet=("local",)),
+    "agent.tool_parser_name": NoEffect("no effect: each agent type parses its own tool calls (agent.agent_type)"),
+    "agent.max_concurrent_chains": NoEffect(
+        "no effect: episodes running at once are capped per actor by actor_rollout_ref.rollout.max_concurrent_episodes",
+        quiet=(None,)),
     "data.return_raw_chat": NoEffect("no effect: the agent always renders prompts from the chat messages"),
     "data.filter_overlong_prompts_workers": NoEffect("no effect: the filter runs in the learner once, at start-up"),
     "trainer.default_hdfs_dir": NoEffect("no effect: checkpoints go to trainer.default_local_dir only", quiet=(None,)),
@@ -795,19 +808,21 @@ def no_effect_notes(cfg: RelayConfig, has_gpu: bool) -> list[str]:
         for key in ("actor_rollout_ref.actor.kl_loss_coef", "actor_rollout_ref.actor.kl_loss_type"):
             if _changed(cfg, key):
                 note(key, "no effect: actor_rollout_ref.actor.use_kl_loss is false")
-    if cfg.algorithm.off_policy_correction == "none" and _changed(cfg, "algorithm.tis_cap"):
-        note("algorithm.tis_cap", "no effect: algorithm.off_policy_correction is none")
+    for key, why in algo_registry.unused_parameters(cfg, lambda k: _changed(cfg, k)):
+        note(key, why)  # a correction parameter the chosen correction does not read
     if arr.model.lora_rank == 0:
         for key in ("actor_rollout_ref.model.lora_alpha", "actor_rollout_ref.model.target_modules"):
             if _changed(cfg, key):
                 note(key, "no effect: actor_rollout_ref.model.lora_rank is 0")
-    if cfg.algorithm.adv_estimator != "gae":
+    estimator = algo_registry.ESTIMATORS[cfg.algorithm.adv_estimator]
+    if not estimator.needs_critic:
+        with_critic = ", ".join(c.name for c in algo_registry.ESTIMATORS.choices if c.needs_critic)
         derived = {"critic.model.path", "critic.ppo_mini_batch_size", "critic.ppo_micro_batch_size_per_gpu"}
         for key in _leaf_fields():
             if key.startswith("critic.") and key not in derived and _changed(cfg, key):
-                note(key, f"no effect: the critic is only used by adv_estimator=gae (got {cfg.algorithm.adv_estimator})")
+                note(key, f"no effect: the critic is only used by adv_estimator={with_critic} (got {estimator.name})")
         if cfg.trainer.critic_warmup:
-            note("trainer.critic_warmup", "no effect without a critic (adv_estimator is not gae)")
+            note("trainer.critic_warmup", f"no effect without a critic (adv_estimator {estimator.name} has none)")
     if cfg.trainer.total_training_steps is not None and _changed(cfg, "trainer.total_epochs"):
         note("trainer.total_epochs", "no effect: trainer.total_training_steps is set")
     if cfg.transport.weights != "filesystem" and cfg.transport.weights_dir != f"{cfg.trainer.default_local_dir}/weights":

@@ -503,7 +503,8 @@ class RelayConfig(Section):
                 f"actor_rollout_ref.actor.ppo_mini_batch_size ({actor.ppo_mini_batch_size})"
             )
         critic_mini = self.critic.ppo_mini_batch_size
-        if critic_mini is not None and self.data.train_batch_size % critic_mini:
+        gae = self.algorithm.adv_estimator == "gae"  # the critic is trained only then
+        if gae and critic_mini is not None and self.data.train_batch_size % critic_mini:
             raise ValueError(
                 f"data.train_batch_size ({self.data.train_batch_size}) must be a multiple of "
                 f"critic.ppo_mini_batch_size ({critic_mini})"
