@@ -674,3 +674,13 @@ def test_tool_configs_from_the_command_line_and_yaml(tmp_path):
 def test_prompt_length_default_is_verls():
     assert load_config().data.max_prompt_length == 512
     assert load_config().data.val_files == []
+
+
+def test_migrating_doc_tables_are_generated_from_the_alias_tables():
+    from configs import migrating
+
+    text = migrating.DOC.read_text()
+    assert text == migrating.render(text), "docs/migrating.md is out of date: run python -m configs.migrating"
+    for table in (migrating.AGENTFLY_ALIASES, migrating.VERL_ALIASES, migrating.TUNIX_ALIASES, NO_EFFECT):
+        for key in table:
+            assert f"`{key.removesuffix('*')}" in text, key
