@@ -264,3 +264,113 @@ def test_http_search_backends_against_local_server():
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize(
+    "exc, text",
+    [
+        (SystemExit(3), "Error: SystemExit: 3"),
+        (KeyboardInterrupt(), "Error: KeyboardInterrupt"),
+        (asyncio.CancelledError("from the tool"), "Error: CancelledError: from the tool"),
+        (GeneratorExit(), "Error: GeneratorExit"),
+    ],
+)
+def test_base_exceptions_raised_by_a_tool_become_errors_and_the_loop_goes_on(exc, text):
+    @tool
+    async def aboom() -> str:
+        raise exc
+
+    @tool
+    def boom() -> str:
+        raise exc
+
+    async def episode() -> list:
+        # the loop keeps running other work around the failing tools
+        ticks = []
+        ticker = asyncio.create_task(asyncio.sleep(0.01, result="tick"))
+        results = [await t.call({}, timeout_s=5, max_output_tokens=100) for t in (aboom, boom)]
+        ticks.append(await ticker)
+        return results + ticks
+
+    a, b, tick = run(episode())
+    assert a == ToolResult(text=text, error=True)
+    assert b == ToolResult(text=text, error=True)
+    assert tick == "tick"
+
+
+def test_cancelling_the_caller_still_cancels_the_tool():
+    started, cancelled = asyncio.Event(), []
+
+    @tool
+    async def wait_forever() -> str:
+        started.set()
+        try:
+            await asyncio.sleep(600)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        return "never"
+
+    async def main() -> None:
+        task = asyncio.create_task(wait_forever.call({}, timeout_s=600, max_output_tokens=10))
+        await asyncio.wait_for(started.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(main())
+    assert cancelled == [True]
+
+
+def _brute_force_truncate(text, limit, count):
+    if count(text) <= limit:
+        return text
+    for n in range(len(text) - 1, -1, -1):
+        marked = text[:n] + f"\n[truncated {len(text) - n} chars]"
+        if count(marked) <= limit:
+            return marked
+    return next(text[:n] for n in range(len(text), -1, -1) if count(text[:n]) <= limit)
+
+
+def test_truncation_is_the_longest_head_that_fits():
+    import random
+
+    rng = random.Random(0)
+    count = lambda s: len(s.split())  # noqa: E731  one token per word
+    for _ in range(300):
+        text = " ".join("w" * rng.randint(1, 5) for _ in range(rng.randint(0, 150)))
+        limit = rng.randint(0, 60)
+        assert truncate(text, limit, count) == _brute_force_truncate(text, limit, count)
+        assert truncate(text, limit) == _brute_force_truncate(text, limit * CHARS_PER_TOKEN, len)
+
+
+def test_truncating_5mb_counts_only_a_few_kb():
+    counted = []
+
+    def count(s: str) -> int:
+        counted.append(len(s))
+        return len(s.split())
+
+    text = "word " * 1_000_000  # 5 MB, one token per word
+    out = truncate(text, 500, count)
+    assert count(out) <= 500 and out.startswith("word word") and "truncated" in out
+    # the old bisection over the whole text counted ~23 prefixes of up to 5 MB (~60 MB in all)
+    assert sum(counted) < 100_000 and max(counted) < 10_000
+
+
+def test_huge_result_is_truncated_off_the_event_loop():
+    import threading
+
+    threads = []
+
+    def count(s: str) -> int:
+        threads.append(threading.current_thread())
+        return len(s)
+
+    @tool
+    async def huge() -> str:
+        return "z" * 5_000_000
+
+    result = call(huge, max_output_tokens=50, count_tokens=count)
+    assert len(result.text) <= 50 and "truncated" in result.text
+    assert threads and threading.main_thread() not in threads

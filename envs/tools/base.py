@@ -9,15 +9,27 @@ parameter descriptions)::
      "function": {"name": ..., "description": ...,
                   "parameters": {"type": "object", "properties": {...}, "required": [...]}}}
 
-``Tool.call`` is a boundary: unknown or missing arguments, any exception raised
-by the function, and a timeout all come back as
-``ToolResult(text="Error: ...", error=True)``; the actor never crashes on a tool.
+``Tool.call`` is a boundary: unknown or missing arguments, anything the
+function raises (``BaseException`` included: ``SystemExit``,
+``KeyboardInterrupt``, a ``CancelledError`` it raises itself) and a timeout
+all come back as ``ToolResult(text="Error: ...", error=True)``; the actor
+never crashes on a tool. The one thing that passes through is a real
+cancellation of the calling task (``asyncio.current_task().cancelling()``),
+which is how the actor's own shutdown arrives (``asyncio.run`` turns Ctrl-C
+into it); a process that stops by raising ``SystemExit`` from a signal
+handler while an async tool runs would see it swallowed, so stop by
+cancelling the main task instead.
 
 Output budget. The result text is cut to ``max_output_tokens`` tokens when a
 ``count_tokens(text) -> int`` callable is given (see ``token_counter``), else
 to ``max_output_tokens * CHARS_PER_TOKEN`` characters (a rough, documented
 fallback). The cut keeps the head and appends a ``[truncated N chars]`` marker
-that is counted inside the budget.
+that is counted inside the budget. Cutting by characters is arithmetic; by
+tokens it counts only prefixes of growing length (doubling from the budget's
+character estimate) and then bisects the last step, so its cost grows with
+what is kept, not with the size of the result (a 5 MB result is cut as fast
+as a 50 KB one). Results longer than ``INLINE_TRUNCATE_CHARS`` are cut in a
+worker thread, off the event loop.
 
 Timeouts. Async functions are cancelled at the timeout. Sync functions run in
 a worker thread; at the timeout the caller gets the error result at once, but
@@ -42,6 +54,9 @@ CHARS_PER_TOKEN = 4
 """Character budget per token when no ``count_tokens`` is given."""
 
 TRUNCATION_MARKER = "\n[truncated {n} chars]"
+
+INLINE_TRUNCATE_CHARS = 16_384
+"""Results longer than this are truncated in a worker thread, off the event loop."""
 
 
 @dataclass
@@ -68,19 +83,38 @@ class Tool:
         max_output_tokens: int,
         count_tokens: Callable[[str], int] | None = None,
     ) -> ToolResult:
-        """Run the tool; never raises (errors and timeouts become error results)."""
+        """Run the tool; never raises (errors and timeouts become error results) except when the
+        calling task itself is cancelled."""
         problem = self._check_arguments(arguments)
         if problem is not None:
             result = ToolResult(text=f"Error: {problem}", error=True)
         else:
             try:
-                result = await asyncio.wait_for(self._invoke(arguments), timeout=timeout_s)
+                result = await asyncio.wait_for(self._guarded(arguments), timeout=timeout_s)
             except asyncio.TimeoutError:
                 result = ToolResult(text=f"Error: tool '{self.name}' timed out after {timeout_s:g} s", error=True)
-            except Exception as e:  # boundary: the model sees the error
-                result = ToolResult(text=f"Error: {type(e).__name__}: {e}", error=True)
-        result.text = truncate(result.text, max_output_tokens, count_tokens)
+        if len(result.text) > INLINE_TRUNCATE_CHARS:
+            result.text = await asyncio.to_thread(truncate, result.text, max_output_tokens, count_tokens)
+        else:
+            result.text = truncate(result.text, max_output_tokens, count_tokens)
         return result
+
+    async def _guarded(self, arguments: dict[str, Any]) -> ToolResult:
+        # Runs as the task wait_for makes, so a SystemExit or KeyboardInterrupt is caught here,
+        # inside that task: escaping it, asyncio would re-raise it out of the event loop.
+        try:
+            return await self._invoke(arguments)
+        except asyncio.CancelledError as e:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # a real cancellation: the timeout above, or the caller's own task
+            return self._error(e)  # raised by the tool itself
+        except BaseException as e:  # noqa: BLE001  boundary: the model sees the error
+            return self._error(e)
+
+    def _error(self, e: BaseException) -> ToolResult:
+        message = str(e)
+        return ToolResult(text=f"Error: {type(e).__name__}: {message}" if message else f"Error: {type(e).__name__}", error=True)
 
     async def _invoke(self, arguments: dict[str, Any]) -> ToolResult:
         if inspect.iscoroutinefunction(self.fn):
@@ -111,33 +145,55 @@ def truncate(text: str, max_output_tokens: int, count_tokens: Callable[[str], in
     does not fit, the head is cut to the budget without a marker.
     """
     if count_tokens is None:
-        limit = max_output_tokens * CHARS_PER_TOKEN
-        size = len
-    else:
-        limit = max_output_tokens
-        size = count_tokens
-    if size(text) <= limit:
+        return _truncate_chars(text, max_output_tokens * CHARS_PER_TOKEN)
+    return _truncate_tokens(text, max_output_tokens, count_tokens)
+
+
+def _marker(text: str, keep: int) -> str:
+    return TRUNCATION_MARKER.format(n=len(text) - keep)
+
+
+def _truncate_chars(text: str, limit: int) -> str:
+    if len(text) <= limit:
         return text
+    # keep + len(marker) grows with keep (the count loses a digit at most as keep gains one), so
+    # the answer lies a few steps below the bound a one-digit count gives
+    keep = min(len(text) - 1, limit - len(TRUNCATION_MARKER.format(n=1)))
+    while keep >= 0 and keep + len(_marker(text, keep)) > limit:
+        keep -= 1
+    if keep < 0:
+        return text[:limit]
+    return text[:keep] + _marker(text, keep)
 
-    def longest_head(with_marker: bool) -> int:
-        # Largest head length (characters) whose text (plus marker) fits; -1 when none does.
-        def fits(n: int) -> bool:
-            marker = TRUNCATION_MARKER.format(n=len(text) - n) if with_marker else ""
-            return size(text[:n] + marker) <= limit
 
-        lo, hi = -1, len(text) - 1
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if fits(mid):
-                lo = mid
-            else:
-                hi = mid - 1
+def _truncate_tokens(text: str, limit: int, count_tokens: Callable[[str], int]) -> str:
+    def fits(n: int, marker: bool = True) -> bool:
+        return count_tokens(text[:n] + (_marker(text, n) if marker else "")) <= limit
+
+    def bisect(lo: int, hi: int, marker: bool) -> int:
+        # largest n in [lo, hi) that fits, given fits(lo) and not fits(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid, marker) else (lo, mid)
         return lo
 
-    keep = longest_head(with_marker=True)
-    if keep >= 0:
-        return text[:keep] + TRUNCATION_MARKER.format(n=len(text) - keep)
-    return text[: max(longest_head(with_marker=False), 0)]
+    # Grow the head (doubling) until it no longer fits: only prefixes about twice the kept size are
+    # ever counted, and the whole text only when the head reaches it.
+    first = max(limit * CHARS_PER_TOKEN, 16)
+    lo, step = None, first
+    while step < len(text) and fits(step):
+        lo, step = step, step * 2
+    if step >= len(text) or count_tokens(text[:step]) <= limit:  # the whole text may fit without a marker
+        if count_tokens(text) <= limit:
+            return text
+        step = min(step, len(text))  # text[:step] plus marker does not fit
+    if lo is None:
+        if not fits(0):  # not even the marker fits: the bare head, without one
+            hi = min(first, len(text))
+            return text[:hi] if fits(hi, marker=False) else text[: bisect(0, hi, marker=False)]
+        lo = 0
+    keep = bisect(lo, step, marker=True)
+    return text[:keep] + _marker(text, keep)
 
 
 def token_counter(tokenizer: Any) -> Callable[[str], int]:
