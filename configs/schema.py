@@ -423,6 +423,15 @@ class CriticConfig(Section):
 # --------------------------------------------------------------------------- custom reward
 
 
+class RewardConfig(Section):
+    """Calling ``agent.reward_name`` on finished episodes (``envs.rewards.run_reward``)."""
+
+    timeout_s: float = Field(120.0, gt=0)
+    """Longest one reward call may take; past it the group fails with an error naming the reward and
+    the sample (the call's thread cannot be stopped and is abandoned). ``code_reward`` needs up to
+    ceil(tests / 4) x 10 s for its sandboxes."""
+
+
 class CustomRewardConfig(Section):
     """verl's ``custom_reward_function``: a reward loaded from a Python file."""
 
@@ -492,6 +501,8 @@ class RelayConfig(Section):
     """Actor-learner messaging."""
     custom_reward_function: CustomRewardConfig = Field(default_factory=CustomRewardConfig)
     """verl's reward-from-a-file keys."""
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    """How reward calls are bounded."""
 
     @model_validator(mode="after")
     def _check(self) -> RelayConfig:

@@ -1,6 +1,10 @@
+import asyncio
+import threading
+import time
+
 import pytest
 
-from envs.rewards import TrajectoryInfo, get_reward, reward
+from envs.rewards import RewardError, RewardFn, TrajectoryInfo, abandoned_reward_threads, get_reward, reward, run_reward
 
 TRAJ = TrajectoryInfo(messages=[], num_turns=1, tool_calls=[], truncated=False, response_text="")
 
@@ -117,3 +121,95 @@ def test_monitors_hand_computed():
     # lengths 10,20,30 (mean 20), rewards 1.2,0.1,0.2 (mean 0.5): sxy=-10, sxx=200, syy=0.74
     assert m["monitor/length_reward_corr"] == pytest.approx(-10 / (200 * 0.74) ** 0.5)
     assert m["monitor/mean_turns"] == pytest.approx(7 / 3)
+
+
+# ----------------------------------------------------------------------------- run_reward: timeouts and errors
+
+
+def _wait_until(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def test_hung_reward_is_an_error_naming_reward_and_sample_while_it_still_hangs():
+    release = threading.Event()
+    entered = threading.Event()
+
+    def hangs(final_answer, trajectory):
+        entered.set()
+        release.wait(120)
+        return 1.0
+
+    fn = RewardFn("hangs_forever", hangs, timeout_s=0.3)
+    before = abandoned_reward_threads()
+    try:
+        with pytest.raises(RewardError) as info:
+            asyncio.run(run_reward(fn, lambda: fn("x", TRAJ), sample="gsm8k-17 chain 2"))
+        assert entered.is_set() and not release.is_set()  # reported while the reward is still stuck
+        message = str(info.value)
+        assert "reward 'hangs_forever'" in message and "sample gsm8k-17 chain 2" in message and "0.3 s" in message
+        assert (info.value.reward, info.value.sample) == ("hangs_forever", "gsm8k-17 chain 2")
+        assert abandoned_reward_threads() == before + 1
+    finally:
+        release.set()
+    _wait_until(lambda: abandoned_reward_threads() == before, 30, "the abandoned reward thread to return")
+
+
+@pytest.mark.parametrize("exc", [ValueError("bad row"), SystemExit(2), KeyboardInterrupt(), asyncio.CancelledError()])
+def test_reward_raising_anything_is_a_reward_error(exc):
+    def raises(final_answer, trajectory):
+        raise exc
+
+    fn = RewardFn("raises", raises, timeout_s=30)
+
+    async def main():
+        ticker = asyncio.create_task(asyncio.sleep(0.01, result="loop alive"))
+        with pytest.raises(RewardError) as info:
+            await run_reward(fn, lambda: fn("x", TRAJ), sample="s1 chain 0")
+        return info.value, await ticker
+
+    error, tick = asyncio.run(main())
+    assert str(error).startswith(f"reward 'raises' failed on sample s1 chain 0: {type(exc).__name__}")
+    assert error.__cause__ is exc and tick == "loop alive"
+
+
+def test_run_reward_returns_the_scores_and_cancellation_passes_through():
+    fn = get_reward("math_reward_string_equal", timeout_s=30)
+    assert fn.timeout_s == 30
+    assert asyncio.run(run_reward(fn, lambda: fn("it is 7", TRAJ, answer="7"), sample="a")) == {"reward": 1.0}
+
+    release = threading.Event()
+    slow = RewardFn("slow", lambda final_answer, trajectory: release.wait(60) and 1.0, timeout_s=60)
+
+    async def cancel_it():
+        task = asyncio.create_task(run_reward(slow, lambda: slow("x", TRAJ), sample="b"))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(cancel_it())
+    finally:
+        release.set()
+    with pytest.raises(ValueError, match="positive timeout_s"):
+        asyncio.run(run_reward(get_reward("qa_em"), lambda: {}, sample="c"))
+
+
+def test_reward_timeout_is_a_config_key():
+    from configs.loader import load_config
+
+    assert load_config().reward.timeout_s == 120.0
+    assert load_config([], ["reward.timeout_s=2.5"]).reward.timeout_s == 2.5
+
+
+def test_code_reward_wait_is_bounded():
+    from envs.rewards.code import _run_in_thread, run_deadline_s
+
+    with pytest.raises(TimeoutError, match="stuck did not finish within 0.2 s"):
+        _run_in_thread(asyncio.sleep(600), 0.2, "stuck")
+    assert _run_in_thread(asyncio.sleep(0, result=7), 30, "quick") == 7
+    assert run_deadline_s(1) < run_deadline_s(5)

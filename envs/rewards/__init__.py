@@ -8,9 +8,28 @@ Built-ins: ``math_reward_string_equal``, ``gsm8k_reward``, ``math_reward``,
 from envs.rewards import code as _code  # noqa: F401  (registers the built-ins)
 from envs.rewards import math_rewards as _math_rewards  # noqa: F401
 from envs.rewards import qa as _qa  # noqa: F401
-from envs.rewards.base import RewardFn, TrajectoryInfo, get_reward, registered_rewards, reward
+from envs.rewards.base import (
+    RewardError,
+    RewardFn,
+    TrajectoryInfo,
+    abandoned_reward_threads,
+    get_reward,
+    registered_rewards,
+    reward,
+    run_reward,
+)
 
 FORMAT_COMPONENTS = ("format", "tool")
 """Component names that reward form rather than correctness (see ``envs.monitors``)."""
 
-__all__ = ["FORMAT_COMPONENTS", "RewardFn", "TrajectoryInfo", "get_reward", "registered_rewards", "reward"]
+__all__ = [
+    "FORMAT_COMPONENTS",
+    "RewardError",
+    "RewardFn",
+    "TrajectoryInfo",
+    "abandoned_reward_threads",
+    "get_reward",
+    "registered_rewards",
+    "reward",
+    "run_reward",
+]

@@ -14,11 +14,20 @@ a ``**kwargs`` parameter receives every field. ``get_reward`` returns a
 
 ``final_answer`` is ``None`` when the episode ended without one (turn limit,
 length truncation, unparsable turn); rewards give 0 correctness then.
+
+Rewards are plain blocking functions. ``run_reward`` is how the actor calls
+one: in a thread of its own, off the event loop, for at most ``timeout_s``
+(config ``reward.timeout_s``). A reward that raises, or does not return in
+time, becomes a ``RewardError`` naming the reward and the sample. Python cannot
+stop a thread, so a reward that never returns keeps its (daemon) thread;
+``abandoned_reward_threads()`` counts them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -43,9 +52,11 @@ class TrajectoryInfo:
 class RewardFn:
     """A registered reward normalised to ``dict[str, float]`` with a ``"reward"`` key."""
 
-    def __init__(self, name: str, fn: Callable[..., RewardResult]) -> None:
+    def __init__(self, name: str, fn: Callable[..., RewardResult], timeout_s: float | None = None) -> None:
         self.name = name
         self.fn = fn
+        self.timeout_s = timeout_s
+        """Longest one call may take under ``run_reward`` (``reward.timeout_s``)."""
         params = list(inspect.signature(fn).parameters.values())
         if len(params) < 2:
             raise TypeError(f"reward {name}: expected fn(final_answer, trajectory, **row_fields)")
@@ -90,15 +101,108 @@ def registered_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_reward(name: str) -> RewardFn:
-    """The reward registered as ``name``, or a function at a dotted path (``pkg.mod:fn`` / ``pkg.mod.fn``)."""
+def get_reward(name: str, timeout_s: float | None = None) -> RewardFn:
+    """The reward registered as ``name``, or a function at a dotted path (``pkg.mod:fn`` / ``pkg.mod.fn``);
+    ``timeout_s`` is what ``run_reward`` allows one call (``reward.timeout_s``)."""
     if name in _REGISTRY:
-        return RewardFn(name, _REGISTRY[name])
+        return RewardFn(name, _REGISTRY[name], timeout_s)
     from envs.plugins import as_relay_reward, is_spec, load_object
 
     if is_spec(name):  # path/to/file.py:name or package.module:name; verl's compute_score too
         fn = load_object(name)
         if not callable(fn):
             raise TypeError(f"reward '{name}' is a {type(fn).__name__}, not a function")
-        return RewardFn(name, as_relay_reward(fn))
+        return RewardFn(name, as_relay_reward(fn), timeout_s)
     raise KeyError(f"unknown reward '{name}'; registered: {registered_rewards()}")
+
+
+# ----------------------------------------------------------------------------- calling with a timeout
+
+
+class RewardError(RuntimeError):
+    """A reward raised or did not return within its timeout; the message names the reward and the sample."""
+
+    def __init__(self, message: str, reward: str, sample: str) -> None:
+        super().__init__(message)
+        self.reward = reward
+        self.sample = sample
+
+
+_abandoned = 0
+_abandoned_lock = threading.Lock()
+
+
+def abandoned_reward_threads() -> int:
+    """Reward calls given up on (timed out, or their caller cancelled) whose threads have not returned yet."""
+    return _abandoned
+
+
+def _abandon(state: dict[str, bool]) -> None:
+    global _abandoned
+    with _abandoned_lock:
+        if not state["returned"]:
+            state["abandoned"] = True
+            _abandoned += 1
+
+
+async def run_reward(
+    reward: RewardFn, call: Callable[[], dict[str, float]], sample: str, timeout_s: float | None = None
+) -> dict[str, float]:
+    """``call()`` (which scores one episode with ``reward``) in a thread of its own, for at most
+    ``timeout_s`` (default: ``reward.timeout_s``); its result, or a ``RewardError`` naming
+    ``reward`` and ``sample`` when it raises (anything, ``BaseException`` included) or runs late.
+    A cancellation of the calling task passes through."""
+    limit = timeout_s if timeout_s is not None else reward.timeout_s
+    if limit is None or limit <= 0:
+        raise ValueError(f"reward '{reward.name}': run_reward needs a positive timeout_s (reward.timeout_s), got {limit}")
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+    state = {"returned": False, "abandoned": False}  # guarded by _abandoned_lock
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is None:
+            done.set_result(result)
+        else:
+            done.set_exception(error)
+
+    def work() -> None:
+        global _abandoned
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = call()
+        except BaseException as e:  # noqa: BLE001  handed to the caller, never raised in this thread
+            error = e
+        with _abandoned_lock:
+            state["returned"] = True
+            if state["abandoned"]:
+                _abandoned -= 1
+                return
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    threading.Thread(target=work, name=f"reward-{reward.name}", daemon=True).start()
+    try:
+        return await asyncio.wait_for(done, limit)
+    except asyncio.TimeoutError:
+        _abandon(state)
+        n = _abandoned
+        raise RewardError(
+            f"reward '{reward.name}' did not return within {limit:g} s (reward.timeout_s) on sample {sample}; "
+            f"its thread is abandoned ({n} such thread(s) in this process)",
+            reward.name,
+            sample,
+        ) from None
+    except asyncio.CancelledError as e:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            _abandon(state)
+            raise  # our caller is being cancelled
+        raise RewardError(f"reward '{reward.name}' failed on sample {sample}: CancelledError: {e}", reward.name, sample) from e
+    except BaseException as e:  # noqa: BLE001  whatever the reward raised
+        message = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise RewardError(f"reward '{reward.name}' failed on sample {sample}: {message}", reward.name, sample) from e

@@ -7,18 +7,22 @@ sandbox process (``envs.sandbox``) as ``program + test + print(nonce)``; it
 passes when the process exits 0 and its output ends with the nonce line, so a
 program that exits early does not pass. Not closed: a program that reads its
 own ``main.py`` can find the nonce. The function blocks (it runs its own event
-loop in a worker thread); call it off the actor's event loop.
+loop in a worker thread); call it off the actor's event loop. It waits at most
+``run_deadline_s(len(tests))``: every sandbox is bounded by its wall time, so
+only a bug can reach that bound, and then it raises ``TimeoutError``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import re
 import secrets
+import threading
 
 from envs.rewards.base import TrajectoryInfo, reward
-from envs.sandbox import SandboxLimits, run_python
+from envs.sandbox import STOP_GRACE_S, SandboxLimits, run_python
 
 TEST_LIMITS = SandboxLimits(wall_s=10.0, cpu_s=5, max_output_bytes=16_000)
 TEST_CONCURRENCY = 4
@@ -51,6 +55,30 @@ def code_reward(final_answer: str | None, trajectory: TrajectoryInfo, tests: lis
     if not final_answer:
         return 0.0
     program = extract_program(final_answer)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        passed = pool.submit(asyncio.run, _count_passed(program, list(tests))).result()
+    deadline = run_deadline_s(len(tests))
+    passed = _run_in_thread(_count_passed(program, list(tests)), deadline, f"code_reward: {len(tests)} test(s)")
     return passed / len(tests)
+
+
+def run_deadline_s(num_tests: int) -> float:
+    """Longest ``code_reward`` waits for ``num_tests`` tests: rounds of ``TEST_CONCURRENCY``
+    sandboxes, each at most its wall time plus the sandbox's stopping grace, and a margin."""
+    return math.ceil(num_tests / TEST_CONCURRENCY) * (TEST_LIMITS.wall_s + 2 * STOP_GRACE_S) + 30.0
+
+
+def _run_in_thread(coro, timeout_s: float, what: str):
+    """``asyncio.run(coro)`` in a daemon thread (this thread may have a running loop); its result
+    within ``timeout_s``, else ``TimeoutError`` (the thread is left to finish on its own)."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def work() -> None:
+        try:
+            future.set_result(asyncio.run(coro))
+        except BaseException as e:  # noqa: BLE001  handed to the waiting thread
+            future.set_exception(e)
+
+    threading.Thread(target=work, name="code-reward", daemon=True).start()
+    try:
+        return future.result(timeout=timeout_s)
+    except concurrent.futures.TimeoutError:
+        raise TimeoutError(f"{what} did not finish within {timeout_s:g} s") from None
