@@ -447,7 +447,9 @@ class ActorClient:
 
     async def _recv(self, sock, timeout_s: float, what: str) -> list:
         """The frames of one reply, its tag checked and removed."""
-        if not await sock.poll(timeout_s * 1000, zmq.POLLIN):
+        # the second, immediate poll catches a reply that arrived while this process was paused
+        # (SIGSTOP, a swapped-out host): its timer and its reply are then due at the same moment
+        if not await sock.poll(timeout_s * 1000, zmq.POLLIN) and not await sock.poll(0, zmq.POLLIN):
             self._reset()
             raise TransportTimeout(f"no {what} from the learner at {self.control_ep} within {timeout_s:.0f}s")
         frames = await sock.recv_multipart(copy=False)

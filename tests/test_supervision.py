@@ -1,5 +1,6 @@
 """`relay train` leaves no process behind: when a child dies, and on Ctrl-C."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -11,14 +12,14 @@ import pytest
 from envs.tasks import arithmetic
 
 
-def start_train(tmp_path, model_dir):
+def start_train(tmp_path, model_dir, *extra):
     train, test = arithmetic.write_splits(tmp_path / "data", n_train=64, n_test=8)
     cmd = [
         sys.executable, "-m", "launcher.cli", "train", "-c", "demo",
         f"actor_rollout_ref.model.path={model_dir}", f"data.train_files=[{train}]", f"data.val_files=[{test}]",
         "trainer.total_training_steps=1000", f"trainer.default_local_dir={tmp_path / 'run'}",
         "data.train_batch_size=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2", "agent.num_chains=2",
-        "agent.max_tokens_per_turn=8", "trainer.val_before_train=false", "trainer.test_freq=-1", "trainer.save_freq=-1",
+        "agent.max_tokens_per_turn=8", "trainer.val_before_train=false", "trainer.test_freq=-1", "trainer.save_freq=-1", *extra,
     ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -50,15 +51,39 @@ def all_descendants(pid):
 
 
 @pytest.mark.slow
-def test_dead_actor_is_named_and_nothing_is_left_behind(tmp_path, tiny_model_dir):
-    proc = start_train(tmp_path, tiny_model_dir)
+def test_an_actor_that_keeps_dying_is_named_and_nothing_is_left_behind(tmp_path, tiny_model_dir):
+    proc = start_train(tmp_path, tiny_model_dir, "trainer.max_actor_restarts=1")
     kids = wait_for_children(proc, ["actor-0", "actor-1", "learner"])
     everyone = [k for k in all_descendants(proc.pid)]
     time.sleep(3)
     kids["actor-1"].kill()
+    first = kids["actor-1"].pid
+    deadline = time.monotonic() + 120
+    while (again := wait_for_children(proc, ["actor-1"])["actor-1"]).pid == first and time.monotonic() < deadline:
+        time.sleep(0.5)  # the supervisor starts it again after its backoff
+    everyone += all_descendants(proc.pid)
+    time.sleep(2)
+    again.kill()
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
-    assert "actor-1 failed (killed by SIGKILL)" in err
+    assert "actor-1 died (killed by SIGKILL); restarting it in 1s (restart 1 of 1)" in err
+    assert "actor-1 failed after 1 restart(s) (killed by SIGKILL)" in err
+    time.sleep(1)
+    assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_process_with_a_message(tmp_path, tiny_model_dir):
+    proc = start_train(tmp_path, tiny_model_dir)
+    wait_for_children(proc, ["actor-0", "actor-1", "learner"])
+    everyone = all_descendants(proc.pid)
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "SIGTERM: stopping every process" in err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["failure"] == "terminated (SIGTERM)"
     time.sleep(1)
     assert not [p for p in everyone if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
