@@ -200,6 +200,10 @@ def _suggest_length(longest: int) -> int:
     return max(512, -(-longest // 256) * 256)
 
 
+def _span(lengths: list[int]) -> str:
+    return f"{min(lengths)}" if min(lengths) == max(lengths) else f"{min(lengths)}-{max(lengths)}"
+
+
 LENGTH_SAMPLE = 1024
 """Most rows per file set whose rendered length the launcher measures."""
 
@@ -223,7 +227,7 @@ def _check_lengths(cfg: RelayConfig, sets: list[tuple[str, list[dict[str, Any]]]
         over = [i for i, n in enumerate(lengths) if n > limit]
         if not over:
             continue
-        span = f"rendered {what} prompts{of} (with the agent's template, system prompt and tool descriptions) are {min(lengths)}-{max(lengths)} tokens"
+        span = f"rendered {what} prompts{of} (with the agent's template, system prompt and tool descriptions) are {_span(lengths)} tokens"
         if data.filter_overlong_prompts and len(over) == len(rows):
             report.problems.append(
                 f"every {what} prompt is longer than data.max_prompt_length={limit}: {span}; "

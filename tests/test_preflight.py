@@ -158,7 +158,7 @@ def fake_hub_cache(root: Path, repo_id: str, model_dir: str) -> Path:
 
 
 def run_relay(args: list[str], cwd: Path = REPO, **env: str) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), **env}
     return subprocess.run([*RELAY, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300)
 
 
