@@ -41,6 +41,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from configs.schema import RelayConfig
+from learner.algos import registry as algo_registry
 
 CONFIG_DIR = Path(__file__).resolve().parent
 """Directory of the bundled presets; preset names like ``demo`` resolve here."""
@@ -807,19 +808,21 @@ def no_effect_notes(cfg: RelayConfig, has_gpu: bool) -> list[str]:
         for key in ("actor_rollout_ref.actor.kl_loss_coef", "actor_rollout_ref.actor.kl_loss_type"):
             if _changed(cfg, key):
                 note(key, "no effect: actor_rollout_ref.actor.use_kl_loss is false")
-    if cfg.algorithm.off_policy_correction == "none" and _changed(cfg, "algorithm.tis_cap"):
-        note("algorithm.tis_cap", "no effect: algorithm.off_policy_correction is none")
+    for key, why in algo_registry.unused_parameters(cfg, lambda k: _changed(cfg, k)):
+        note(key, why)  # a correction parameter the chosen correction does not read
     if arr.model.lora_rank == 0:
         for key in ("actor_rollout_ref.model.lora_alpha", "actor_rollout_ref.model.target_modules"):
             if _changed(cfg, key):
                 note(key, "no effect: actor_rollout_ref.model.lora_rank is 0")
-    if cfg.algorithm.adv_estimator != "gae":
+    estimator = algo_registry.ESTIMATORS[cfg.algorithm.adv_estimator]
+    if not estimator.needs_critic:
+        with_critic = ", ".join(c.name for c in algo_registry.ESTIMATORS.choices if c.needs_critic)
         derived = {"critic.model.path", "critic.ppo_mini_batch_size", "critic.ppo_micro_batch_size_per_gpu"}
         for key in _leaf_fields():
             if key.startswith("critic.") and key not in derived and _changed(cfg, key):
-                note(key, f"no effect: the critic is only used by adv_estimator=gae (got {cfg.algorithm.adv_estimator})")
+                note(key, f"no effect: the critic is only used by adv_estimator={with_critic} (got {estimator.name})")
         if cfg.trainer.critic_warmup:
-            note("trainer.critic_warmup", "no effect without a critic (adv_estimator is not gae)")
+            note("trainer.critic_warmup", f"no effect without a critic (adv_estimator {estimator.name} has none)")
     if cfg.trainer.total_training_steps is not None and _changed(cfg, "trainer.total_epochs"):
         note("trainer.total_epochs", "no effect: trainer.total_training_steps is set")
     if cfg.transport.weights != "filesystem" and cfg.transport.weights_dir != f"{cfg.trainer.default_local_dir}/weights":

@@ -23,6 +23,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from learner.algos import registry as algo_registry  # torch-free: names and rules of the algorithm choices
+
 
 def _one_or_many(value: object) -> object:
     """Accept a single string where a list of strings is expected."""
@@ -32,9 +34,10 @@ def _one_or_many(value: object) -> object:
 StrList = Annotated[list[str], BeforeValidator(_one_or_many)]
 """A list of strings; a single string is read as a one-element list."""
 
-KlEstimator = Literal["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "full"]
+KlEstimator = algo_registry.KL_ESTIMATORS.literal()
 """verl's KL estimators: ``kl``/``k1`` log-ratio, ``abs``, ``mse``/``k2`` half squared
-log-ratio, ``low_var_kl``/``k3`` Schulman's unbiased low-variance estimator, ``full``."""
+log-ratio, ``low_var_kl``/``k3`` Schulman's unbiased low-variance estimator, ``full``
+(``learner.algos.registry.KL_ESTIMATORS``)."""
 
 
 class Section(BaseModel):
@@ -111,9 +114,7 @@ class KlControlConfig(Section):
 class AlgorithmConfig(Section):
     """Advantage estimation, KL-in-reward and off-policy handling (verl ``algorithm``)."""
 
-    adv_estimator: Literal[
-        "gae", "grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "remax"
-    ] = "grpo"
+    adv_estimator: algo_registry.ESTIMATORS.literal() = "grpo"
     """Advantage estimator; ``gae`` trains the critic, the others are critic-free."""
     gamma: float = Field(1.0, ge=0, le=1)
     """Discount factor over tokens (GAE, REINFORCE++)."""
@@ -129,12 +130,30 @@ class AlgorithmConfig(Section):
     """KL-in-reward coefficient controller."""
     max_staleness: int = Field(1, ge=0)
     """Most policy versions a trajectory may lag the learner before it is dropped; 0 = synchronous on-policy."""
-    off_policy_correction: Literal["none", "decoupled", "tis"] = "decoupled"
-    """Stale-sample correction: ``none``; ``decoupled`` PPO (clip against the recomputed
-    behaviour-version log-probs, importance-weight by actor/recomputed ratio);
-    ``tis`` truncated importance sampling capped at ``tis_cap``."""
-    tis_cap: float = Field(2.0, gt=0)
-    """Upper bound of the truncated importance weight (``tis`` and ``decoupled``)."""
+    off_policy_correction: algo_registry.OFF_POLICY_CORRECTIONS.literal() = "decoupled"
+    """Stale-sample / train-inference mismatch correction, with rho = pi_prox / pi_behav (the
+    learner's recomputed log-probs before the update over the actor's sampling log-probs):
+    ``none`` clips the ratio against the actor's log-probs, weight 1; every other one clips
+    against the proximal log-probs and weights each token's loss: ``decoupled`` PPO (AReaL) by
+    rho, tokens with rho above ``behav_imp_weight_cap`` masked; ``tis`` by min(rho, ``tis_cap``);
+    ``seq_tis`` by min(prod rho over the episode, ``tis_cap``); ``seq_mis`` by prod rho, episodes
+    above ``seq_mis_cap`` masked; ``geo_mis`` by rho, episodes whose geometric-mean rho is outside
+    [1/``geo_mis_bound``, ``geo_mis_bound``] masked; ``icepop`` by rho, tokens outside
+    [1/``icepop_beta``, ``icepop_beta``] masked. See docs/algorithms.md."""
+    tis_cap: float = Field(2.0, ge=1)
+    """Upper bound of the truncated importance weight of ``tis`` (per token) and ``seq_tis`` (per
+    episode); must be >= 1 (a cap below 1 would shrink every on-policy token)."""
+    behav_imp_weight_cap: float | None = Field(5.0, gt=1)
+    """``decoupled``: tokens whose importance weight pi_prox / pi_behav exceeds this are masked
+    out of the loss (AReaL's ``behav_imp_weight_cap``; the masked fraction is logged as
+    ``actor/is_masked_frac``); null = no cap."""
+    seq_mis_cap: float = Field(2.0, gt=1)
+    """``seq_mis``: an episode whose importance weight prod_t pi_prox / pi_behav exceeds this is masked."""
+    geo_mis_bound: float = Field(1.05, gt=1)
+    """``geo_mis``: an episode whose geometric-mean ratio exp(mean_t log pi_prox / pi_behav) is
+    outside [1/bound, bound] is masked."""
+    icepop_beta: float = Field(2.0, gt=1)
+    """``icepop``: a token whose ratio pi_prox / pi_behav is outside [1/beta, beta] is masked."""
     log_ratio_clamp: float = Field(20.0, gt=0)
     """Log-ratios are clamped to +-this before ``exp`` to keep ratios finite."""
 
@@ -279,9 +298,13 @@ class ActorConfig(Section):
     """Upper clip epsilon (ratio <= 1 + high, DAPO clip-higher); None = ``clip_ratio``."""
     clip_ratio_c: float = Field(3.0, gt=1)
     """Dual-clip bound for negative advantages (Ye et al. 2020); must exceed 1."""
-    loss_agg_mode: Literal[
-        "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
-    ] = "token-mean"
+    loss_mode: algo_registry.POLICY_LOSSES.literal() = "vanilla"
+    """Policy loss (verl ``policy_loss.loss_mode``): ``vanilla`` clipped PPO with dual clip;
+    ``gspo`` the same clip on the episode's geometric-mean ratio (GSPO; use
+    ``loss_agg_mode=seq-mean-token-mean`` and small clip ratios, e.g. 3e-4 / 4e-4); ``cispo``
+    REINFORCE weighted by the detached ratio clipped to [1 - clip_ratio_low, 1 + clip_ratio_high]
+    (CISPO). See docs/algorithms.md."""
+    loss_agg_mode: algo_registry.LOSS_AGG_MODES.literal() = "token-mean"
     """How token losses are reduced to one number (verl names): ``token-mean`` (every token of
     the mini-batch weighs the same), ``seq-mean-token-sum``, ``seq-mean-token-mean`` (GRPO: every
     episode weighs the same), ``seq-mean-token-sum-norm`` (Dr. GRPO: token sums over the constant
@@ -514,18 +537,15 @@ class RelayConfig(Section):
                 f"actor_rollout_ref.actor.ppo_mini_batch_size ({actor.ppo_mini_batch_size})"
             )
         critic_mini = self.critic.ppo_mini_batch_size
-        gae = self.algorithm.adv_estimator == "gae"  # the critic is trained only then
-        if gae and critic_mini is not None and self.data.train_batch_size % critic_mini:
+        with_critic = algo_registry.ESTIMATORS[self.algorithm.adv_estimator].needs_critic  # trained only then
+        if with_critic and critic_mini is not None and self.data.train_batch_size % critic_mini:
             raise ValueError(
                 f"data.train_batch_size ({self.data.train_batch_size}) must be a multiple of "
                 f"critic.ppo_mini_batch_size ({critic_mini})"
             )
-        if self.algorithm.adv_estimator in ("grpo", "rloo") and self.agent.num_chains < 2:
-            raise ValueError(
-                f"algorithm.adv_estimator={self.algorithm.adv_estimator} compares episodes of "
-                f"one prompt: agent.num_chains (actor_rollout_ref.rollout.n) must be >= 2, "
-                f"got {self.agent.num_chains}"
-            )
+        problems = algo_registry.config_problems(self)  # what the chosen algorithms need
+        if problems:
+            raise ValueError("\n".join(problems))
         if self.trainer.resume_mode == "resume_path" and not self.trainer.resume_from_path:
             raise ValueError("trainer.resume_mode=resume_path needs trainer.resume_from_path")
         if self.transport.heartbeat_interval_s >= self.transport.peer_timeout_s:

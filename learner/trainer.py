@@ -119,6 +119,7 @@ class Trainer:
             gamma=cfg.algorithm.gamma, lam=cfg.algorithm.lam, norm_adv_by_std_in_grpo=cfg.algorithm.norm_adv_by_std_in_grpo
         )
         self.loss_cfg = algos.PolicyLossConfig(
+            loss_mode=arc.actor.loss_mode,
             clip_ratio_low=arc.actor.clip_ratio_low,
             clip_ratio_high=arc.actor.clip_ratio_high,
             clip_ratio_c=arc.actor.clip_ratio_c,
@@ -126,6 +127,10 @@ class Trainer:
             norm_horizon=arc.actor.loss_agg_horizon,
             off_policy_correction=cfg.algorithm.off_policy_correction,
             tis_cap=cfg.algorithm.tis_cap,
+            behav_imp_weight_cap=cfg.algorithm.behav_imp_weight_cap,
+            seq_mis_cap=cfg.algorithm.seq_mis_cap,
+            geo_mis_bound=cfg.algorithm.geo_mis_bound,
+            icepop_beta=cfg.algorithm.icepop_beta,
             log_ratio_clamp=cfg.algorithm.log_ratio_clamp,
         )
         self.checkpoints = Checkpointer(cfg, self.run_dir, self.rank, self.world)

@@ -26,6 +26,45 @@ def test_each_estimator_trains_through_train_step(tmp_path, tiny_model_dir, esti
         assert not any(k.startswith("critic/") for k in stats)
 
 
+@pytest.mark.parametrize(
+    "override",
+    [f"actor_rollout_ref.actor.loss_mode={m}" for m in ("gspo", "cispo")]
+    + [f"algorithm.off_policy_correction={c}" for c in ("none", "tis", "seq_tis", "seq_mis", "geo_mis", "icepop")]
+    + ["actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum-norm"],
+)
+def test_each_policy_loss_and_correction_trains_through_train_step(tmp_path, tiny_model_dir, override):
+    cfg = learner_config(tiny_model_dir, tmp_path, override)
+    with trainer_world_1(cfg) as trainer:
+        batch = trainer.step_batch(make_trajs()).batch
+        before = state(trainer.model)
+        stats = trainer.train_step(batch)
+        after = state(trainer.model)
+    assert math.isfinite(stats["actor/pg_loss"]) and 0.0 <= stats["actor/is_masked_frac"] <= 1.0
+    if "seq_mis" in override or "geo_mis" in override:
+        # make_trajs' actor log-probs (uniform in [-8, -4]) are far from the tiny model's: whole
+        # episodes are rejected, so nothing may move; otherwise the policy moves
+        assert stats["actor/is_masked_frac"] > 0
+    else:
+        assert stats["actor/grad_norm"] > 0 and changed(before, after)
+
+
+def test_decoupled_cap_masks_exactly_the_tokens_above_it(tmp_path, tiny_model_dir):
+    """actor/is_masked_frac = the fraction of sampled tokens whose pi_prox / pi_behav exceeds
+    behav_imp_weight_cap, recomputed here from the learner's own log-probs."""
+    # two micro-batches of 4 equal-length rows: the step's mean over micro-batches is the token fraction
+    cfg = learner_config(tiny_model_dir, tmp_path, "algorithm.behav_imp_weight_cap=2",
+                         "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+                         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4")
+    with trainer_world_1(cfg) as trainer:
+        batch = trainer.step_batch(make_trajs()).batch
+        prox = trainer.logprobs(batch, len(batch))
+        stats = trainer.train_step(batch)
+    mask = batch.loss_mask > 0
+    expected = float(((prox - batch.behaviour_logprobs).exp() > 2)[mask].float().mean())
+    assert 0 < expected < 1  # the batch has tokens on both sides of the cap
+    assert stats["actor/is_masked_frac"] == pytest.approx(expected, abs=1e-6)
+
+
 def test_remax_baseline_is_the_greedy_reward_of_the_prompt(tmp_path, tiny_model_dir):
     cfg = learner_config(tiny_model_dir, tmp_path, "algorithm.adv_estimator=remax")
     with trainer_world_1(cfg) as trainer:

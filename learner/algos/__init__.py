@@ -28,94 +28,70 @@ normaliser that does not depend on the loss, so a micro-batch's share of the
 mini-batch loss is its weighted sum times one `loss_scale` (computed from the
 whole mini-batch of every rank by `learner.sharding.plan_minibatches`).
 Without a scale, `agg_loss` is the aggregation over the rows given.
+
+Every choice (estimator, policy loss, correction, KL estimator, aggregation
+mode) is registered once in `registry.py` (torch-free: names, rules, formula,
+source) and implemented here. This package imports its torch modules lazily,
+on first use of a name, so ``configs.schema`` can import the registry without
+torch.
 """
 
-from learner.algos.advantages import (
-    ADVANTAGE_ESTIMATORS,
-    AdvantageConfig,
-    AdvantageInputs,
-    compute_gae,
-    discounted_returns,
-    gae,
-    get_advantage_estimator,
-    grpo,
-    masked_mean,
-    masked_var,
-    masked_whiten,
-    needs_critic,
-    needs_greedy_baseline,
-    reinforce_plus_plus,
-    reinforce_plus_plus_baseline,
-    remax,
-    rloo,
-)
-from learner.algos.kl import (
-    KL_PENALTIES,
-    AdaptiveKLController,
-    FixedKLController,
-    apply_kl_in_reward,
-    full_kl,
-    get_kl_penalty,
-    kl_penalty,
-    logprob_mismatch_kl,
-    make_kl_controller,
-)
-from learner.algos.losses import (
-    LOSS_AGG_MODES,
-    OFF_POLICY_CORRECTIONS,
-    POLICY_LOSSES,
-    AggMode,
-    Correction,
-    PolicyLossConfig,
-    PolicyLossInputs,
-    agg_loss,
-    agg_units,
-    loss_scale,
-    entropy_from_logits,
-    logprobs_from_logits,
-    policy_loss,
-    value_loss,
-)
+from __future__ import annotations
 
-__all__ = [
-    "ADVANTAGE_ESTIMATORS",
-    "KL_PENALTIES",
-    "LOSS_AGG_MODES",
-    "OFF_POLICY_CORRECTIONS",
-    "POLICY_LOSSES",
-    "AggMode",
-    "Correction",
-    "AdaptiveKLController",
-    "AdvantageConfig",
-    "AdvantageInputs",
-    "FixedKLController",
-    "PolicyLossConfig",
-    "PolicyLossInputs",
-    "agg_loss",
-    "agg_units",
-    "loss_scale",
-    "apply_kl_in_reward",
-    "compute_gae",
-    "discounted_returns",
-    "entropy_from_logits",
-    "full_kl",
-    "gae",
-    "get_advantage_estimator",
-    "get_kl_penalty",
-    "grpo",
-    "kl_penalty",
-    "logprob_mismatch_kl",
-    "logprobs_from_logits",
-    "make_kl_controller",
-    "masked_mean",
-    "masked_var",
-    "masked_whiten",
-    "needs_critic",
-    "needs_greedy_baseline",
-    "policy_loss",
-    "reinforce_plus_plus",
-    "reinforce_plus_plus_baseline",
-    "remax",
-    "rloo",
-    "value_loss",
-]
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "ADVANTAGE_ESTIMATORS": "advantages",
+    "AdvantageConfig": "advantages",
+    "AdvantageInputs": "advantages",
+    "compute_gae": "advantages",
+    "discounted_returns": "advantages",
+    "gae": "advantages",
+    "get_advantage_estimator": "advantages",
+    "grpo": "advantages",
+    "masked_mean": "advantages",
+    "masked_var": "advantages",
+    "masked_whiten": "advantages",
+    "needs_critic": "advantages",
+    "needs_greedy_baseline": "advantages",
+    "reinforce_plus_plus": "advantages",
+    "reinforce_plus_plus_baseline": "advantages",
+    "remax": "advantages",
+    "rloo": "advantages",
+    "KL_PENALTIES": "kl",
+    "AdaptiveKLController": "kl",
+    "FixedKLController": "kl",
+    "apply_kl_in_reward": "kl",
+    "full_kl": "kl",
+    "get_kl_penalty": "kl",
+    "kl_penalty": "kl",
+    "logprob_mismatch_kl": "kl",
+    "make_kl_controller": "kl",
+    "LOSS_AGG_MODES": "losses",
+    "OFF_POLICY_CORRECTIONS": "losses",
+    "POLICY_LOSSES": "losses",
+    "AggMode": "losses",
+    "Correction": "losses",
+    "PolicyLossConfig": "losses",
+    "PolicyLossInputs": "losses",
+    "agg_loss": "losses",
+    "agg_units": "losses",
+    "loss_scale": "losses",
+    "entropy_from_logits": "losses",
+    "logprobs_from_logits": "losses",
+    "policy_loss": "losses",
+    "value_loss": "losses",
+}
+"""Public name -> the module of this package that defines it."""
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """``algos.policy_loss`` etc.: import the defining module on first use."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

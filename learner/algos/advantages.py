@@ -37,6 +37,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from learner.algos import registry
+
 # --------------------------------------------------------------------------
 # masked statistics
 
@@ -348,40 +350,34 @@ def remax(inputs: AdvantageInputs, cfg: AdvantageConfig) -> tuple[Tensor, Tensor
 
 
 # --------------------------------------------------------------------------
-# registry
+# registry (names, rules and sources: `learner.algos.registry.ESTIMATORS`)
 
 AdvantageFn = Callable[[AdvantageInputs, AdvantageConfig], tuple[Tensor, Tensor]]
 
+for _name, _fn in [
+    ("gae", gae),
+    ("grpo", grpo),
+    ("rloo", rloo),
+    ("reinforce_plus_plus", reinforce_plus_plus),
+    ("reinforce_plus_plus_baseline", reinforce_plus_plus_baseline),
+    ("remax", remax),
+]:
+    registry.ESTIMATORS.bind(_fn, _name)
 
-@dataclass(frozen=True)
-class _Estimator:
-    fn: AdvantageFn
-    needs_critic: bool = False
-    needs_greedy_baseline: bool = False
-
-
-_ESTIMATORS: dict[str, _Estimator] = {
-    "gae": _Estimator(gae, needs_critic=True),
-    "grpo": _Estimator(grpo),
-    "rloo": _Estimator(rloo),
-    "reinforce_plus_plus": _Estimator(reinforce_plus_plus),
-    "reinforce_plus_plus_baseline": _Estimator(reinforce_plus_plus_baseline),
-    "remax": _Estimator(remax, needs_greedy_baseline=True),
-}
-
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {name: est.fn for name, est in _ESTIMATORS.items()}
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = registry.ESTIMATORS.implementations()
 """Estimator name -> `fn(inputs, cfg) -> (advantages[B,T], returns[B,T])`."""
 
 
-def _lookup(name: str) -> _Estimator:
-    if name not in _ESTIMATORS:
-        raise ValueError(f"unknown advantage estimator {name!r}; valid names: {sorted(_ESTIMATORS)}")
-    return _ESTIMATORS[name]
+def _lookup(name: str) -> registry.Choice:
+    if name not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {name!r}; valid names: {sorted(ADVANTAGE_ESTIMATORS)}")
+    return registry.ESTIMATORS[name]
 
 
 def get_advantage_estimator(name: str) -> AdvantageFn:
     """The estimator function registered under `name` (ValueError listing valid names otherwise)."""
-    return _lookup(name).fn
+    _lookup(name)
+    return ADVANTAGE_ESTIMATORS[name]
 
 
 def needs_critic(name: str) -> bool:

@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from learner.algos import registry
+
 from learner.algos.advantages import masked_mean
 
 
@@ -39,14 +41,12 @@ def _k3(logprob: Tensor, ref_logprob: Tensor) -> Tensor:
     return (torch.exp(log_ratio) - log_ratio - 1.0).clamp(-10.0, 10.0)
 
 
+for _names, _fn in [(("kl", "k1"), _k1), (("abs",), _abs), (("mse", "k2"), _k2), (("low_var_kl", "k3"), _k3)]:
+    registry.KL_ESTIMATORS.bind(_fn, *_names)
+registry.KL_ESTIMATORS.bind(None, "full")  # needs logits: `full_kl`
+
 KL_PENALTIES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "kl": _k1,
-    "k1": _k1,
-    "abs": _abs,
-    "mse": _k2,
-    "k2": _k2,
-    "low_var_kl": _k3,
-    "k3": _k3,
+    name: fn for name, fn in registry.KL_ESTIMATORS.implementations().items() if fn is not None
 }
 """KL kind -> fn(logprob[B,T], ref_logprob[B,T]) -> [B,T]. 'full' is `full_kl`."""
 
@@ -78,7 +78,9 @@ def full_kl(logits: Tensor, ref_logits: Tensor, chunk_size: int = 1024) -> Tenso
     """Exact KL(pi || ref) = sum_v pi(v) (log pi(v) - log ref(v)) per position.
 
     Computed in float32, `chunk_size` rows of B*T at a time. Clamped at 0 to
-    remove rounding below zero (the exact value is >= 0).
+    remove rounding below zero (the exact value is >= 0). Differentiable:
+    d KL / d logit_j = p_j (log p_j - log q_j - KL); an entry with logit -inf
+    (probability 0) contributes 0 to the value and gets gradient 0.
 
     Args:
         logits: [B,T,V] policy logits (-inf allowed: those tokens contribute 0).
@@ -94,7 +96,9 @@ def full_kl(logits: Tensor, ref_logits: Tensor, chunk_size: int = 1024) -> Tenso
         logp = torch.log_softmax(flat[start : start + chunk_size].float(), dim=-1)
         logq = torch.log_softmax(flat_ref[start : start + chunk_size].float(), dim=-1)
         probs = logp.exp()
-        terms = torch.where(probs > 0, probs * (logp - logq), 0.0)  # 0 * log 0 = 0
+        # 0 * log 0 = 0, with finite operands so the gradient is 0 there too (not 0 * inf = NaN)
+        live = probs > 0
+        terms = probs * (torch.where(live, logp, 0.0) - torch.where(live, logq, 0.0))
         out.append(terms.sum(-1).clamp(min=0.0))
     if not out:
         return torch.zeros(logits.shape[:-1], dtype=torch.float32, device=logits.device)

@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from learner.algos import registry
 from learner.algos.advantages import masked_mean
 
 # --------------------------------------------------------------------------
@@ -140,16 +141,20 @@ def _has_tokens(mask: Tensor) -> Tensor:
 
 
 LOSS_AGG_MODES: dict[str, AggMode] = {
-    # sum_bt m*L / sum_bt m: every token of the mini-batch weighs the same (DAPO)
-    "token-mean": AggMode(_ones, _tokens, uses_horizon=False),
-    # mean over rows with tokens of sum_t m*L
-    "seq-mean-token-sum": AggMode(_ones, _has_tokens, uses_horizon=False),
-    # mean over rows with tokens of sum_t m*L / n_b (original GRPO)
-    "seq-mean-token-mean": AggMode(_inv_tokens, _has_tokens, uses_horizon=False),
-    # mean over rows with tokens of sum_t m*L / H (Dr. GRPO; H a constant: the response budget)
-    "seq-mean-token-sum-norm": AggMode(_ones, _has_tokens, uses_horizon=True),
+    name: registry.LOSS_AGG_MODES.bind(mode, name)
+    for name, mode in [
+        # sum_bt m*L / sum_bt m: every token of the mini-batch weighs the same (DAPO)
+        ("token-mean", AggMode(_ones, _tokens, uses_horizon=False)),
+        # mean over rows with tokens of sum_t m*L
+        ("seq-mean-token-sum", AggMode(_ones, _has_tokens, uses_horizon=False)),
+        # mean over rows with tokens of sum_t m*L / n_b (original GRPO)
+        ("seq-mean-token-mean", AggMode(_inv_tokens, _has_tokens, uses_horizon=False)),
+        # mean over rows with tokens of sum_t m*L / H (Dr. GRPO; H a constant: the response budget)
+        ("seq-mean-token-sum-norm", AggMode(_ones, _has_tokens, uses_horizon=True)),
+    ]
 }
-"""Aggregation mode -> its `AggMode`."""
+"""Aggregation mode -> its `AggMode` (names, formulas, sources: `registry.LOSS_AGG_MODES`)."""
+assert list(LOSS_AGG_MODES) == list(registry.LOSS_AGG_MODES.implementations())
 
 
 def _agg_mode(mode: str) -> AggMode:
@@ -377,15 +382,20 @@ def _correction_icepop(inputs: PolicyLossInputs, cfg: PolicyLossConfig) -> Corre
     return Correction(inputs.old_logprobs.detach(), torch.where(masked, 0.0, weight).detach(), masked, _no(inputs))
 
 
-OFF_POLICY_CORRECTIONS: dict[str, Callable[[PolicyLossInputs, PolicyLossConfig], Correction]] = {
-    "none": _correction_none,
-    "decoupled": _correction_decoupled,
-    "tis": _correction_tis,
-    "seq_tis": _correction_seq_tis,
-    "seq_mis": _correction_seq_mis,
-    "geo_mis": _correction_geo_mis,
-    "icepop": _correction_icepop,
-}
+for _name, _fn in [
+    ("none", _correction_none),
+    ("decoupled", _correction_decoupled),
+    ("tis", _correction_tis),
+    ("seq_tis", _correction_seq_tis),
+    ("seq_mis", _correction_seq_mis),
+    ("geo_mis", _correction_geo_mis),
+    ("icepop", _correction_icepop),
+]:
+    registry.OFF_POLICY_CORRECTIONS.bind(_fn, _name)
+
+OFF_POLICY_CORRECTIONS: dict[str, Callable[[PolicyLossInputs, PolicyLossConfig], Correction]] = (
+    registry.OFF_POLICY_CORRECTIONS.implementations()
+)
 """Correction name -> fn(inputs, cfg) -> `Correction`; formulas in the module docstring."""
 
 
@@ -421,11 +431,10 @@ def _cispo(logprobs: Tensor, anchor: Tensor, adv: Tensor, mask: Tensor, cfg: Pol
     return per_token, clipped_ratio != ratio, torch.zeros_like(mask, dtype=torch.bool)
 
 
-POLICY_LOSSES: dict[str, Callable] = {
-    "vanilla": _vanilla,
-    "gspo": _gspo,
-    "cispo": _cispo,
-}
+for _name, _fn in [("vanilla", _vanilla), ("gspo", _gspo), ("cispo", _cispo)]:
+    registry.POLICY_LOSSES.bind(_fn, _name)
+
+POLICY_LOSSES: dict[str, Callable] = registry.POLICY_LOSSES.implementations()
 """Policy loss name -> fn(logprobs, anchor, adv, mask, cfg) -> (per-token loss [B,T],
 clipped [B,T] bool, dual-clipped [B,T] bool); formulas in `policy_loss`."""
 
