@@ -120,6 +120,8 @@ def main() -> int:
         f"actor throughput [{args.engine}, {len(trajs)} episodes, {turns:.1f} turns/episode, {sum(sampled)} sampled tokens]: "
         f"ours {ours_tps:,.0f} tok/s vs raw engine {raw_tps:,.0f} tok/s -> ratio {ours_tps / raw_tps:.2f} (target >= 0.95)"
     )
+    print(f"RESULT actor engine={args.engine} episodes={len(trajs)} ours_tok_s={ours_tps:.0f} raw_tok_s={raw_tps:.0f} "
+          f"ratio={ours_tps / raw_tps:.2f}", flush=True)
     return 0
 
 

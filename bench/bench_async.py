@@ -79,6 +79,8 @@ def main() -> int:
           f"(staleness mean {statistics.mean(m.get('staleness/mean', 0) for m in asyn[1:]):.2f})")
     print(f"async vs sync speed-up {speedup:.2f}x; overlap limit (gen+train)/max(gen,train) {limit:.2f}x "
           f"-> {speedup / limit:.2f} of the limit (target >= 0.9)", flush=True)
+    print(f"RESULT async sync_step_s={t_sync:.2f} async_step_s={t_async:.2f} speedup={speedup:.2f} limit={limit:.2f} "
+          f"of_limit={speedup / limit:.2f}", flush=True)
     return 0
 
 

@@ -140,12 +140,14 @@ def bench_engine(name: str, make, batches, new_tokens, vocab, new_state, repeats
     for batch in batches:
         result[batch] = tokens_per_s(engine, batch, new_tokens, vocab)
         print(f"  {label:18s} B={batch:3d} N={new_tokens}: {result[batch]:9.1f} tok/s", flush=True)
+        print(f"RESULT engines engine={name} batch={batch} new_tokens={new_tokens} tok_s={result[batch]:.1f}", flush=True)
     if check is not None:
         result["check"] = check(engine)
         print(f"  {label:18s} log-prob mean |diff| vs transformers: {result['check']}", flush=True)
     result["update_s"] = update_latency_s(engine, new_state, repeats)
     print(f"  {label:18s} start-up {startup:.1f} s, load_weights {result['update_s']:.3f} s (median of {repeats})",
           flush=True)
+    print(f"RESULT engines engine={name} startup_s={startup:.1f} load_weights_s={result['update_s']:.3f}", flush=True)
     closer = getattr(engine, "shutdown", None)
     if closer is not None:
         closer()

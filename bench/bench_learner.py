@@ -148,6 +148,7 @@ def main() -> int:
                 f"-> ratio {ratio:.2f}" + (" (target >= 0.9)" if minis == 1 else ""),
                 flush=True,
             )
+            print(f"RESULT learner minibatches={minis} ours_tok_s={ours:.0f} bare_tok_s={bare:.0f} ratio={ratio:.2f}", flush=True)
     return 0
 
 
