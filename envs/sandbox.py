@@ -55,15 +55,20 @@ says, and is probed once per process:
       two live sandboxes on a host never share a uid or ``RLIMIT_NPROC``.
 
 ``"uid"`` (root, no usable ``unshare``): the child drops to a fresh (locked)
-    uid in ``preexec_fn``; files are protected by Unix permissions only
+    uid in ``preexec_fn``, so the Python installation and venv must be
+    readable by other users (a pyenv under a mode-700 ``/root`` is not:
+    every run then fails with ``PermissionError``); files are protected by Unix permissions only
     (world-readable files, including the repository, ARE readable); network is
     blocked by an in-process guard (``socket.socket`` replaced before
     ``main.py`` runs), which code can undo with ``ctypes``; resource limits
     per process only, as below; inputs in a ``/tmp`` directory the caller
-    removes (a caller killed by SIGKILL leaves it, and its processes, behind).
+    removes. The program gets ``PR_SET_PDEATHSIG`` (SIGKILL when the calling
+    thread dies), but a caller killed by SIGKILL leaves the directory and any
+    children the program forked behind.
 
-``"rlimits"`` (not root): resource limits per process and the in-process
-    network guard only; the code runs as our user and can read what we can.
+``"rlimits"`` (not root): resource limits per process, the in-process
+    network guard and ``PR_SET_PDEATHSIG`` only, with the same leftovers as
+    ``"uid"``; the code runs as our user and can read what we can.
 
 In every mode: ``RLIMIT_CPU``, ``RLIMIT_AS``, ``RLIMIT_NPROC``, ``RLIMIT_FSIZE``,
 ``RLIMIT_NOFILE``, no core dumps; a wall-clock limit after which every process
@@ -75,6 +80,7 @@ cap is buffered).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
 import json
 import os
@@ -450,6 +456,14 @@ def _close_transport(proc: asyncio.subprocess.Process) -> None:
         transport.close()
 
 
+PR_SET_PDEATHSIG = 1
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _check_files(files: dict[str, str]) -> None:
     for name in files:
         if "/" in name or name.startswith(".") or not name:
@@ -596,6 +610,7 @@ async def _run_plain(files: dict[str, str], limits: SandboxLimits, uid: int, mod
             for p in (workdir, inputs, *inputs.iterdir()):
                 os.chown(p, uid, uid)
         rl = _rlimits(limits)
+        caller = os.getpid()
 
         def preexec() -> None:
             for name, (soft, hard) in rl.items():
@@ -604,6 +619,10 @@ async def _run_plain(files: dict[str, str], limits: SandboxLimits, uid: int, mod
                 os.setgroups([])
                 os.setgid(uid)
                 os.setuid(uid)
+            # after setuid, which clears it: the program (not its children) dies with our thread
+            _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != caller:
+                os._exit(137)
 
         env = {"PATH": "/usr/bin:/bin", "HOME": str(inputs), "PYTHONDONTWRITEBYTECODE": "1", "LANG": "C.UTF-8"}
         proc = await asyncio.create_subprocess_exec(

@@ -196,3 +196,60 @@ def test_sigkill_of_the_caller_leaves_no_process_cgroup_or_directory():
         if caller.poll() is None:
             caller.kill()
             caller.wait(timeout=30)
+
+
+CALLER_RLIMITS = """
+import asyncio
+from envs.sandbox import run_python
+asyncio.run(run_python("import time\\ntime.sleep(600)", mode="rlimits"))
+"""
+
+
+def test_sigkill_of_the_caller_kills_the_program_in_rlimits_mode():
+    caller = subprocess.Popen([sys.executable, "-c", CALLER_RLIMITS], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        tree: dict[int, tuple[int, int]] = {}
+        while time.monotonic() < deadline and not tree:
+            tree = _descendants(caller.pid)
+            assert caller.poll() is None, caller.stderr.read().decode()
+            time.sleep(0.05)
+        assert len(tree) == 1, tree  # the program, started with PR_SET_PDEATHSIG
+        caller.send_signal(signal.SIGKILL)
+        caller.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _alive(tree) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _alive(tree) == 0
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait(timeout=30)
+
+
+@needs_namespaces
+def test_cancelling_the_call_leaves_no_process_or_cgroup():
+    code = "import os, time\nfor _ in range(3):\n    if os.fork() == 0:\n        time.sleep(600)\ntime.sleep(600)"
+
+    async def main() -> tuple[dict, set, object]:
+        task = asyncio.create_task(run_python(code, SandboxLimits(wall_s=300)))
+        deadline = time.monotonic() + 60
+        tree: dict[int, tuple[int, int]] = {}
+        while time.monotonic() < deadline:
+            tree = _descendants(os.getpid())
+            if sum(1 for _, uid in tree.values() if uid >= UID_BASE) >= 4:
+                break
+            await asyncio.sleep(0.05)
+        uids = {uid for _, uid in tree.values() if uid >= UID_BASE}
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        return tree, uids, task
+
+    tree, uids, task = asyncio.run(main())
+    assert task.cancelled() and len(uids) == 1
+    assert _alive(tree) == 0  # run_python returns only once the launcher has killed and reaped them all
+    uid = uids.pop()
+    assert [d for _, d in _cgroup_parents().values() if os.path.exists(os.path.join(d, f"{CGROUP_PREFIX}{uid}"))] == []
