@@ -6,8 +6,10 @@ a fresh process: no state is kept between calls. The observation is the
 merged stdout/stderr (``(no output)`` when empty); a failed run (exception,
 non-zero exit, any limit) is an error result ``Error: <why>`` followed by the
 output so far. Set the tool call timeout above ``wall_s``: the sandbox kills
-its process group at ``wall_s``; a shorter tool timeout also kills it (the
-run is cancelled) but reports only "timed out".
+every process of the run at ``wall_s``; a shorter tool timeout also kills them
+(the run is cancelled) but reports only "timed out". ``memory_bytes`` and
+``max_processes`` hold for the whole run where the sandbox has a cgroup (see
+``envs.sandbox.resource_control()``), per process elsewhere.
 """
 
 from __future__ import annotations
