@@ -161,3 +161,15 @@ def test_python_and_checkout_under_tmp(tmp_path):
             assert eval(tmp_listing) == [base.name]
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@needs_namespaces
+def test_program_holds_only_stdio_and_cannot_look_into_pid_1():
+    code = (
+        "import os\nprint(len(os.listdir('/proc/self/fd')))\n"  # 0, 1, 2 and listdir's own
+        "for p in ('/proc/1/fd', '/proc/1/root/'):\n"
+        "    try:\n        os.listdir(p)\n        print('open')\n"
+        "    except PermissionError:\n        print('denied')\n"
+    )
+    r = run(code)
+    assert r.ok and r.output.split() == ["4", "denied", "denied"]  # the control and uid-lock sockets stay with PID 1
