@@ -63,8 +63,9 @@ says, and is probed once per process:
     ``main.py`` runs), which code can undo with ``ctypes``; resource limits
     per process only, as below; inputs in a ``/tmp`` directory the caller
     removes. The program gets ``PR_SET_PDEATHSIG`` (SIGKILL when the calling
-    thread dies), but a caller killed by SIGKILL leaves the directory and any
-    children the program forked behind.
+    thread dies), but a caller killed by SIGKILL leaves any children the
+    program forked behind, and the directory until the next process that runs
+    a sandbox in these modes sweeps it (``sweep_stale_workdirs``).
 
 ``"rlimits"`` (not root): resource limits per process, the in-process
     network guard and ``PR_SET_PDEATHSIG`` only, with the same leftovers as
@@ -599,8 +600,40 @@ def _launcher_status(code: int | None) -> int | None:
     return 128 - code if code is not None and code > 128 else code
 
 
+def sweep_stale_workdirs(tmp: str | None = None) -> int:
+    """Remove the ``uid``/``rlimits``-mode working directories of callers that died (SIGKILL) without
+    removing them (named ``relay-sandbox-<caller pid>-*``); how many were removed."""
+    tmp = tmp or tempfile.gettempdir()
+    removed = 0
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return 0
+    for name in names:
+        parts = name.split("-")
+        if len(parts) < 4 or parts[:2] != ["relay", "sandbox"] or not parts[2].isdigit():
+            continue
+        try:
+            os.kill(int(parts[2]), 0)
+            continue  # its caller lives (or the pid was reused): leave it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+        removed += 1
+    return removed
+
+
+_swept = False
+
+
 async def _run_plain(files: dict[str, str], limits: SandboxLimits, uid: int, mode: str) -> SandboxResult:
-    workdir = Path(tempfile.mkdtemp(prefix="relay-sandbox-"))
+    global _swept
+    if not _swept:  # once per process: leftovers of callers killed before they could clean up
+        _swept = True
+        sweep_stale_workdirs()
+    workdir = Path(tempfile.mkdtemp(prefix=f"relay-sandbox-{os.getpid()}-"))
     try:
         inputs = workdir / "inputs"
         inputs.mkdir()

@@ -10,12 +10,23 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from envs.sandbox import CGROUP_PREFIX, UID_BASE, SandboxLimits, UidLock, _cgroup_parents, isolation, resource_control, run_python
+from envs.sandbox import (
+    CGROUP_PREFIX,
+    UID_BASE,
+    SandboxLimits,
+    UidLock,
+    _cgroup_parents,
+    isolation,
+    resource_control,
+    run_python,
+    sweep_stale_workdirs,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACES = isolation() == "namespaces"
@@ -162,7 +173,7 @@ def _alive(procs: dict[int, tuple[int, int]]) -> int:
 
 
 def _sandbox_dirs() -> set[str]:
-    return {name for name in os.listdir("/tmp") if name.startswith("relay-sandbox")}
+    return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("relay-sandbox")}
 
 
 @needs_namespaces
@@ -221,6 +232,11 @@ def test_sigkill_of_the_caller_kills_the_program_in_rlimits_mode():
         while _alive(tree) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _alive(tree) == 0
+        # its working directory stays until a sweep (a caller killed by SIGKILL cannot remove it)
+        left = {d for d in _sandbox_dirs() if d.startswith(f"relay-sandbox-{caller.pid}-")}
+        assert len(left) == 1
+        assert sweep_stale_workdirs() >= 1
+        assert {d for d in _sandbox_dirs() if d.startswith(f"relay-sandbox-{caller.pid}-")} == set()
     finally:
         if caller.poll() is None:
             caller.kill()
