@@ -11,10 +11,9 @@ says, and is probed once per process:
     to a fresh unprivileged uid (no groups, ``no_new_privs``). Its inputs
     travel over a socket: nothing is written to the host file system.
 
-    * Files: the root is an empty read-only tmpfs holding only
-      ``/usr``, ``/etc`` and the Python trees (``sys.base_prefix``,
-      ``sys.prefix`` and their resolved paths: the installation and the venv)
-      bound read-only, nosuid, at their own paths; ``/bin``, ``/sbin``,
+    * Files: the root is a read-only tmpfs holding only ``/usr``, ``/etc``
+      and the Python trees (``sys.base_prefix``, ``sys.prefix`` and their
+      resolved paths: the installation and the venv) bound read-only, nosuid, at their own paths; ``/bin``, ``/sbin``,
       ``/lib*`` as the host's symlinks (or binds where they are directories);
       ``/dev/null``, ``/dev/zero``, ``/dev/random``, ``/dev/urandom``; a
       ``/proc`` of the sandbox's own PID namespace (its processes only; files
@@ -57,8 +56,9 @@ says, and is probed once per process:
 ``"uid"`` (root, no usable ``unshare``): the child drops to a fresh (locked)
     uid in ``preexec_fn``, so the Python installation and venv must be
     readable by other users (a pyenv under a mode-700 ``/root`` is not:
-    every run then fails with ``PermissionError``); files are protected by Unix permissions only
-    (world-readable files, including the repository, ARE readable); network is
+    every run then fails with ``PermissionError``); files are protected by
+    Unix permissions only (world-readable files, including the repository,
+    ARE readable); network is
     blocked by an in-process guard (``socket.socket`` replaced before
     ``main.py`` runs), which code can undo with ``ctypes``; resource limits
     per process only, as below; inputs in a ``/tmp`` directory the caller
