@@ -13,8 +13,9 @@ says, and is probed once per process:
 
     * Files: the root is a read-only tmpfs holding only ``/usr``, ``/etc``
       and the Python trees (``sys.base_prefix``, ``sys.prefix`` and their
-      resolved paths: the installation and the venv) bound read-only, nosuid, at their own paths; ``/bin``, ``/sbin``,
-      ``/lib*`` as the host's symlinks (or binds where they are directories);
+      resolved paths: the installation and the venv) bound read-only,
+      nosuid, at their own paths; ``/bin``, ``/sbin``, ``/lib*`` as the
+      host's symlinks (or binds where they are directories);
       ``/dev/null``, ``/dev/zero``, ``/dev/random``, ``/dev/urandom``; a
       ``/proc`` of the sandbox's own PID namespace (its processes only; files
       such as ``/proc/meminfo`` still describe the host). The parents of the
