@@ -156,6 +156,17 @@ class AlgorithmConfig(Section):
     """``icepop``: a token whose ratio pi_prox / pi_behav is outside [1/beta, beta] is masked."""
     log_ratio_clamp: float = Field(20.0, gt=0)
     """Log-ratios are clamped to +-this before ``exp`` to keep ratios finite."""
+    overlong_buffer_len: int = Field(0, ge=0)
+    """DAPO overlong reward shaping: an episode whose response (every token after the prompt) is
+    longer than ``rollout.response_length`` minus this many tokens loses reward linearly, up to
+    ``overlong_penalty_factor`` at the budget; 0 = off."""
+    overlong_penalty_factor: float = Field(1.0, ge=0)
+    """DAPO overlong reward shaping: the penalty at the full response budget."""
+    loss_filters: list[algo_registry.SAMPLE_FILTERS.literal()] = []
+    """Episodes taken out of the policy loss (and its normaliser): ``overlong`` = truncated by the
+    token budget or a turn's token limit (DAPO overlong filtering); ``zero_variance`` = groups whose
+    rewards are all equal (DAPO dynamic sampling without refilling the batch). Logged as
+    ``actor/filtered_frac/<name>``."""
 
 
 # --------------------------------------------------------------------------- data

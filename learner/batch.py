@@ -40,6 +40,11 @@ class TrainBatch:
     """[N] total episode reward."""
     baseline_rewards: torch.Tensor
     """[N] reward of the greedy rollout of the row's prompt (ReMax); NaN when there is none."""
+    response_lengths: torch.Tensor
+    """[N] long: tokens after the prompt (sampled and observation), what ``rollout.response_length`` budgets."""
+    overlong: torch.Tensor
+    """[N] bool: the episode was cut by the token budget or a turn's token limit (``finish_reason``
+    ``token_budget`` / ``length``)."""
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -50,6 +55,10 @@ class TrainBatch:
 
     def to(self, device: torch.device) -> "TrainBatch":
         return TrainBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+OVERLONG_REASONS = ("token_budget", "length")
+"""``EpisodeStats.finish_reason`` values of an episode cut by length (not by ``max_turns``)."""
 
 
 class TrajectoryMismatch(ValueError):
@@ -117,6 +126,8 @@ def collate(
         group_index=torch.tensor([group_of[t.sample_id] for t in trajs], dtype=torch.long),
         rewards=torch.tensor([t.reward for t in trajs], dtype=torch.float32),
         baseline_rewards=torch.tensor([baselines.get(t.sample_id, float("nan")) for t in trajs], dtype=torch.float32),
+        response_lengths=torch.tensor([len(t.response_ids) for t in trajs], dtype=torch.long),
+        overlong=torch.tensor([t.stats.truncated and t.stats.finish_reason in OVERLONG_REASONS for t in trajs]),
     )
 
 

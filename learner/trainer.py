@@ -70,9 +70,12 @@ class StepTensors:
     equal the current log-probs (detached)."""
     ref_logprobs: torch.Tensor | None
     """Reference log-probs, when a KL term reads them."""
+    policy_mask: torch.Tensor
+    """The loss mask without the episodes the loss filters dropped (``algorithm.loss_filters``)."""
 
     def select(self, idx: torch.Tensor) -> "StepTensors":
-        return StepTensors(*(None if t is None else t[idx] for t in (self.advantages, self.old_logprobs, self.ref_logprobs)))
+        return StepTensors(*(None if t is None else t[idx] for t in (
+            self.advantages, self.old_logprobs, self.ref_logprobs, self.policy_mask)))
 
 
 class Trainer:
@@ -114,6 +117,12 @@ class Trainer:
         self.optimizer_offload = optimizer_offload(self.optimizer, self.device, fsdp.optimizer_offload, fsdp.param_offload)
         self.critic = build_critic(cfg, self.device, self.rank, self.world, self.total_steps)
         self.reference, self.kl_loss, self.kl_in_reward = build_kl_terms(cfg, self.device, self.world)
+        alg = cfg.algorithm
+        self.reward_shaping = (
+            algos.OverlongShaping(arc.rollout.response_length, alg.overlong_buffer_len, alg.overlong_penalty_factor)
+            if alg.overlong_buffer_len
+            else algos.NoShaping()
+        )
         self.adv_fn = algos.get_advantage_estimator(cfg.algorithm.adv_estimator)
         self.adv_cfg = algos.AdvantageConfig(
             gamma=cfg.algorithm.gamma, lam=cfg.algorithm.lam, norm_adv_by_std_in_grpo=cfg.algorithm.norm_adv_by_std_in_grpo
@@ -254,7 +263,9 @@ class Trainer:
         1. Before any update, on this rank's rows (no grad): proximal log-probs
            (when several updates follow or KL is in the reward), reference
            log-probs (KL terms) and critic values (gae).
-        2. On the whole batch: KL-penalised rewards, then advantages and returns.
+        2. On the whole batch: the loss filters' keep mask, shaped (overlong) and KL-penalised
+           rewards, then advantages and returns (over every episode: a filtered one still counts
+           for its group's statistics, it only leaves the policy loss).
         3. On this rank's rows: the critic update, then (after ``critic_warmup``
            steps) the policy update.
         """
@@ -263,16 +274,22 @@ class Trainer:
         mine = shard_rows(n, self.rank, self.world)
         self._same_version_rows = None
         full, shard = batch.to(self.device), batch.select(mine).to(self.device)
-        plan = self.policy_plan(full.loss_mask)
+        keep, stats = algos.loss_keep(
+            algos.EpisodeFacts(full.overlong, full.rewards, full.group_index), self.cfg.algorithm.loss_filters
+        )
+        policy_mask = full.loss_mask * keep.unsqueeze(-1).to(full.loss_mask.dtype)
+        plan = self.policy_plan(policy_mask)
         single_update = actor.ppo_epochs == 1 and len(plan) == 1 and not self.cfg.algorithm.use_kl_in_reward
 
         old_logprobs = None if single_update else self.logprobs(shard, n)
         ref_logprobs = self.reference.logprobs(shard, n)
         values = self.critic.values(shard, n)
 
-        token_rewards, stats = self.kl_in_reward(
-            full.token_rewards, gather_rows(old_logprobs, n), gather_rows(ref_logprobs, n), full.loss_mask
+        token_rewards, shaping_stats = self.reward_shaping(full.token_rewards, full.loss_mask, full.response_lengths)
+        token_rewards, kl_stats = self.kl_in_reward(
+            token_rewards, gather_rows(old_logprobs, n), gather_rows(ref_logprobs, n), full.loss_mask
         )
+        stats |= shaping_stats | kl_stats
         adv, returns = self.adv_fn(
             algos.AdvantageInputs(
                 token_rewards, full.loss_mask, full.group_index,
@@ -283,7 +300,7 @@ class Trainer:
 
         stats |= self.critic.update(full.loss_mask, shard, values, returns[mine])
         if self.version >= self.cfg.trainer.critic_warmup:
-            stats |= self.update_policy(plan, shard, StepTensors(adv[mine], old_logprobs, ref_logprobs))
+            stats |= self.update_policy(plan, shard, StepTensors(adv[mine], old_logprobs, ref_logprobs, policy_mask[mine]))
         out = all_reduce_means(stats, self.device)
         self.same_version_rows = gather_rows(self._same_version_rows, n)  # [n, 2] for the log-prob guard
         if out.get("actor/same_version_tokens", 0) > 0:
@@ -304,18 +321,18 @@ class Trainer:
                     logits = self.forward(mb)
                     logprobs = algos.logprobs_from_logits(logits, mb.input_ids[:, 1:])
                     old = logprobs.detach() if mt.old_logprobs is None else mt.old_logprobs
+                    mask = mt.policy_mask
                     per_token, metrics = algos.policy_loss(
-                        algos.PolicyLossInputs(logprobs, old, mb.behaviour_logprobs, mt.advantages, mb.loss_mask),
-                        self.loss_cfg,
+                        algos.PolicyLossInputs(logprobs, old, mb.behaviour_logprobs, mt.advantages, mask), self.loss_cfg
                     )
                     if actor.entropy_coeff:
                         entropy = algos.entropy_from_logits(logits)
                         per_token = per_token - actor.entropy_coeff * entropy
-                        metrics["actor/entropy"] = self.local_agg(entropy.detach(), mb.loss_mask)
+                        metrics["actor/entropy"] = self.local_agg(entropy.detach(), mask)
                     per_token = per_token + self.kl_loss(mb, logits, logprobs, mt.ref_logprobs, metrics)
-                    algos.agg_loss(per_token, mb.loss_mask, actor.loss_agg_mode, scale=micro.loss_scale).backward()
+                    algos.agg_loss(per_token, mask, actor.loss_agg_mode, scale=micro.loss_scale).backward()
                     # pg + entropy + KL terms over this micro-batch ("pg_loss" is the policy term alone)
-                    metrics["actor/loss"] = self.local_agg(per_token.detach(), mb.loss_mask)
+                    metrics["actor/loss"] = self.local_agg(per_token.detach(), mask)
                     metrics["actor/logprob_mismatch_kl"] = algos.logprob_mismatch_kl(old, mb.behaviour_logprobs, mb.loss_mask)
                     # tokens sampled by exactly the weights the learner holds: |learner - engine| is numerics alone
                     same = mb.loss_mask * (mb.versions == self.version)

@@ -19,6 +19,9 @@ What is here, and the simplifications made:
   loss: the training step adds the entropy bonus and the KL-in-loss term per
   token and reduces the sum once with `agg_loss`.
 - Value loss: clipped, 0.5 * max of squared errors, per token.
+- Episodes (`episodes.py`): DAPO's overlong reward shaping and the loss
+  filters (`overlong`, `zero_variance`) that take whole episodes out of the
+  policy loss.
 - KL (`kl.py`): k1/abs/k2/k3 per-token estimators, exact `full_kl` from
   logits, fixed/adaptive coefficient controllers, KL-in-reward, and the k3
   learner-vs-actor mismatch logged every step.
@@ -82,6 +85,13 @@ _EXPORTS: dict[str, str] = {
     "logprobs_from_logits": "losses",
     "policy_loss": "losses",
     "value_loss": "losses",
+    "SAMPLE_FILTERS": "episodes",
+    "EpisodeFacts": "episodes",
+    "NoShaping": "episodes",
+    "OverlongShaping": "episodes",
+    "add_at_last_token": "episodes",
+    "loss_keep": "episodes",
+    "overlong_penalty": "episodes",
 }
 """Public name -> the module of this package that defines it."""
 

@@ -1,7 +1,7 @@
 """Every algorithm choice Relay offers, by name, with its rules, formula and source.
 
 One `Registry` per choice: advantage estimator, policy loss, off-policy
-correction, KL estimator, loss aggregation mode. Each `Choice` carries what
+correction, KL estimator, loss aggregation mode, loss filter. Each `Choice` carries what
 the rest of the system needs to know about it:
 
 - the config schema's allowed values (``Registry.literal()``: the schema holds
@@ -199,7 +199,15 @@ LOSS_AGG_MODES = Registry("loss aggregation mode", "actor_rollout_ref.actor.loss
            reads=("actor_rollout_ref.actor.loss_agg_horizon",)),
 ])
 
-REGISTRIES = (ESTIMATORS, POLICY_LOSSES, OFF_POLICY_CORRECTIONS, KL_ESTIMATORS, LOSS_AGG_MODES)
+SAMPLE_FILTERS = Registry("loss filter", "algorithm.loss_filters", [
+    Choice("overlong", "episodes truncated by the token budget or a turn's token limit leave the policy loss "
+           "and its normaliser", "Yu et al. 2025 (DAPO overlong filtering)"),
+    Choice("zero_variance", "episodes of groups whose rewards are all equal leave the policy loss and its "
+           "normaliser (the batch is not refilled)", "Yu et al. 2025 (DAPO dynamic sampling, learner side)",
+           min_group_size=2),
+])
+
+REGISTRIES = (ESTIMATORS, POLICY_LOSSES, OFF_POLICY_CORRECTIONS, KL_ESTIMATORS, LOSS_AGG_MODES, SAMPLE_FILTERS)
 
 
 # --------------------------------------------------------------------------- rules
@@ -214,6 +222,18 @@ def config_problems(cfg: Any) -> list[str]:
         problems.append(
             f"algorithm.adv_estimator={est.name} compares episodes of one prompt: agent.num_chains "
             f"(actor_rollout_ref.rollout.n) must be >= {est.min_group_size}, got {cfg.agent.num_chains}"
+        )
+    for name in alg.loss_filters:
+        if cfg.agent.num_chains < SAMPLE_FILTERS[name].min_group_size:
+            problems.append(
+                f"algorithm.loss_filters={name} compares episodes of one prompt: agent.num_chains must be "
+                f">= {SAMPLE_FILTERS[name].min_group_size}, got {cfg.agent.num_chains}"
+            )
+    budget = cfg.actor_rollout_ref.rollout.response_length
+    if alg.overlong_buffer_len > budget:
+        problems.append(
+            f"algorithm.overlong_buffer_len ({alg.overlong_buffer_len}) must not exceed the response budget "
+            f"actor_rollout_ref.rollout.response_length ({budget})"
         )
     if alg.use_kl_in_reward and KL_ESTIMATORS[alg.kl_penalty].needs_logits:
         problems.append(
