@@ -161,7 +161,7 @@ def actor(
     first_index: int = typer.Option(0, "--first-index", help="Number of the first actor (ids actor-N...), unique across nodes."),
 ):
     """Run actor processes that register with a running learner and fetch its current weights."""
-    cfg = _checked(_load(presets, overrides), resume=False, lengths=False)
+    cfg = _checked(_load(presets, overrides), resume=False, lengths=False, data=False)
     from launcher import commands
 
     raise typer.Exit(commands.run_actor_node(cfg, learner_addr, num_actors, first_index))

@@ -367,15 +367,19 @@ def preflight(
     model: str | None = None,
     resume: bool = True,
     lengths: bool = True,
+    data: bool = True,
 ) -> tuple[RelayConfig, list[str]]:
     """Check ``cfg`` (see the module docstring); returns (config with resolved model paths,
     notes). ``data_files``/``model``: ``relay eval``'s ``--data``/``--model`` instead of the
-    config's. Raises ``PreflightError`` with every problem found."""
+    config's; ``data=False`` skips the data files (``relay actor``: actors get their prompts
+    from the learner). Raises ``PreflightError`` with every problem found."""
     report = Report()
     if model is not None:
         cfg = _with_model_paths(cfg, model, cfg.critic.model.path or model)
     resolved = _check_models(cfg, report)
-    if data_files is None:
+    if not data:
+        sets = []
+    elif data_files is None:
         sets = [("train", cfg.data.train_files), ("validation", cfg.data.val_files)]
     else:
         sets = [("eval", data_files)]
