@@ -89,6 +89,8 @@ def collate(
     """Pad ``trajs`` into a ``TrainBatch``; ``group_of`` maps sample_id to group index,
     ``baselines`` sample_id to the greedy rollout's reward (ReMax)."""
     baselines = baselines or {}
+    if not trajs:
+        raise ValueError("collate: no trajectories (every one of the batch was refused or filtered)")
     n = len(trajs)
     lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajs]
     L = max(lengths)

@@ -228,17 +228,14 @@ class Trainer:
         payload = b""
         info: dict = {}
         if self.rank == 0:
-            groups, info = self.coordinator.take_batch(self.cfg.transport.recv_timeout_s, alive=self.server.check)
-            trajs = []
-            for _, group in groups:
-                for t in group:
-                    try:
-                        check_alignment(t)
-                    except TrajectoryMismatch as e:
-                        log.error("refused: %s", e)
-                        info["trajectories_refused"] = info.get("trajectories_refused", 0) + 1
-                        continue
-                    trajs.append(t)
+            trajs: list[m.Trajectory] = []
+            refused = {"groups_refused": 0, "trajectories_refused": 0}
+            while not trajs:  # a batch whose every group was refused: take the next one
+                groups, info = self.coordinator.take_batch(self.cfg.transport.recv_timeout_s, alive=self.server.check)
+                trajs, n_groups, n_trajs = whole_groups(groups)
+                refused["groups_refused"] += n_groups
+                refused["trajectories_refused"] += n_trajs
+            info |= refused
             payload = msgspec.msgpack.encode([m.encode(t) for t in trajs])
         payload = broadcast_bytes(payload, self.device)
         self.batch_dump.write(self.version + 1, payload)
@@ -422,6 +419,32 @@ class Trainer:
             self.metrics.close()
         dist.barrier()
         dist.destroy_process_group()
+
+
+def whole_groups(groups) -> tuple[list[m.Trajectory], int, int]:
+    """The trajectories of the groups whose every chain (greedy ReMax rollout included) passes
+    ``check_alignment``: a group is trained whole or not at all, so a refused chain never leaves a
+    shrunken group (a group of one would train on its raw score) or a row without its baseline.
+
+    Returns (trajectories, groups refused, trajectories refused). The coordinator has already
+    counted a refused group as consumed; it is not requeued (that needs the coordinator)."""
+    kept: list[m.Trajectory] = []
+    n_groups = n_trajs = 0
+    for sample_id, group in groups:
+        bad = []
+        for t in group:
+            try:
+                check_alignment(t)
+            except TrajectoryMismatch as e:
+                bad.append(e)
+        if bad:
+            for e in bad:
+                log.error("refused: %s", e)
+            log.error("group %s dropped whole: %d of its %d trajectories refused", sample_id, len(bad), len(group))
+            n_groups, n_trajs = n_groups + 1, n_trajs + len(bad)
+            continue
+        kept += group
+    return kept, n_groups, n_trajs
 
 
 def broadcast_bytes(payload: bytes, device: torch.device) -> bytes:

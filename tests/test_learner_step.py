@@ -65,6 +65,38 @@ def test_decoupled_cap_masks_exactly_the_tokens_above_it(tmp_path, tiny_model_di
     assert stats["actor/is_masked_frac"] == pytest.approx(expected, abs=1e-6)
 
 
+def _misaligned(t):
+    """``t`` with a log-prob on an observation token (check_alignment refuses it)."""
+    import msgspec
+    import numpy as np
+
+    from protocol import messages as m
+
+    lp = t.logprobs.numpy().copy()
+    lp[np.nonzero(t.loss_mask.numpy() == 0)[0][0]] = -1.0
+    return msgspec.structs.replace(t, logprobs=m.pack(lp, "float32"))
+
+
+def test_a_group_with_a_refused_chain_is_dropped_whole():
+    from learner.trainer import whole_groups
+
+    trajs = make_trajs(greedy=True)  # 0:0 chains 0-3, 0:1 chains 0-3, then each prompt's greedy rollout
+    g0, g1 = trajs[:4] + [trajs[8]], trajs[4:8] + [trajs[9]]
+    kept, groups, refused = whole_groups([("0:0", g0), ("0:1", [g1[0], _misaligned(g1[1]), *g1[2:]])])
+    assert kept == g0 and (groups, refused) == (1, 1)
+    # a refused greedy rollout drops its group too (its rows would have no ReMax baseline)
+    kept, groups, refused = whole_groups([("0:0", g0[:4] + [_misaligned(g0[4])]), ("0:1", g1)])
+    assert kept == g1 and (groups, refused) == (1, 1)
+    assert whole_groups([("0:0", [_misaligned(t) for t in g0])]) == ([], 1, 5)
+
+
+def test_collate_of_nothing_says_so():
+    from learner.batch import collate
+
+    with pytest.raises(ValueError, match="no trajectories"):
+        collate([], {}, 0)
+
+
 def test_remax_baseline_is_the_greedy_reward_of_the_prompt(tmp_path, tiny_model_dir):
     cfg = learner_config(tiny_model_dir, tmp_path, "algorithm.adv_estimator=remax")
     with trainer_world_1(cfg) as trainer:
