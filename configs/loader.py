@@ -74,6 +74,7 @@ VERL_ALIASES: dict[str, str] = {
     # keys whose value Relay keeps in one place
     "actor_rollout_ref.rollout.val_kwargs.temperature": "actor_rollout_ref.rollout.val_temperature",
     "actor_rollout_ref.rollout.val_kwargs.do_sample": "actor_rollout_ref.rollout.val_do_sample",
+    "actor_rollout_ref.rollout.val_kwargs.n": "actor_rollout_ref.rollout.val_n",
     "actor_rollout_ref.rollout.prompt_length": "data.max_prompt_length",
     "data.max_response_length": "actor_rollout_ref.rollout.response_length",
     "actor_rollout_ref.rollout.multi_turn.enable": "agent.use_agent",
@@ -157,8 +158,6 @@ NO_EFFECT: dict[str, NoEffect] = {
     "actor_rollout_ref.rollout.enable_chunked_prefill": NoEffect("no effect: vLLM's own default is used"),
     "actor_rollout_ref.rollout.load_format": NoEffect(
         "no effect: actors load the model from actor_rollout_ref.model.path, then the learner's weights (transport.weights)"),
-    "actor_rollout_ref.rollout.val_kwargs.n": NoEffect(
-        "no effect: Relay validates one sample per prompt (relay eval --num-chains N reports pass@k)", quiet=(1,)),
     "actor_rollout_ref.rollout.val_kwargs.top_p": NoEffect(
         "no effect: validation samples at val_temperature with top_p=1", quiet=(1, 1.0)),
     "actor_rollout_ref.rollout.val_kwargs.top_k": NoEffect(
@@ -790,6 +789,9 @@ def no_effect_notes(cfg: RelayConfig, has_gpu: bool) -> list[str]:
         for key in ("actor_rollout_ref.rollout.enforce_eager", "actor_rollout_ref.rollout.max_num_batched_tokens"):
             if _get(cfg, key) is not None:
                 note(key, "only used by rollout.name=vllm")
+    if arr.rollout.val_n > 1 and arr.rollout.val_temperature == 0:
+        note("actor_rollout_ref.rollout.val_n", "greedy validation (val_temperature 0): the samples of a prompt are alike; "
+             "set val_kwargs.do_sample=true and val_kwargs.temperature")
     if cfg.data.filter_overlong_prompts and cfg.data.truncation != "error":
         note("data.truncation", "no effect while data.filter_overlong_prompts is true (overlong prompts are dropped first)")
     if cfg.custom_reward_function.path is None and _changed(cfg, "custom_reward_function.name"):

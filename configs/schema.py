@@ -394,6 +394,9 @@ class RolloutConfig(Section):
     """Sampling temperature for validation (0 = greedy); verl ``val_kwargs.temperature``."""
     val_do_sample: bool = True
     """verl ``val_kwargs.do_sample``: false validates greedily whatever ``val_temperature`` is."""
+    val_n: int = Field(1, ge=1)
+    """Samples per validation prompt (verl ``val_kwargs.n``); ``val/accuracy`` and
+    ``val/reward_mean`` average over all of them (verl's mean@n)."""
     max_model_len: int | None = Field(None, ge=1)
     """Longest sequence (prompt plus response) an actor holds; None = the model's
     ``max_position_embeddings``. An episode stops when its context is full."""

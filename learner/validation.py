@@ -1,8 +1,8 @@
 """Validation between learner steps, on the actors, through the coordinator.
 
 Rank 0 only. A round validates one policy version: every row of
-``data.val_files`` becomes a ``WorkItem(validation=True, group_size=1)``
-(sample id ``val<version>:<row>``); the coordinator grants them before any
+``data.val_files`` becomes ``rollout.val_n`` ``WorkItem(validation=True, group_size=1)``
+(sample id ``val<version>:<row>``, plus ``:<k>`` with several); the coordinator grants them before any
 training work, at most ``data.val_batch_size`` per grant and only to actors
 serving that version; actors sample them at ``rollout.val_temperature`` and
 score them with the training reward; the coordinator routes them to this
@@ -75,9 +75,11 @@ class Validator:
         if self.coordinator is None or not self.rows:
             return {}
         t0 = time.perf_counter()
+        n = self.cfg.actor_rollout_ref.rollout.val_n  # verl's val_kwargs.n: samples per prompt
         items = [
-            m.WorkItem(sample_id=f"val{version}:{i}", row=row, group_size=1, validation=True)
+            m.WorkItem(sample_id=f"val{version}:{i}" + (f":{k}" if n > 1 else ""), row=row, group_size=1, validation=True)
             for i, row in enumerate(self.rows)
+            for k in range(n)
         ]
         self.coordinator.request_validation(items, version, per_grant=self.cfg.data.val_batch_size)
         trajs = self.coordinator.validation_results(self.cfg.transport.recv_timeout_s, alive=self.alive)

@@ -521,6 +521,7 @@ VERL_IMPLEMENTED = {
     "actor_rollout_ref.rollout.max_num_batched_tokens=8192": ("actor_rollout_ref.rollout.max_num_batched_tokens", 8192),
     "actor_rollout_ref.rollout.val_kwargs.temperature=0.6": ("actor_rollout_ref.rollout.val_temperature", 0.6),
     "actor_rollout_ref.rollout.val_kwargs.do_sample=True": ("actor_rollout_ref.rollout.val_do_sample", True),
+    "actor_rollout_ref.rollout.val_kwargs.n=1": ("actor_rollout_ref.rollout.val_n", 1),
     "data.truncation='left'": ("data.truncation", "left"),
     "data.truncation=right": ("data.truncation", "right"),
     "data.truncation='error'": ("data.truncation", "error"),
@@ -551,7 +552,6 @@ VERL_NO_EFFECT = [
     "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=24000",
     "actor_rollout_ref.rollout.free_cache_engine=True",
     "actor_rollout_ref.rollout.mode=async",
-    "actor_rollout_ref.rollout.val_kwargs.n=4",
     "actor_rollout_ref.actor.strategy=fsdp2",
     "reward_model.reward_manager=prime",
     "trainer.balance_batch=True",
@@ -570,7 +570,7 @@ def test_verl_keys_without_effect_are_accepted_with_one_note_each():
 
 def test_verl_values_matching_relay_say_nothing():
     _, notes = load_config_with_notes([], [
-        "actor_rollout_ref.actor.strategy=fsdp", "reward_model.enable=False", "actor_rollout_ref.rollout.val_kwargs.n=1",
+        "actor_rollout_ref.actor.strategy=fsdp", "reward_model.enable=False",
         "actor_rollout_ref.actor.use_dynamic_bsz=False", "actor_rollout_ref.actor.ulysses_sequence_parallel_size=1",
     ])
     assert notes == []
