@@ -299,3 +299,12 @@ def test_resume_diff_ignores_what_does_not_change_training():
     c = load_config([], ["data.train_files=[other.jsonl]", "algorithm.adv_estimator=rloo"]).model_dump(mode="json")
     assert resume_diff(a, c) == ["algorithm.adv_estimator: 'grpo' -> 'rloo'",
                                  "data.train_files: ['runs/demo/data/train.jsonl'] -> ['other.jsonl']"]
+
+
+def test_help_shows_list_values_and_keys_lists_aliases():
+    help_text = run_relay(["train", "--help"], COLUMNS="200").stdout
+    assert "agent.tools=[calculator]" in help_text and "--multirun" in help_text and "--check" in help_text
+    keys = run_relay(["keys", "max_prompt_length", "--aliases"])
+    assert keys.returncode == 0
+    assert "data.max_prompt_length = 512" in keys.stdout
+    assert "generation.max_prompt_length -> data.max_prompt_length" in keys.stdout
