@@ -27,6 +27,7 @@ import torch
 from actors.engines.base import Engine, SamplingSettings
 from actors.rollout import Episode, EpisodeLimits, PromptTooLong, ToolBox, run_episode
 from envs.base import Agent
+from envs.rewards import RewardError, run_reward
 from protocol import messages as m
 from protocol.transport import ActorClient, LearnerRefused
 from protocol.weights import WeightsReceiver, WeightsRejected, make_receiver
@@ -260,7 +261,7 @@ class Actor:
             for traj in await asyncio.gather(*jobs):
                 await self.client.push(traj, timeout_s=self.s.push_timeout_s)
                 self.trajectories_sent += 1
-        except PromptTooLong as e:  # bad input: tell the learner, keep serving the other groups
+        except (PromptTooLong, RewardError) as e:  # bad input or a hung reward: tell the learner, serve the other groups
             log.error("%s: cannot roll out %s: %s", self.s.actor_id, item.sample_id, e)
             await self.call(
                 m.WorkFailed(actor_id=self.s.actor_id, sample_id=item.sample_id, reason=str(e)),
@@ -288,5 +289,5 @@ class Actor:
         elif item.validation:
             sampling = dataclasses.replace(sampling, temperature=self.s.val_temperature)
         ep = await run_episode(self.engine, self.agent, self.tokenizer, self.toolbox, item.row, self.s.limits, sampling)
-        scores = await asyncio.to_thread(self.scorer, ep, item.row)
+        scores = await run_reward(self.scorer.reward_fn, lambda: self.scorer(ep, item.row), sample=f"{item.sample_id} chain {chain}")
         return to_trajectory(self.s.actor_id, item, chain, ep, scores, greedy=greedy)

@@ -60,7 +60,7 @@ def build_parts(cfg: RelayConfig, model_path: str) -> Parts:
         top_k=rollout.top_k,
         stop_token_ids=tuple(sorted(i for i in stop_ids if i is not None)),
     )
-    return Parts(tokenizer, agent, toolbox, Scorer(get_reward(cfg.agent.reward_name), tokenizer), limits, sampling)
+    return Parts(tokenizer, agent, toolbox, Scorer(get_reward(cfg.agent.reward_name, timeout_s=cfg.reward.timeout_s), tokenizer), limits, sampling)
 
 
 def _has_cuda() -> bool:

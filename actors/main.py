@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
+import signal
 import sys
 
 
@@ -15,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--learner", required=True, help="HOST:PORT of the learner's control socket")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = ap.parse_args(argv)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the launcher's stall watchdog asks for our stacks
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.actor_id} %(levelname)s %(message)s")
 
     import torch

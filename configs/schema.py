@@ -212,6 +212,12 @@ class TrainerConfig(Section):
     max_actor_restarts: int = Field(3, ge=0)
     """Times ``relay train`` / ``relay actor`` start a dead actor process again (backoff 1 s,
     doubling to 30 s) before its death fails the run; the learner requeues what it held."""
+    stall_timeout_s: float = Field(300.0, ge=0)
+    """When no step or validation round finishes for this long (start-up included), the launcher
+    dumps every process's stacks and the learner's state, names the stuck process, and applies
+    ``stall_action``; 0 disables the watchdog."""
+    stall_action: Literal["stop", "wait"] = "stop"
+    """After a stall report: ``stop`` the run (exit 1) or ``wait`` and report again."""
 
     project_name: str = "relay"
     """Project name for loggers and the run directory."""

@@ -110,10 +110,14 @@ def _resume_note(cfg: RelayConfig, run_dir: Path) -> None:
         _say(f"resume_mode=resume_path: continuing from {t.resume_from_path}")
 
 
-def _supervise(children, run_dir: Path, main: str, cfg: RelayConfig, summary_name: str) -> int:
-    from launcher.local import Supervisor
+def _supervise(children, run_dir: Path, main: str, cfg: RelayConfig, summary_name: str, watch: bool = False) -> int:
+    """Run ``children`` to the end; ``watch``: this node holds learner rank 0, whose metrics the
+    stall watchdog follows."""
+    from launcher.local import Supervisor, Watchdog
 
-    sup = Supervisor(children)
+    t = cfg.trainer
+    watchdog = Watchdog(run_dir, t.stall_timeout_s, t.stall_action) if watch and t.stall_timeout_s > 0 else None
+    sup = Supervisor(children, watchdog=watchdog)
     t0 = time.monotonic()
     status = sup.run(main=main, grace_s=cfg.transport.heartbeat_interval_s * 3 + 30)
     summary = {
@@ -149,7 +153,7 @@ def train_local(cfg: RelayConfig) -> int:
                           max_actor_restarts=cfg.trainer.max_actor_restarts)
     _say(f"run dir {run_dir}: {world} learner rank(s), {cfg.actor_rollout_ref.rollout.num_actors} actor(s), learner at 127.0.0.1:{port}")
     _resume_note(cfg, run_dir)
-    return _supervise(children, run_dir, "learner-0", cfg, "summary.json")
+    return _supervise(children, run_dir, "learner-0", cfg, "summary.json", watch=True)
 
 
 def train_sweep(cfg_for, points) -> int:
@@ -199,7 +203,7 @@ def run_learner_node(cfg: RelayConfig, node_rank: int, master_addr: str, master_
     if node_rank == 0:
         _say(f"learner rank 0 binds {cfg.transport.bind_host}:{cfg.transport.port} (actors: --learner HOST:{cfg.transport.port})")
         _resume_note(cfg, run_dir)
-    return _supervise(children, run_dir, f"learner-{first}", cfg, f"summary-learner-node{node_rank}.json")
+    return _supervise(children, run_dir, f"learner-{first}", cfg, f"summary-learner-node{node_rank}.json", watch=node_rank == 0)
 
 
 def run_actor_node(cfg: RelayConfig, learner: str, num_actors: int | None, first_index: int) -> int:

@@ -149,12 +149,138 @@ class _Terminated(Exception):
     """SIGTERM reached the supervisor."""
 
 
+class NoWatchdog:
+    """Never reports a stall (nodes without the run's metrics: actor-only nodes, other learner nodes)."""
+
+    def check(self, children: list[Child], now: float) -> str | None:
+        return None
+
+
+class Watchdog:
+    """Diagnoses a run in which nothing progresses instead of waiting it out.
+
+    Progress is the learner's ``metrics.jsonl`` growing (a step or a validation round). When it
+    has not grown for ``stall_timeout_s`` (counted from the start, so a start-up that hangs is
+    caught too): every running child is asked for the Python stacks of all its threads
+    (``SIGUSR1``, which each child's ``faulthandler`` answers in its log), the learner's last
+    ``status.json`` (actors, outstanding grants, buffered groups) is read, and a one-screen
+    summary names the processes that cannot run (stopped by a signal, zombie) or, failing that,
+    shows what each process is waiting in. The whole report goes to ``stall-report.txt`` in the
+    run dir. ``action='stop'`` then fails the run; ``'wait'`` reports again after another
+    ``stall_timeout_s``.
+    """
+
+    def __init__(self, run_dir: Path, stall_timeout_s: float, action: str = "stop", dump_wait_s: float = 2.0):
+        self.run_dir = Path(run_dir)
+        self.timeout_s = stall_timeout_s
+        self.action = action
+        self.dump_wait_s = dump_wait_s
+        self._size = -1
+        self._since = time.monotonic()
+
+    def check(self, children: list[Child], now: float) -> str | None:
+        try:
+            size = (self.run_dir / "metrics.jsonl").stat().st_size
+        except OSError:
+            size = -1
+        if size != self._size:
+            self._size, self._since = size, now
+            return None
+        if now - self._since < self.timeout_s:
+            return None
+        report = self.report(children, now - self._since)
+        self._since = now
+        print(f"\n{report}", file=sys.stderr)
+        return report if self.action == "stop" else None
+
+    def report(self, children: list[Child], idle_s: float) -> str:
+        states, offsets = {}, {}
+        for c in children:
+            states[c.name] = _state(c)
+            try:
+                offsets[c.name] = c.log_path.stat().st_size
+            except OSError:
+                offsets[c.name] = 0
+            if states[c.name] in ("running", "sleeping", "disk-sleep") and c.proc and c.proc.poll() is None:
+                try:
+                    os.kill(c.proc.pid, signal.SIGUSR1)
+                except ProcessLookupError:
+                    pass
+        time.sleep(self.dump_wait_s)
+        stacks = {c.name: _read_from(c.log_path, offsets[c.name]) for c in children}
+        try:
+            status = (self.run_dir / "status.json").read_text()
+        except OSError:
+            status = "(the learner wrote no status.json)"
+        stuck = [n for n, st in states.items() if st in ("stopped", "tracing-stop", "zombie", "dead")]
+        lines = [f"[relay] STALL: no step or validation finished for {idle_s:.0f}s (trainer.stall_timeout_s={self.timeout_s:g})"]
+        if stuck:
+            lines.append(f"[relay] stuck: {', '.join(f'{n} ({states[n]}: it cannot run, so everyone waiting on it waits)' for n in stuck)}")
+        else:
+            lines.append("[relay] no process is stopped; what each one is doing (innermost frame of each thread) follows")
+        for c in children:
+            pid = c.proc.pid if c.proc else "?"
+            lines.append(f"  {c.name:<10} pid {pid:<7} {states[c.name]:<12} {_top_frames(stacks[c.name])}")
+        lines.append(f"[relay] learner status: {_status_line(status)}")
+        full = "\n".join(lines + ["", "== status.json", status] + [f"== {n} (stack dump)\n{stacks[n] or '(none)'}" for n in stacks])
+        path = self.run_dir / "stall-report.txt"
+        try:
+            path.write_text(full)
+            lines.append(f"[relay] full report with every stack: {path}")
+        except OSError:
+            pass
+        return "\n".join(lines)
+
+
+def _state(c: Child) -> str:
+    if c.proc is None or c.proc.poll() is not None:
+        return "exited"
+    try:
+        return psutil.Process(c.proc.pid).status()
+    except psutil.Error:
+        return "exited"
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            text = f.read(200_000).decode(errors="replace")
+    except OSError:
+        return ""
+    starts = [i for i in (text.find("Thread 0x"), text.find("Current thread 0x")) if i >= 0]
+    return text[min(starts):] if starts else ""
+
+
+def _top_frames(dump: str, n: int = 2) -> str:
+    """The innermost frame of the first ``n`` threads of a faulthandler dump, one line."""
+    tops, lines = [], dump.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(("Thread 0x", "Current thread 0x")) and i + 1 < len(lines):
+            tops.append(lines[i + 1].strip().replace('File "', "").replace('", line ', ":"))
+    return " | ".join(tops[:n]) if tops else "(no stack: it did not answer)"
+
+
+def _status_line(status: str) -> str:
+    import json
+
+    try:
+        s = json.loads(status)
+    except ValueError:
+        return status[:200]
+    actors = ", ".join(f"{a} v{i['version']} holds {i['outstanding']} silent {i['silent_s']}s" for a, i in s["actors"].items())
+    return (f"v{s['version']}, {s['buffered_groups']}/{s['batch_groups']} groups buffered, {s['outstanding_groups']} in flight; "
+            f"actors: {actors or 'none'}; dead: {s['dead_actors'] or 'none'}; "
+            f"{time.time() - s['wall_time']:.0f}s old")
+
+
 class Supervisor:
     """Starts children, watches them, and stops them all on the first failure."""
 
-    def __init__(self, children: list[Child], poll_s: float = 0.5):
+    def __init__(self, children: list[Child], poll_s: float = 0.5, watchdog: "Watchdog | NoWatchdog | None" = None):
         self.children = children
         self.poll_s = poll_s
+        self.watchdog = watchdog or NoWatchdog()
         self.peak_rss = 0
         self.failure: str | None = None
         self.restarts: list[tuple[str, str]] = []
@@ -222,6 +348,11 @@ class Supervisor:
                             main_done_at = time.monotonic()
                 if running == 0:
                     return 0
+                if main_done_at is None and (stall := self.watchdog.check(self.children, time.monotonic())):
+                    self.failure = stall
+                    print("[relay] stopping every process (trainer.stall_action=wait keeps them running)", file=sys.stderr)
+                    self.stop_all()
+                    return 1
                 if main_done_at is not None and time.monotonic() - main_done_at > grace_s:
                     left = [c.name for c in self.children if c.proc.poll() is None]
                     print(f"[relay] {main} finished; {left} still running after {grace_s:.0f}s: terminating them", file=sys.stderr)

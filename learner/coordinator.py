@@ -115,8 +115,15 @@ class Coordinator:
         consumed: int = 0,
         min_actors: int = 1,
         vocab_size: int | None = None,
+        status_path=None,
+        status_every_s: float = 2.0,
     ):
         self.stream = stream
+        self.status_path = status_path
+        """Where ``on_tick`` writes ``status()`` as JSON every ``status_every_s`` (the launcher's
+        stall watchdog reads it); None writes nothing."""
+        self.status_every_s = status_every_s
+        self._status_at = 0.0
         self.vocab_size = vocab_size
         self.min_actors = min_actors
         self.started = False
@@ -280,6 +287,9 @@ class Coordinator:
                 self.lock.notify_all()
 
     def on_tick(self, now: float) -> None:
+        if self.status_path is not None and now - self._status_at >= self.status_every_s:
+            self._status_at = now
+            self._write_status()
         with self.lock:
             for info in list(self.actors.values()):
                 if now - info.last_seen > self.peer_timeout_s:
@@ -296,6 +306,40 @@ class Coordinator:
         del self.actors[info.actor_id]
         self.stopped.discard(info.actor_id)
         self.lock.notify_all()
+
+    def status(self) -> dict:
+        """What the learner is waiting for, in a form a person can read (JSON-able)."""
+        now = time.monotonic()
+        with self.lock:
+            return {
+                "wall_time": time.time(),
+                "version": self.version,
+                "consumed_groups": self.consumed,
+                "buffered_groups": len(self.complete),
+                "outstanding_groups": len(self.outstanding),
+                "partial_groups": {sid: len(g) for sid, g in list(self.partial.items())[:20]},
+                "batch_groups": self.batch_groups,
+                "actors": {
+                    a.actor_id: {"version": a.version, "outstanding": len(a.outstanding), "silent_s": round(now - a.last_seen, 1), "pid": a.pid, "host": a.host}
+                    for a in self.actors.values()
+                },
+                "dead_actors": list(self.dead_actors),
+                "validation": {"version": self.val_version, "pending": len(self.val_pending), "outstanding": len(self.val_outstanding),
+                               "done": len(self.val_results), "of": len(self.val_items)},
+                "stop": self.stop,
+            }
+
+    def _write_status(self) -> None:
+        import json
+        from pathlib import Path
+
+        path = Path(self.status_path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(json.dumps(self.status(), indent=1))
+            tmp.replace(path)
+        except OSError as e:
+            log.warning("could not write %s: %s", path, e)
 
     def _requeue(self, sample_ids) -> None:
         for sid in sorted(sample_ids):

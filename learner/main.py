@@ -7,8 +7,10 @@ environment variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
+import signal
 import sys
 
 
@@ -17,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="resolved config YAML written by the launcher")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = ap.parse_args(argv)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the launcher's stall watchdog asks for our stacks
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s learner-{rank} %(levelname)s %(message)s")
 

@@ -156,6 +156,7 @@ class Trainer:
                 greedy_baseline=algos.needs_greedy_baseline(cfg.algorithm.adv_estimator),
                 min_actors=cfg.transport.min_actors,
                 vocab_size=self.model.get_input_embeddings().num_embeddings,
+                status_path=self.run_dir / "status.json",
             )
             self.checkpoints.restore_coordinator(self.coordinator)  # before any actor can be granted work
             self.server = LearnerServer(

@@ -178,3 +178,39 @@ def test_a_killed_actor_is_restarted_and_the_run_completes(tmp_path, tiny_model_
     assert summary["restarts"] == [{"child": "actor-1", "cause": "killed by SIGKILL"}]
     assert summary["exit_codes"]["actor-1"] == 0
     check_ledger(run, 6)
+
+
+def learner_process(proc, rank):
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if "learner.main" in " ".join(p.cmdline()) and p.environ().get("RANK") == str(rank):
+                return p
+        except psutil.Error:
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_a_stalled_learner_rank_is_named_by_the_watchdog_with_the_stacks_of_the_others(tmp_path, tiny_model_dir):
+    stall_s = 45  # start-up counts too: it must fit in this
+    proc, run, _ = start_train(tmp_path, tiny_model_dir, 400, f"trainer.stall_timeout_s={stall_s}")
+    try:
+        wait_for(lambda: len(steps_done(run)) >= 1, 300, "the first step")
+        victim = learner_process(proc, 1)
+        victim.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=300)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err[-3000:]
+    assert "STALL: no step or validation finished" in err
+    assert "stuck: learner-1 (stopped" in err
+    report = (run / "stall-report.txt").read_text()
+    learner0 = report.split("== learner-0 (stack dump)")[1].split("\n== ")[0]
+    assert "File " in learner0 and "trainer.py" in learner0  # rank 0's stack: where it waits for rank 1
+    assert '"actors"' in report  # the coordinator's state
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["failure"].startswith("[relay] STALL")
+    print(f"RESULT chaos_stall stall_timeout_s={stall_s} reported_and_stopped_after_s={elapsed:.1f}")
