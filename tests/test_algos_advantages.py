@@ -16,6 +16,7 @@ from learner.algos.advantages import (
     gae,
     get_advantage_estimator,
     grpo,
+    grpo_passk,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -23,6 +24,7 @@ from learner.algos.advantages import (
     needs_greedy_baseline,
     reinforce_plus_plus,
     reinforce_plus_plus_baseline,
+    opo,
     remax,
     rloo,
 )
@@ -186,6 +188,31 @@ def test_remax_subtracts_greedy_baseline():
     torch.testing.assert_close(ret, T([1.0, 0.0, 0.5, 1.0, 0.0]).unsqueeze(-1) * G_MASK)
 
 
+def test_opo_subtracts_the_length_weighted_group_mean():
+    # group 7: scores [1, 0, .5] over 2, 3, 2 tokens: baseline (2 + 0 + 1) / 7 = 3/7
+    # group 3: scores [1, 0] over 4, 1 tokens: baseline 4 / 5
+    adv, ret = opo(AdvantageInputs(G_REWARDS, G_MASK, G_INDEX), AdvantageConfig())
+    torch.testing.assert_close(per_traj(adv), T([4 / 7, -3 / 7, 0.5 - 3 / 7, 0.2, -0.8]))
+    assert torch.equal(adv, ret) and (adv[G_MASK == 0] == 0).all()
+    # a group of one: baseline 0 (verl)
+    one, _ = opo(AdvantageInputs(G_REWARDS[:1], G_MASK[:1], T([0])), AdvantageConfig())
+    torch.testing.assert_close(per_traj_rows(one, G_MASK[:1]), T([1.0]))
+
+
+def test_grpo_passk_credits_only_the_best_episode():
+    # group 7: [1, 0, .5] -> row 0: (1 - .5) / (std .5 + eps); group 3: [1, 0] -> row 3: 1 / (std .7071 + eps)
+    adv, _ = grpo_passk(AdvantageInputs(G_REWARDS, G_MASK, G_INDEX), AdvantageConfig())
+    torch.testing.assert_close(per_traj(adv), T([0.5 / (0.5 + 1e-6), 0.0, 0.0, 1 / (0.5**0.5 + 1e-6), 0.0]))
+    plain, _ = grpo_passk(AdvantageInputs(G_REWARDS, G_MASK, G_INDEX), AdvantageConfig(norm_adv_by_std_in_grpo=False))
+    torch.testing.assert_close(per_traj(plain), T([0.5, 0.0, 0.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match=">= 2 episodes"):
+        grpo_passk(AdvantageInputs(G_REWARDS[:1], G_MASK[:1], T([0])), AdvantageConfig())
+
+
+def per_traj_rows(adv, mask):
+    return (adv * mask).sum(-1) / mask.sum(-1)
+
+
 # --------------------------------------------------------------------------
 # registry and validation
 
@@ -198,6 +225,8 @@ def test_registry_names_and_flags():
         "reinforce_plus_plus",
         "reinforce_plus_plus_baseline",
         "remax",
+        "opo",
+        "grpo_passk",
     }
     assert get_advantage_estimator("grpo") is grpo
     assert [n for n in ADVANTAGE_ESTIMATORS if needs_critic(n)] == ["gae"]
@@ -254,7 +283,7 @@ def grouped_batches(draw):
     )
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50, deadline=None, derandomize=True)
 @given(grouped_batches(), st.booleans())
 def test_grpo_advantages_sum_to_zero_per_group(batch, norm_by_std):
     rewards, mask, index = batch
@@ -264,7 +293,7 @@ def test_grpo_advantages_sum_to_zero_per_group(batch, norm_by_std):
         assert abs(per_row[index == g].sum().item()) < 1e-3
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50, deadline=None, derandomize=True)
 @given(grouped_batches())
 def test_rloo_matches_definition(batch):
     rewards, mask, index = batch
@@ -277,7 +306,7 @@ def test_rloo_matches_definition(batch):
             assert adv[i, t].item() == pytest.approx(expected * mask[i, t].item(), abs=1e-4)
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50, deadline=None, derandomize=True)
 @given(grouped_batches(), st.data())
 def test_gae_gamma_lam_one_is_returns_minus_values(batch, data):
     rewards, mask, _ = batch
@@ -294,7 +323,7 @@ def test_gae_gamma_lam_one_is_returns_minus_values(batch, data):
                 assert adv[b, t] == 0 and ret[b, t] == 0
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50, deadline=None, derandomize=True)
 @given(grouped_batches(), st.floats(0, 1), st.floats(0, 1))
 def test_gae_equals_gae_on_compressed_action_sequence(batch, gamma, lam):
     """Skipping observation tokens = running plain GAE on the action tokens alone."""
@@ -312,7 +341,7 @@ def test_gae_equals_gae_on_compressed_action_sequence(batch, gamma, lam):
         torch.testing.assert_close(adv[b, keep], T(expected), atol=1e-4, rtol=1e-4)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(grouped_batches())
 def test_every_estimator_is_zero_outside_mask(batch):
     rewards, mask, index = batch
@@ -321,7 +350,10 @@ def test_every_estimator_is_zero_outside_mask(batch):
     inputs = AdvantageInputs(
         rewards, mask, index, values=torch.ones_like(rewards), baseline_rewards=torch.zeros(rewards.shape[0])
     )
+    smallest_group = int(torch.unique(index, return_counts=True)[1].min())
     for name, fn in ADVANTAGE_ESTIMATORS.items():
+        if name == "grpo_passk" and smallest_group < 2:  # refuses groups of one (tested above)
+            continue
         adv, ret = fn(inputs, AdvantageConfig(gamma=0.9, lam=0.95))
         assert adv.shape == ret.shape == rewards.shape, name
         assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all(), name

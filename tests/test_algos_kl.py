@@ -173,7 +173,16 @@ def test_full_kl_is_non_negative(data, rows, vocab):
 
 
 def test_registry_covers_all_kinds():
-    assert set(KL_PENALTIES) == {"kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"}  # + "full" via full_kl
+    assert set(KL_PENALTIES) == {"kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "k1+", "k3+"}  # + "full"
+
+
+@pytest.mark.parametrize("kind, base", [("k1+", "k1"), ("k3+", "k3")])
+def test_straight_through_kinds_have_the_value_of_the_base_and_the_gradient_of_k2(kind, base):
+    logprob = LOGPROB.clone().requires_grad_()
+    value = kl_penalty(logprob, REF, kind)
+    torch.testing.assert_close(value, kl_penalty(LOGPROB, REF, base))
+    (grad,) = torch.autograd.grad(value.sum(), logprob)
+    torch.testing.assert_close(grad, LOGPROB - REF)  # d of d^2 / 2 is d = [.5, -1, 0]
 
 
 def test_apply_kl_in_reward_ignores_nan_outside_mask():

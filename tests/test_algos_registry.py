@@ -16,13 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_every_choice_has_an_implementation():
-    from learner.algos import advantages, kl, losses
+    from learner.algos import advantages, episodes, kl, losses
 
     assert list(advantages.ADVANTAGE_ESTIMATORS) == list(registry.ESTIMATORS.names())
     assert list(losses.POLICY_LOSSES) == list(registry.POLICY_LOSSES.names())
     assert list(losses.OFF_POLICY_CORRECTIONS) == list(registry.OFF_POLICY_CORRECTIONS.names())
     assert list(losses.LOSS_AGG_MODES) == list(registry.LOSS_AGG_MODES.names())
     assert set(kl.KL_PENALTIES) | {"full"} == set(registry.KL_ESTIMATORS.names())
+    assert list(episodes.SAMPLE_FILTERS) == list(registry.SAMPLE_FILTERS.names())
     for reg in registry.REGISTRIES:
         assert reg.implementations()
 

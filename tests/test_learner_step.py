@@ -9,7 +9,9 @@ import torch
 from tests.learner_support import changed, learner_config, make_trajs, state, trainer_world_1
 
 
-@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "remax", "gae"])
+@pytest.mark.parametrize(
+    "estimator", ["grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "remax", "gae", "opo", "grpo_passk"]
+)
 def test_each_estimator_trains_through_train_step(tmp_path, tiny_model_dir, estimator):
     cfg = learner_config(tiny_model_dir, tmp_path, f"algorithm.adv_estimator={estimator}")
     with trainer_world_1(cfg) as trainer:

@@ -309,6 +309,42 @@ def rloo(inputs: AdvantageInputs, cfg: AdvantageConfig) -> tuple[Tensor, Tensor]
 
 
 @torch.no_grad()
+def opo(inputs: AdvantageInputs, cfg: AdvantageConfig) -> tuple[Tensor, Tensor]:
+    """OPO's optimal baseline: A_i = score_i - sum_j n_j score_j / sum_j n_j over the group, n_j
+    the sampled tokens of episode j (a length-weighted mean; a group of one gets baseline 0, as
+    verl). Broadcast over action tokens; returns == advantages."""
+    rewards, mask = _rewards_and_mask(inputs)
+    scores, lengths = rewards.sum(-1), mask.sum(-1)
+    _, inverse, counts = torch.unique(inputs.group_index, return_inverse=True, return_counts=True)
+    weighted = torch.zeros(len(counts), dtype=scores.dtype).index_add_(0, inverse, scores * lengths)
+    total = torch.zeros(len(counts), dtype=scores.dtype).index_add_(0, inverse, lengths)
+    baseline = torch.where(counts > 1, weighted / total.clamp(min=1), 0.0)[inverse]
+    adv = _broadcast(scores - baseline, mask)
+    return adv, adv
+
+
+@torch.no_grad()
+def grpo_passk(inputs: AdvantageInputs, cfg: AdvantageConfig) -> tuple[Tensor, Tensor]:
+    """Pass@k advantage (verl's ``grpo_passk``): in each group only the best episode gets an
+    advantage, score_max - second-best score (divided by the group's unbiased std + eps when
+    cfg.norm_adv_by_std_in_grpo); the others get 0. Groups need >= 2 episodes."""
+    rewards, mask = _rewards_and_mask(inputs)
+    scores = rewards.sum(-1)
+    adv = torch.zeros_like(scores)
+    for g in torch.unique(inputs.group_index):
+        rows = torch.nonzero(inputs.group_index == g).squeeze(-1)
+        if len(rows) < 2:
+            raise ValueError(f"grpo_passk needs groups of >= 2 episodes; group {int(g)} has {len(rows)}")
+        top, where = torch.topk(scores[rows], 2)
+        value = top[0] - top[1]
+        if cfg.norm_adv_by_std_in_grpo:
+            value = value / (scores[rows].std() + cfg.eps)
+        adv[rows[where[0]]] = value
+    adv = _broadcast(adv, mask)
+    return adv, adv
+
+
+@torch.no_grad()
 def reinforce_plus_plus(inputs: AdvantageInputs, cfg: AdvantageConfig) -> tuple[Tensor, Tensor]:
     """REINFORCE++: token-level discounted returns over action tokens
     (`discounted_returns` with cfg.gamma), whitened over all masked tokens of
@@ -361,6 +397,8 @@ for _name, _fn in [
     ("reinforce_plus_plus", reinforce_plus_plus),
     ("reinforce_plus_plus_baseline", reinforce_plus_plus_baseline),
     ("remax", remax),
+    ("opo", opo),
+    ("grpo_passk", grpo_passk),
 ]:
     registry.ESTIMATORS.bind(_fn, _name)
 

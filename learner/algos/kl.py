@@ -7,6 +7,7 @@ tokens (Schulman, "Approximating KL divergence", 2020), with d = logprob - ref_l
     abs               |d|                            >= 0
     mse (k2)          0.5 * d^2                      >= 0
     low_var_kl (k3)   exp(-d) + d - 1, clamped to [-10, 10]  (as verl)   >= 0
+    k1+, k3+          the value of k1 / k3 with the gradient of k2 (straight-through, verl)
 
 `full` is the exact KL over the vocabulary and needs logits, not log-probs:
 use `full_kl(logits, ref_logits)`.
@@ -41,7 +42,21 @@ def _k3(logprob: Tensor, ref_logprob: Tensor) -> Tensor:
     return (torch.exp(log_ratio) - log_ratio - 1.0).clamp(-10.0, 10.0)
 
 
-for _names, _fn in [(("kl", "k1"), _k1), (("abs",), _abs), (("mse", "k2"), _k2), (("low_var_kl", "k3"), _k3)]:
+def _straight_through(estimator: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    """The value of ``estimator`` with the gradient of k2 (d, an unbiased KL gradient on
+    on-policy samples): verl's ``+`` estimators."""
+
+    def fn(logprob: Tensor, ref_logprob: Tensor) -> Tensor:
+        k2 = _k2(logprob, ref_logprob)
+        return k2 - k2.detach() + estimator(logprob, ref_logprob).detach()
+
+    return fn
+
+
+for _names, _fn in [
+    (("kl", "k1"), _k1), (("abs",), _abs), (("mse", "k2"), _k2), (("low_var_kl", "k3"), _k3),
+    (("k1+",), _straight_through(_k1)), (("k3+",), _straight_through(_k3)),
+]:
     registry.KL_ESTIMATORS.bind(_fn, *_names)
 registry.KL_ESTIMATORS.bind(None, "full")  # needs logits: `full_kl`
 

@@ -149,6 +149,10 @@ ESTIMATORS = Registry("advantage estimator", "algorithm.adv_estimator", [
     Choice("reinforce_plus_plus_baseline", "score - group mean, whitened over the batch", "Hu 2025; verl"),
     Choice("remax", "score - reward of the prompt's greedy rollout", "Li et al. 2023 (ReMax); verl",
            needs_greedy_baseline=True),
+    Choice("opo", "score - length-weighted group mean sum_j n_j score_j / sum_j n_j (n_j sampled tokens)",
+           "Hao et al. 2025 (OPO, optimal reward baseline); verl `compute_opo_outcome_advantage`", min_group_size=2),
+    Choice("grpo_passk", "best episode of the group: (best - second-best score) / (group std + eps); others 0",
+           "verl `compute_grpo_passk_outcome_advantage` (pass@k training)", min_group_size=2),
 ])
 
 POLICY_LOSSES = Registry("policy loss", "actor_rollout_ref.actor.loss_mode", [
@@ -187,6 +191,8 @@ KL_ESTIMATORS = Registry("KL estimator", "actor_rollout_ref.actor.kl_loss_type /
     Choice("k2", "d^2 / 2 (alias of `mse`)", _KL_SOURCE),
     Choice("low_var_kl", "exp(-d) + d - 1, clamped to [-10, 10]", _KL_SOURCE),
     Choice("k3", "alias of `low_var_kl`", _KL_SOURCE),
+    Choice("k1+", "value d, gradient d (that of d^2 / 2): straight-through", "verl `kl_penalty` (`+` suffix)"),
+    Choice("k3+", "value of `k3`, gradient d (that of d^2 / 2): straight-through", "verl `kl_penalty` (`+` suffix)"),
     Choice("full", "sum_v pi(v) (log pi(v) - log ref(v)) over the vocabulary", "exact; verl", needs_logits=True),
 ])
 
