@@ -1,29 +1,45 @@
-"""Weight-update latency of each transport vs a raw ZeroMQ transfer of the same bytes.
+"""Weight sync at the scale users train: learner step end -> every actor serving, vs raw ZeroMQ.
 
-    python bench/bench_weights.py [--models tiny,qwen] [--transports zmq,filesystem,nccl] [--reps 5]
+    python bench/bench_weights.py [--models qwen0.5b,qwen1.5b] [--transports zmq,filesystem,nccl]
+                                  [--actors 2] [--reps 3] [--bucket-mb 256] [--publish-only]
 
-Two processes on this machine: this one plays learner rank 0 (a ``LearnerServer``
-with a stand-in coordinator, and one publisher per transport from
-``protocol.weights.make_publisher``); a spawned one plays the actor (an
-``ActorClient``, one receiver per transport from ``make_receiver``, and a real
-``actors.engines.hf_engine.HFEngine``). Per measurement the learner
+Processes on this machine: **2 learner ranks** (gloo, FSDP2, fp32 master weights,
+random init straight into the shards) and ``--actors`` actor processes (each an
+``ActorClient``, one receiver per transport from ``make_receiver`` and a real
+``HFEngine`` serving bf16). Rank 0 hosts the ``LearnerServer`` (a stand-in
+coordinator) and one publisher per transport. Per measurement:
 
-1. ``publish(v, arrays)`` (zmq: chunk + crc32; filesystem: write + rename;
-   nccl: hand to the broadcast thread; here the backend is gloo on CPU),
-2. tells the actor ``v`` exists (a side-channel message standing in for
-   ``WorkGrant.learner_version``),
-3. stops the clock when the actor reports it serves ``v``: the actor ran
-   ``fetch(have_version)`` then ``engine.load_weights`` (exactly
-   ``Actor.sync_weights``).
+1. both ranks update every parameter shard in place (standing in for the
+   optimizer step; the clock starts when it ends, after a barrier);
+2. ``Trainer.publish``'s path: ``stream_full_tensors(model, bf16)`` on both
+   ranks into ``publisher.publish(v, stream)`` on rank 0 (buckets of
+   ``--bucket-mb``);
+3. rank 0 tells each actor ``v`` exists (a side-channel message standing in for
+   ``WorkGrant.learner_version``); each runs ``fetch`` + ``engine.load_weights``
+   on the stream (exactly ``Actor.sync_weights``); the clock stops when the last
+   actor reports it serves ``v``.
 
-The baseline, in the same run and between the same two processes: one PUSH of
-a multipart message holding the same tensor buffers (zero-copy send) to a PULL
-that receives all frames and acks. ``ratio`` is transport / raw (median of
-``--reps``, after one warm-up each). One line per result.
+Baseline, in the same run and between the same processes: rank 0 sends the
+same bf16 tensors (gathered beforehand, not timed) as one zero-copy multipart
+ZeroMQ message to each actor's PULL, which acks once it holds every byte.
+``ratio`` = transport / raw (medians over ``--reps``, after one warm-up that
+also allocates the engines' standby copies).
 
-Models: ``tiny`` (``launcher.tiny_model``) and ``qwen`` (random-init Qwen2,
-hidden 1024, 8 layers, vocab 32000, tied embeddings: ~416 MB fp32; built once
-into ``--cache``).
+Memory: peak RSS growth (``VmHWM`` after ``/proc/self/clear_refs`` reset,
+minus ``VmRSS`` before) of rank 0 during step 2 and of each actor during step 3,
+with ``MALLOC_MMAP_THRESHOLD_=1048576`` so freed buffers leave the process (else
+glibc reuses them and growth reads low).
+``rank0_held_mb`` is what rank 0 keeps after ``publish`` returned (zmq: the
+served buckets; nccl: the tensors until the broadcast thread sent them).
+``--publish-only`` runs no actors (steps 1-2 only: for models whose actors do
+not fit in memory next to the learner).
+
+One human line and one ``RESULT weights key=value ...`` line per figure.
+Models (random init, Qwen2 architecture, tied embeddings, vocab 151936):
+``qwen0.5b`` (24 layers, hidden 896, 14/2 heads, intermediate 4864) and
+``qwen1.5b`` (28 layers, hidden 1536, 12/2 heads, intermediate 8960); ``tiny``
+is the embedded demo model. Actor model directories are built once into
+``--cache`` (bf16 safetensors).
 """
 
 from __future__ import annotations
@@ -39,42 +55,81 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("RELAY_SECRET", os.urandom(32).hex())  # server, clients and actor processes here share one run secret
+# Allocations of 1 MiB or more are mmap'd and returned to the OS when freed (glibc's dynamic threshold
+# would otherwise keep freed weight buffers in the heap): RSS then shows what each process really holds.
+# Set before the learner ranks and actors are spawned (they inherit it).
+os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
 
 import msgspec  # noqa: E402
-import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
-QWEN = dict(
-    vocab_size=32000, hidden_size=1024, intermediate_size=2048, num_hidden_layers=8,
-    num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=True,
-)
+SHAPES = {
+    "qwen0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2),
+    "qwen1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2),
+}
+COMMON = dict(vocab_size=151936, max_position_embeddings=2048, tie_word_embeddings=True)
 
 
-def build_model(name: str, cache: Path) -> Path:
+def model_config(name: str):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(**COMMON, **SHAPES[name])
+
+
+def build_model_dir(name: str, cache: Path) -> Path:
+    """An HF directory of the model in bf16 (random init), built once."""
     if name == "tiny":
         from launcher.tiny_model import build_tiny_model
 
         return build_tiny_model(cache / "tiny")
-    out = cache / "qwen-1024x8"
+    out = cache / f"{name}-bf16"
     if not (out / "config.json").exists():
         import torch
-        from transformers import Qwen2Config, Qwen2ForCausalLM
+        from transformers import Qwen2ForCausalLM
 
         torch.manual_seed(0)
-        Qwen2ForCausalLM(Qwen2Config(**QWEN)).save_pretrained(out)
+        model = Qwen2ForCausalLM._from_config(model_config(name), dtype=torch.bfloat16)
+        model.save_pretrained(out)
+        del model
     return out
+
+
+# ----------------------------------------------------------------- memory
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def reset_peak() -> float:
+    """Reset this process's peak RSS to its current RSS; return the current RSS (MB)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_mb()
+
+
+def peak_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+# ----------------------------------------------------------------- actor
 
 
 class StandIn:
     """The coordinator reduced to what a weight channel needs."""
 
-    def __init__(self):
+    def on_request(self, peer, msg):
         from protocol import messages as m
 
-        self.m = m
-
-    def on_request(self, peer, msg):
-        m = self.m
         if isinstance(msg, m.Register):
             return m.Welcome(actor_id=msg.actor_id, learner_version=0, max_staleness=1)
         if isinstance(msg, m.WeightsRequest):
@@ -88,18 +143,18 @@ class StandIn:
         pass
 
 
-def actor_main(model_dir: str, port: int, side_port: int, raw_port: int, weights_dir: str, kinds: list[str], threads: int) -> None:
+def actor_main(index: int, model_dir: str, port: int, side_port: int, raw_port: int, weights_dir: str, kinds: list[str]) -> None:
     import torch
 
-    torch.set_num_threads(threads)  # as actors/main.py --threads
-
+    torch.set_num_threads(1)  # as actors/main.py
     from actors.actor import as_tensor
     from actors.engines.hf_engine import HFEngine
     from protocol import messages as m
     from protocol.transport import ActorClient
     from protocol.weights import make_receiver
 
-    engine = HFEngine(model_dir)
+    actor_id = f"actor-{index}"
+    engine = HFEngine(model_dir, dtype=torch.bfloat16)
     client = ActorClient("127.0.0.1", port)
     ctx = zmq.Context()
     side = ctx.socket(zmq.PAIR)
@@ -109,35 +164,32 @@ def actor_main(model_dir: str, port: int, side_port: int, raw_port: int, weights
     pull.connect(f"tcp://127.0.0.1:{raw_port}")
 
     async def go():
-        welcome = await client.call(m.Register(actor_id="actor-0", host="localhost", pid=os.getpid(), engine="HFEngine"), timeout_s=120)
-        receivers = {
-            k: make_receiver(k, welcome, client=client, actor_id="actor-0", weights_dir=weights_dir, timeout_s=300) for k in kinds
-        }
-        side.send(msgspec.msgpack.encode(["ready", torch.get_num_threads()]))
+        welcome = await client.call(m.Register(actor_id=actor_id, host="localhost", pid=os.getpid(), engine="HFEngine"), timeout_s=300)
+        receivers = {k: make_receiver(k, welcome, client=client, actor_id=actor_id, weights_dir=weights_dir, timeout_s=600) for k in kinds}
+        side.send(msgspec.msgpack.encode(["ready", rss_mb()]))
         while True:
-            if not side.poll(600_000):
-                raise TimeoutError("no command from the bench learner within 600s")
+            if not side.poll(1_800_000):
+                raise TimeoutError(f"{actor_id}: no command from the bench learner within 1800s")
             cmd = msgspec.msgpack.decode(side.recv())
             if cmd[0] == "stop":
                 return
+            before = reset_peak()
             if cmd[0] == "raw":
-                if not pull.poll(300_000):
-                    raise TimeoutError("no raw multipart message within 300s")
+                if not pull.poll(600_000):
+                    raise TimeoutError(f"{actor_id}: no raw multipart message within 600s")
                 frames = pull.recv_multipart(copy=False)
-                side.send(msgspec.msgpack.encode(["done", sum(f.buffer.nbytes for f in frames), 0.0, 0.0]))
+                n = sum(f.buffer.nbytes for f in frames)
+                side.send(msgspec.msgpack.encode(["done", n, peak_mb() - before]))
                 del frames  # after the reply, as for the transports
                 continue
-            kind = cmd[1]
-            t0 = time.perf_counter()
-            got = await receivers[kind].fetch(engine.version, timeout_s=300)
+            got = await receivers[cmd[1]].fetch(engine.version, timeout_s=600)
             if got is None:
-                raise RuntimeError(f"{kind}: nothing newer than v{engine.version}")
-            version, arrays = got
-            t1 = time.perf_counter()
-            engine.load_weights([(n, as_tensor(a)) for n, a in arrays], version, receivers[kind].private_buffers)
-            t2 = time.perf_counter()
-            side.send(msgspec.msgpack.encode(["done", engine.version, t1 - t0, t2 - t1]))
-            del got, arrays  # after the reply: freeing the received buffers is not part of the update
+                raise RuntimeError(f"{actor_id} {cmd[1]}: nothing newer than v{engine.version}")
+            version, stream = got
+            named = ((n, as_tensor(a)) for n, a in stream)
+            await asyncio.to_thread(engine.load_weights, named, version, receivers[cmd[1]].private_buffers)
+            side.send(msgspec.msgpack.encode(["done", engine.version, peak_mb() - before]))
+            del got, stream, named
 
     try:
         asyncio.run(go())
@@ -148,116 +200,251 @@ def actor_main(model_dir: str, port: int, side_port: int, raw_port: int, weights
         ctx.term()
 
 
-def state_arrays(model_dir: Path) -> list[tuple[str, np.ndarray]]:
-    import torch
-    from transformers import AutoModelForCausalLM
+# ----------------------------------------------------------------- learner ranks
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return [(k, v.detach().numpy()) for k, v in model.state_dict().items()]
+
+def shard_random_model(name: str, model_dir: str):
+    """The policy as FSDP2 shards, fp32, random init written straight into the shards (a 1.5B model
+    is never materialised whole on one rank)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from learner.model import fsdp_shard
+
+    config = model_config(name) if name in SHAPES else AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = fsdp_shard(model, torch.device("meta"))
+    model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(1234 + torch.distributed.get_rank())
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            local = p.to_local()
+            if pname.endswith("norm.weight"):
+                local.fill_(1.0)
+            elif pname.endswith(".bias"):
+                local.zero_()
+            else:
+                local.normal_(0.0, 0.02, generator=gen)
+    return model
+
+
+def step(model) -> None:
+    """Stand-in for the optimizer step: every shard changes in place."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.to_local().add_(1e-3)
+
+
+def rank_main(rank: int, args, model_dir: str, ports: dict, results_path: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(ports["master"])})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    from learner.model import drain, stream_full_tensors
+
+    model = shard_random_model(args.model, model_dir)
+    plan = [kind for _ in range(args.reps + 1) for kind in (["raw"] if not args.publish_only else []) + args.transports]
+    bench = Rank0(args, model_dir, ports) if rank == 0 else None
+    try:
+        version = 0
+        for job in plan:
+            step(model)
+            dist.barrier()
+            if job == "raw":
+                named = stream_full_tensors(model, torch.bfloat16)
+                if rank == 0:
+                    bench.raw(list(named))
+                else:
+                    drain(named)
+                continue
+            version += 1
+            if rank == 0:
+                bench.publish(job, version, stream_full_tensors(model, torch.bfloat16))
+            else:
+                drain(stream_full_tensors(model, torch.bfloat16))
+        dist.barrier()
+        if rank == 0:
+            torch.save(bench.results, results_path)
+    finally:
+        if bench is not None:
+            bench.close()
+        dist.destroy_process_group()
+
+
+class Rank0:
+    """Rank 0's part of the bench: the server, the publishers, the actors and the clocks."""
+
+    def __init__(self, args, model_dir: str, ports: dict):
+        from protocol.transport import LearnerServer
+        from protocol.weights import make_publisher
+
+        self.args = args
+        self.weights_dir = Path(tempfile.mkdtemp(prefix="relay-bench-weights-", dir=args.weights_dir))
+        self.server = LearnerServer(StandIn(), "127.0.0.1", ports["learner"])
+        n = max(1, args.actors)
+        self.pubs = {
+            k: make_publisher(k, server=self.server, bucket_bytes=args.bucket_mb << 20, weights_dir=self.weights_dir,
+                              host="127.0.0.1", n_actors=n, backend="gloo", timeout_s=600)
+            for k in args.transports
+        }
+        self.results: dict[str, list[dict]] = {}
+        self.ctx = zmq.Context()
+        self.sides, self.pushes, self.procs = [], [], []
+        if args.publish_only:
+            return
+        spawn = mp.get_context("spawn")
+        for i in range(args.actors):
+            side = self.ctx.socket(zmq.PAIR)
+            side_port = side.bind_to_random_port("tcp://127.0.0.1")
+            push = self.ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.SNDHWM, 0)
+            raw_port = push.bind_to_random_port("tcp://127.0.0.1")
+            proc = spawn.Process(target=actor_main, args=(i, model_dir, ports["learner"], side_port, raw_port, str(self.weights_dir), list(args.transports)))
+            proc.start()
+            self.sides.append(side)
+            self.pushes.append(push)
+            self.procs.append(proc)
+        for i in range(args.actors):
+            assert self.reply(i)[0] == "ready"
+
+    def reply(self, i: int) -> list:
+        deadline = time.monotonic() + 1800
+        while not self.sides[i].poll(1000):
+            if not self.procs[i].is_alive():
+                raise RuntimeError(f"bench actor {i} exited with {self.procs[i].exitcode}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"bench actor {i} did not answer within 1800s")
+        return msgspec.msgpack.decode(self.sides[i].recv())
+
+    def raw(self, named) -> None:
+        from protocol.weights import tensor_bytes
+
+        bufs = [tensor_bytes(t) for _, t in named]
+        nbytes = sum(b.nbytes for b in bufs)
+        t0 = time.perf_counter()
+        for i, push in enumerate(self.pushes):
+            self.sides[i].send(msgspec.msgpack.encode(["raw"]))
+            push.send_multipart(bufs, copy=False)
+        growth = []
+        for i in range(len(self.pushes)):
+            r = self.reply(i)
+            assert r[1] == nbytes, r
+            growth.append(r[2])
+        self.results.setdefault("raw", []).append({"s": time.perf_counter() - t0, "nbytes": nbytes, "actor_growth_mb": growth})
+
+    def publish(self, kind: str, version: int, stream) -> None:
+        before = reset_peak()
+        t0 = time.perf_counter()
+        pub = self.pubs[kind]
+        sent = [0]
+
+        def counted(named):
+            for name, t in named:
+                sent[0] += t.numel() * t.element_size()
+                yield name, t
+
+        pub.publish(version, counted(stream))
+        t1 = time.perf_counter()
+        rank0_growth = peak_mb() - before
+        held = 0.0 if kind == "filesystem" else sent[0] / 2**20  # zmq: the served buckets; nccl: until broadcast
+        for side in self.sides:
+            side.send(msgspec.msgpack.encode(["fetch", kind]))
+        growth = []
+        for i in range(len(self.sides)):
+            r = self.reply(i)
+            assert r[1] == version, r
+            growth.append(r[2])
+        t2 = time.perf_counter()
+        if kind == "zmq":
+            self.server.publish(None)  # the bench frees what a learner would keep until its next publish
+            pub.snapshot = None
+        self.results.setdefault(kind, []).append(
+            {"s": t2 - t0, "publish_s": t1 - t0, "rank0_growth_mb": rank0_growth, "rank0_held_mb": held, "actor_growth_mb": growth}
+        )
+
+    def close(self) -> None:
+        for side in self.sides:
+            side.send(msgspec.msgpack.encode(["stop"]))
+        for proc in self.procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+        for pub in self.pubs.values():
+            pub.close()
+        self.server.close()
+        for s in self.sides + self.pushes:
+            s.close(0)
+        self.ctx.term()
+        import shutil
+
+        shutil.rmtree(self.weights_dir, ignore_errors=True)
+
+
+# ----------------------------------------------------------------- driver
 
 
 def bench_model(name: str, args) -> None:
+    import torch
+
     from launcher.local import free_port
-    from protocol.transport import LearnerServer
-    from protocol.weights import make_publisher
 
-    model_dir = build_model(name, Path(args.cache))
-    arrays = state_arrays(model_dir)
-    nbytes = sum(a.nbytes for _, a in arrays)
-    port, side_port, raw_port = free_port(pairs=2), free_port(), free_port()
-    weights_dir = Path(tempfile.mkdtemp(prefix="relay-bench-weights-", dir=args.weights_dir))
-    server = LearnerServer(StandIn(), "127.0.0.1", port)
-    pubs = {
-        k: make_publisher(k, server=server, chunk_bytes=args.chunk_mb << 20, weights_dir=weights_dir, host="127.0.0.1",
-                          n_actors=1, backend="gloo", timeout_s=300)
-        for k in args.transports
-    }
-    ctx = zmq.Context()
-    side = ctx.socket(zmq.PAIR)
-    side.bind(f"tcp://127.0.0.1:{side_port}")
-    push = ctx.socket(zmq.PUSH)
-    push.setsockopt(zmq.SNDHWM, 0)
-    push.bind(f"tcp://127.0.0.1:{raw_port}")
-    proc = mp.get_context("spawn").Process(
-        target=actor_main, args=(str(model_dir), port, side_port, raw_port, str(weights_dir), list(args.transports), args.threads)
-    )
-    proc.start()
-
-    def reply() -> list:
-        while not side.poll(1000):
-            if not proc.is_alive():
-                raise RuntimeError(f"bench actor exited with {proc.exitcode}")
-        return msgspec.msgpack.decode(side.recv())
-
-    try:
-        assert reply()[0] == "ready"
-        version = 0
-        results: dict[str, list[tuple[float, float, float, float]]] = {}
-        bufs = [memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)) for _, a in arrays]
-        for rep in range(args.reps + 1):  # rep 0 warms up; interleaved so drift hits all alike
-            t0 = time.perf_counter()
-            push.send_multipart(bufs, copy=False)
-            side.send(msgspec.msgpack.encode(["raw"]))
-            r = reply()
-            assert r[1] == nbytes, r
-            if rep:
-                results.setdefault("raw", []).append((time.perf_counter() - t0, 0.0, 0.0, 0.0))
-            for kind, pub in pubs.items():
-                version += 1
-                t0 = time.perf_counter()
-                pub.publish(version, arrays)
-                t1 = time.perf_counter()
-                side.send(msgspec.msgpack.encode(["fetch", kind]))
-                r = reply()
-                total = time.perf_counter() - t0
-                assert r[1] == version, r
-                if rep:
-                    results.setdefault(kind, []).append((total, t1 - t0, r[2], r[3]))
-        raw = statistics.median(t for t, *_ in results["raw"])
-        mb = nbytes / 1e6
-        print(f"{name}: {mb:.1f} MB in {len(arrays)} tensors; raw zmq PUSH/PULL {raw * 1e3:.1f} ms ({mb / 1e3 / raw:.2f} GB/s), median of {args.reps}", flush=True)
-        for kind in pubs:
-            rows = results[kind]
-            tot = statistics.median(r[0] for r in rows)
-            pub_s, fetch_s, load_s = (statistics.median(r[i] for r in rows) for i in (1, 2, 3))
-            label = "nccl(gloo)" if kind == "nccl" else kind
-            print(
-                f"{name} {label}: update {tot * 1e3:.1f} ms = publish {pub_s * 1e3:.1f} + fetch {fetch_s * 1e3:.1f} "
-                f"+ load_weights {load_s * 1e3:.1f} (+ signalling); raw {raw * 1e3:.1f} ms; ratio {tot / raw:.2f}x; "
-                f"ratio excluding load_weights {(tot - load_s) / raw:.2f}x",
-                flush=True,
-            )
-        side.send(msgspec.msgpack.encode(["stop"]))
-        proc.join(timeout=60)
-    finally:
-        if proc.is_alive():
-            proc.kill()
-        for pub in pubs.values():
-            pub.close()
-        server.close()
-        side.close(0)
-        push.close(0)
-        ctx.term()
-        import shutil
-
-        shutil.rmtree(weights_dir, ignore_errors=True)
+    model_dir = build_model_dir(name, Path(args.cache))
+    args.model = name
+    ports = {"master": free_port(), "learner": free_port(pairs=2)}
+    out = Path(tempfile.mkdtemp(prefix="relay-bench-results-")) / "results.pt"
+    ctx = torch.multiprocessing.start_processes(rank_main, args=(args, str(model_dir), ports, str(out)), nprocs=2, join=False, start_method="spawn")
+    while not ctx.join(timeout=5):
+        pass
+    res = torch.load(out)
+    engine = "none" if args.publish_only else "hf"
+    raw = statistics.median(r["s"] for r in res["raw"][1:]) if "raw" in res else None
+    if raw is not None:
+        nbytes = res["raw"][0]["nbytes"]
+        growth = max(max(r["actor_growth_mb"]) for r in res["raw"][1:])
+        print(f"{name}: {nbytes / 2**20:.0f} MiB bf16 to {args.actors} actors; raw zmq {raw * 1e3:.0f} ms "
+              f"({args.actors * nbytes / 1e9 / raw:.2f} GB/s), median of {args.reps}; actor RSS growth {growth:.0f} MB", flush=True)
+        print(f"RESULT weights model={name} transport=raw engine={engine} actors={args.actors} mb={nbytes / 2**20:.0f} "
+              f"ms={raw * 1e3:.0f} actor_rss_growth_mb={growth:.0f}", flush=True)
+    for kind in args.transports:
+        rows = res[kind][1:]  # rep 0 is the warm-up (it allocates the engines' standby copies)
+        first = res[kind][0]
+        tot = statistics.median(r["s"] for r in rows)
+        pub_s = statistics.median(r["publish_s"] for r in rows)
+        g0 = max(r["rank0_growth_mb"] for r in rows)
+        held = max(r["rank0_held_mb"] for r in rows)
+        ga = max((max(r["actor_growth_mb"]) for r in rows), default=0.0)
+        ga_first = max(first["actor_growth_mb"], default=0.0)
+        ratio = f"{tot / raw:.2f}" if raw else "na"
+        print(f"{name} {kind}: step end -> all serving {tot * 1e3:.0f} ms (publish {pub_s * 1e3:.0f} ms), raw "
+              f"{raw * 1e3 if raw else float('nan'):.0f} ms, ratio {ratio}; rank 0 RSS growth {g0:.0f} MB (holds {held:.0f} MB "
+              f"after publish); actor RSS growth {ga:.0f} MB (first update {ga_first:.0f} MB: standby copy)", flush=True)
+        print(f"RESULT weights model={name} transport={kind} engine={engine} actors={args.actors} bucket_mb={args.bucket_mb} "
+              f"ms={tot * 1e3:.0f} publish_ms={pub_s * 1e3:.0f} ratio={ratio} rank0_rss_growth_mb={g0:.0f} "
+              f"rank0_held_mb={held:.0f} actor_rss_growth_mb={ga:.0f} actor_first_update_growth_mb={ga_first:.0f}", flush=True)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="tiny,qwen")
+    ap.add_argument("--models", default="qwen0.5b")
     ap.add_argument("--transports", default="zmq,filesystem,nccl")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--chunk-mb", type=int, default=64, help="transport.weights_chunk_mb")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (actors/main.py default: 1)")
+    ap.add_argument("--actors", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--bucket-mb", type=int, default=256, help="transport.weights_bucket_mb")
+    ap.add_argument("--publish-only", action="store_true", help="no actors: time and measure rank 0's publish only")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "relay-bench-models"))
     ap.add_argument("--weights-dir", default=None, help="parent of the filesystem transport's directory (default: $TMPDIR)")
     args = ap.parse_args()
     args.transports = [k for k in args.transports.split(",") if k]
-    import torch
-
-    torch.set_num_threads(args.threads)
-    print(f"# bench_weights: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, reps {args.reps}, chunk {args.chunk_mb} MiB", flush=True)
+    if args.publish_only:
+        args.actors = 0
+    print(f"# bench_weights: {os.cpu_count()} CPUs, 2 learner ranks (gloo), {args.actors} HF actors (bf16), "
+          f"bucket {args.bucket_mb} MiB, reps {args.reps}", flush=True)
     for name in args.models.split(","):
         bench_model(name, args)
     return 0

@@ -113,8 +113,8 @@ def _tied_lm_head(model, name: str) -> bool:
 def stream_full_tensors(model, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """The full state dict, one entry at a time (a collective: every rank iterates it to the end).
 
-    Each floating-point entry is cast to ``dtype`` on its shard, then gathered
-    (``DTensor.full_tensor``); rank 0 gets ``(name, tensor)`` pairs, contiguous
+    Each floating-point entry is cast to ``dtype`` on its shard, then gathered to
+    rank 0 (``gather_to_rank0``); rank 0 gets ``(name, tensor)`` pairs, contiguous
     on CPU and never aliasing a live parameter (so a consumer may keep them while
     training goes on); the other ranks get nothing. A tied ``lm_head.weight`` is
     skipped (it is the input embedding)."""
@@ -128,13 +128,45 @@ def stream_full_tensors(model, dtype: torch.dtype) -> Iterator[tuple[str, torch.
             value = value.to(torch.device("cuda", torch.cuda.current_device()))
         if value.is_floating_point():
             value = value.to(dtype)
-        full = value.full_tensor() if isinstance(value, DTensor) else value
+        full = gather_to_rank0(value) if isinstance(value, DTensor) else value
+        del value  # the cast shard: freed before the consumer gets the full tensor
         if not rank0:
             continue
         full = full.detach().to("cpu").contiguous()
         if full.untyped_storage().data_ptr() == local.untyped_storage().data_ptr():
-            full = full.clone()  # world size 1 and no cast: the gather returned the parameter itself
+            full = full.clone()  # not sharded and no cast: that is the parameter itself
+        del local
         yield name, full
+        del full
+
+
+def gather_to_rank0(value: DTensor) -> torch.Tensor | None:
+    """The full tensor of ``value`` on rank 0 (``None`` elsewhere). FSDP2's ``Shard(0)`` over a
+    1-D mesh is gathered with one ``dist.gather`` straight into the output (half the traffic
+    of ``full_tensor``'s all-gather, and nothing materialised on the other ranks); any other
+    layout falls back to ``full_tensor``."""
+    from torch.distributed.tensor import Shard
+
+    mesh = value.device_mesh
+    if mesh.ndim != 1 or tuple(value.placements) != (Shard(0),) or value.dim() == 0:
+        return value.full_tensor()
+    group = mesh.get_group()
+    world = dist.get_world_size(group)
+    rows = value.shape[0]
+    chunk = -(-rows // world)  # torch.chunk's split: rank r holds rows [r * chunk, (r + 1) * chunk)
+    local = value.to_local()
+    if local.shape[0] != chunk:
+        padded = local.new_zeros((chunk, *value.shape[1:]))
+        padded[: local.shape[0]] = local
+        local = padded
+    local = local.contiguous()
+    root = dist.get_global_rank(group, 0)
+    if dist.get_rank() != root:
+        dist.gather(local, None, dst=root, group=group)
+        return None
+    out = local.new_empty((world * chunk, *value.shape[1:]))
+    dist.gather(local, [out[r * chunk : (r + 1) * chunk] for r in range(world)], dst=root, group=group)
+    return out[:rows]
 
 
 def drain(stream: Iterable) -> None:

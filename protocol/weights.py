@@ -190,17 +190,23 @@ class Bucket:
 
 def buckets_of(named: NamedTensors, bucket_bytes: int) -> Iterator[Bucket]:
     """Group a stream of tensors into buckets of at most ``bucket_bytes`` (a larger tensor goes
-    alone), each yielded, hashed, as soon as the next tensor would not fit."""
+    alone), each yielded, hashed, as soon as it is full or the next tensor would not fit: a
+    consumer holds one bucket (plus the tensor being produced), whatever the stream's length."""
     pending: list[tuple[str, torch.Tensor]] = []
     size = 0
     for name, a in named:
         t = as_tensor(a)
+        del a
         n = t.numel() * t.element_size()
         if pending and size + n > bucket_bytes:
             yield seal(pending)
             pending, size = [], 0
         pending.append((name, t))
+        del t
         size += n
+        if size >= bucket_bytes:
+            yield seal(pending)
+            pending, size = [], 0
     if pending:
         yield seal(pending)
 
