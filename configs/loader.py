@@ -79,6 +79,10 @@ VERL_ALIASES: dict[str, str] = {
     "data.max_response_length": "actor_rollout_ref.rollout.response_length",
     "actor_rollout_ref.rollout.multi_turn.enable": "agent.use_agent",
     "actor_rollout_ref.rollout.multi_turn.max_assistant_turns": "agent.max_turns",
+    # algorithm choices (learner.algos.registry)
+    "actor_rollout_ref.actor.policy_loss.loss_mode": "actor_rollout_ref.actor.loss_mode",
+    "reward_model.overlong_buffer.len": "algorithm.overlong_buffer_len",
+    "reward_model.overlong_buffer.penalty_factor": "algorithm.overlong_penalty_factor",
 }
 """verl spellings that differ from Relay's (most verl keys are Relay's own)."""
 

@@ -76,6 +76,15 @@ def test_correction_parameters_are_checked_and_noted_when_unused():
     assert not any("tis_cap" in n for n in used)
 
 
+def test_verl_spellings_of_the_new_choices():
+    cfg = load_config([], ["actor_rollout_ref.actor.policy_loss.loss_mode=gspo", "reward_model.overlong_buffer.len=32",
+                           "reward_model.overlong_buffer.penalty_factor=0.5"])
+    assert cfg.actor_rollout_ref.actor.loss_mode == "gspo"
+    assert (cfg.algorithm.overlong_buffer_len, cfg.algorithm.overlong_penalty_factor) == (32, 0.5)
+    with pytest.raises(ConfigError, match="must not exceed the response budget"):
+        load_config([], ["algorithm.overlong_buffer_len=300", "actor_rollout_ref.rollout.response_length=256"])
+
+
 def test_every_preset_still_loads():
     for preset in list_presets():
         assert load_config([preset]).algorithm.adv_estimator in registry.ESTIMATORS
