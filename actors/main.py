@@ -14,7 +14,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run one Relay actor.")
     ap.add_argument("--config", required=True, help="resolved config YAML written by the launcher")
     ap.add_argument("--actor-id", required=True)
-    ap.add_argument("--learner", required=True, help="HOST:PORT of the learner's control socket")
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--learner", help="HOST:PORT of the learner's control socket")
+    where.add_argument("--learner-file", help="a file the learner writes its address to (local runs: the learner picks its ports)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = ap.parse_args(argv)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the launcher's stall watchdog asks for our stacks
@@ -29,7 +31,12 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     cfg = load_config([args.config])
-    host, port = args.learner.rsplit(":", 1)
+    if args.learner_file:
+        from protocol.transport import read_endpoint_file
+
+        host, port = read_endpoint_file(args.learner_file, cfg.transport.recv_timeout_s)
+    else:
+        host, port = args.learner.rsplit(":", 1)
     model_path = cfg.actor_rollout_ref.model.path
     index = int(args.actor_id.rsplit("-", 1)[-1]) if args.actor_id.rsplit("-", 1)[-1].isdigit() else 0
     parts = build_parts(cfg, model_path)

@@ -135,12 +135,13 @@ def _supervise(children, run_dir: Path, main: str, cfg: RelayConfig, summary_nam
 
 def train_local(cfg: RelayConfig) -> int:
     """Run a whole training job on this machine; returns the exit status."""
-    from launcher.local import free_port, plan_local
+    from launcher.local import plan_local
 
     if cfg.trainer.nnodes != 1:
         _say(f"trainer.nnodes={cfg.trainer.nnodes}: local mode runs one node; use `relay slurm` (or `relay learner` per node) for several")
         return 2
-    cfg, run_dir = _prepare(cfg, cfg.transport.port or free_port(pairs=2))
+    cfg, run_dir = _prepare(cfg, cfg.transport.port)  # 0: the learner binds a free pair itself (no race)
+    (run_dir / "learner.json").unlink(missing_ok=True)  # a previous run's address must not mislead the actors
     # every local actor gets work, however long its engine takes to start
     cfg = cfg.model_copy(update={"transport": cfg.transport.model_copy(update={"min_actors": cfg.actor_rollout_ref.rollout.num_actors})})
     config_path = _write_config(cfg, run_dir / "config.yaml")
@@ -151,7 +152,8 @@ def train_local(cfg: RelayConfig) -> int:
     port = cfg.transport.port
     children = plan_local(config_path, run_dir, world, cfg.actor_rollout_ref.rollout.num_actors, port,
                           max_actor_restarts=cfg.trainer.max_actor_restarts)
-    _say(f"run dir {run_dir}: {world} learner rank(s), {cfg.actor_rollout_ref.rollout.num_actors} actor(s), learner at 127.0.0.1:{port}")
+    where = f"127.0.0.1:{port}" if port else f"127.0.0.1, ports picked at bind time ({run_dir / 'learner.json'})"
+    _say(f"run dir {run_dir}: {world} learner rank(s), {cfg.actor_rollout_ref.rollout.num_actors} actor(s), learner at {where}")
     _resume_note(cfg, run_dir)
     return _supervise(children, run_dir, "learner-0", cfg, "summary.json", watch=True)
 

@@ -409,10 +409,12 @@ def python_child(name: str, module: str, args: list[str], log_dir: Path, extra_e
 def plan_local(
     config_path: Path, run_dir: Path, world: int, num_actors: int, port: int, threads: int = 1, max_actor_restarts: int = 0
 ) -> list[Child]:
-    """The children of a local run: ``world`` learner ranks and ``num_actors`` actors."""
+    """The children of a local run: ``world`` learner ranks and ``num_actors`` actors. ``port`` 0:
+    the learner binds a free pair itself and the actors read it from ``<run dir>/learner.json``."""
+    learner = f"127.0.0.1:{port}" if port else f"file:{run_dir / 'learner.json'}"
     return [
         *plan_learner_node(config_path, run_dir, 0, 1, world, "127.0.0.1", free_port(), threads),
-        *plan_actors(config_path, run_dir, f"127.0.0.1:{port}", num_actors, 0, threads, echo=False, max_restarts=max_actor_restarts),
+        *plan_actors(config_path, run_dir, learner, num_actors, 0, threads, echo=False, max_restarts=max_actor_restarts),
     ]
 
 
@@ -446,13 +448,15 @@ def plan_actors(
     config_path: Path, run_dir: Path, learner: str, num_actors: int, first_index: int = 0, threads: int = 1, echo: bool = True,
     max_restarts: int = 0,
 ) -> list[Child]:
-    """Actors ``actor-<first_index> ..`` connecting to the learner at ``learner`` (HOST:PORT), each
-    restarted up to ``max_restarts`` times when it dies."""
+    """Actors ``actor-<first_index> ..`` connecting to the learner at ``learner`` (HOST:PORT, or
+    ``file:PATH`` of the file it writes its address to), each restarted up to ``max_restarts``
+    times when it dies."""
+    where = ["--learner-file", learner[len("file:"):]] if learner.startswith("file:") else ["--learner", learner]
     children = [
         python_child(
             f"actor-{i}",
             "actors.main",
-            ["--config", str(config_path), "--actor-id", f"actor-{i}", "--learner", learner, "--threads", str(threads)],
+            ["--config", str(config_path), "--actor-id", f"actor-{i}", *where, "--threads", str(threads)],
             run_dir / "logs",
             {},
             echo=echo and i == first_index,

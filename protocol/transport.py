@@ -236,9 +236,8 @@ class LearnerServer:
         self.data.setsockopt(zmq.LINGER, 0)
         self.data.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self.max_message_bytes = max_message_bytes
-        control_ep, data_ep = endpoints(bind_host, port)
-        self.control.bind(control_ep)
-        self.data.bind(data_ep)
+        self.port = self._bind(bind_host, port)
+        control_ep, data_ep = endpoints(bind_host, self.port)
         self.tick_s = tick_s
         self._weights: WeightsSnapshot | None = None
         self._lock = threading.Lock()
@@ -262,6 +261,33 @@ class LearnerServer:
         self._thread = threading.Thread(target=self._run, name="relay-learner-io", daemon=True)
         self._thread.start()
         log.info("learner listening: control %s, data %s", control_ep, data_ep)
+
+    def _bind(self, host: str, port: int) -> int:
+        """Bind control to ``port`` and data to ``port + 1``; ``port`` 0: a free pair chosen here,
+        at bind time, so no other process can take it between choosing and binding."""
+        if port:
+            control_ep, data_ep = endpoints(host, port)
+            self.control.bind(control_ep)
+            self.data.bind(data_ep)
+            return port
+        for _ in range(100):
+            p = self.control.bind_to_random_port(f"tcp://{host}", min_port=20000, max_port=64000)
+            try:
+                self.data.bind(endpoints(host, p)[1])
+                return p
+            except zmq.ZMQError:
+                self.control.unbind(self.control.getsockopt_string(zmq.LAST_ENDPOINT))
+        raise RuntimeError(f"no free pair of ports on {host} after 100 tries")
+
+    def write_endpoint(self, path, host: str) -> None:
+        """Write ``{"host", "port"}`` to ``path`` atomically (``ActorClient.from_endpoint_file`` reads it)."""
+        import json
+        from pathlib import Path
+
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({"host": host, "port": self.port}))
+        tmp.replace(path)
 
     def mark_ready(self) -> None:
         """Start answering registrations (held until now)."""
@@ -511,6 +537,18 @@ class ActorClient:
         self._reset()
         self.push_sock.close()
         self.ctx.term()
+
+
+def read_endpoint_file(path, timeout_s: float) -> tuple[str, int]:
+    """The learner's ``(host, port)`` from the file ``LearnerServer.write_endpoint`` writes, waiting
+    up to ``timeout_s`` for it to appear."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    wait_until(path.exists, timeout_s, f"the learner to write its address to {path}", poll_s=0.1)
+    d = json.loads(path.read_text())
+    return d["host"], int(d["port"])
 
 
 def wait_until(pred: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.05) -> None:
