@@ -111,6 +111,20 @@ class KlControlConfig(Section):
     """Adaptive controller only: steps over which the coefficient adapts."""
 
 
+class FilterGroupsConfig(Section):
+    """DAPO dynamic sampling: the coordinator drops every completed group whose episodes all scored
+    the same (no learning signal) and grants more prompts until the batch is full."""
+
+    enable: bool = False
+    """Drop zero-variance groups before they count for the batch."""
+    metric: str = "reward"
+    """What must vary within a group: ``reward`` (the episode reward) or the name of one of the
+    reward's components (verl's ``acc``, ``score``, ...)."""
+    max_num_gen_batches: int = Field(10, ge=0)
+    """Most zero-variance groups dropped per learner step, in batches of ``data.train_batch_size``;
+    past it the step trains on what arrives (logged). 0 = no cap."""
+
+
 class AlgorithmConfig(Section):
     """Advantage estimation, KL-in-reward and off-policy handling (verl ``algorithm``)."""
 
@@ -130,6 +144,8 @@ class AlgorithmConfig(Section):
     """KL-in-reward coefficient controller."""
     max_staleness: int = Field(1, ge=0)
     """Most policy versions a trajectory may lag the learner before it is dropped; 0 = synchronous on-policy."""
+    filter_groups: FilterGroupsConfig = Field(default_factory=FilterGroupsConfig)
+    """DAPO's dynamic sampling (verl ``algorithm.filter_groups``)."""
     off_policy_correction: algo_registry.OFF_POLICY_CORRECTIONS.literal() = "decoupled"
     """Stale-sample / train-inference mismatch correction, with rho = pi_prox / pi_behav (the
     learner's recomputed log-probs before the update over the actor's sampling log-probs):

@@ -19,6 +19,18 @@ Nothing is lost: a group whose actor dies (no message for ``peer_timeout_s``)
 or that is dropped as stale goes back to the front of the data queue, and
 ``ledger`` records, per step, exactly which samples were trained.
 
+Whole groups, dynamic sampling
+------------------------------
+A group is checked when its last chain arrives, before it counts for a batch:
+a group with a chain whose ids, mask, versions and log-probs do not line up
+(``learner.batch.check_alignment``) is requeued whole (``groups_refused``),
+at most ``max_group_refusals`` times per sample, then dropped like a failed
+one. With ``filter_groups`` (DAPO's dynamic sampling) a group whose episodes
+all scored the same is dropped (``groups_zero_variance_dropped``); since it
+never counts as consumed, admission grants another prompt in its place, until
+the batch is full. At most ``max_num_gen_batches`` batches' worth are dropped
+per step; past that the step trains on what arrives.
+
 Validation
 ----------
 ``request_validation`` queues validation items (``WorkItem(validation=True)``,
@@ -117,6 +129,8 @@ class Coordinator:
         vocab_size: int | None = None,
         status_path=None,
         status_every_s: float = 2.0,
+        filter_groups=None,
+        max_group_refusals: int = 2,
     ):
         self.stream = stream
         self.status_path = status_path
@@ -124,6 +138,11 @@ class Coordinator:
         stall watchdog reads it); None writes nothing."""
         self.status_every_s = status_every_s
         self._status_at = 0.0
+        self.filter_groups = filter_groups
+        """``configs.schema.FilterGroupsConfig`` or None (no dynamic sampling)."""
+        self.max_group_refusals = max_group_refusals
+        self.refusals: collections.Counter[str] = collections.Counter()
+        self._zero_variance_this_step = 0
         self.vocab_size = vocab_size
         self.min_actors = min_actors
         self.started = False
@@ -283,8 +302,42 @@ class Coordinator:
                 del self.outstanding[traj.sample_id]
                 if owner in self.actors:
                     self.actors[owner].outstanding.discard(traj.sample_id)
-                self.complete.append((traj.sample_id, group))
+                if self._admit(traj.sample_id, group):
+                    self.complete.append((traj.sample_id, group))
                 self.lock.notify_all()
+
+    def _admit(self, sid: str, group: list[m.Trajectory]) -> bool:
+        """Whether a completed group counts for a batch (see 'Whole groups, dynamic sampling')."""
+        from learner.batch import TrajectoryMismatch, check_alignment
+
+        try:
+            for t in group:
+                check_alignment(t)
+        except TrajectoryMismatch as e:
+            self.refusals[sid] += 1
+            self.counters["groups_refused"] += 1
+            if self.refusals[sid] > self.max_group_refusals:
+                self.counters["groups_failed"] += 1
+                self.failed_samples.append((sid, str(e)))
+                log.error("group %s refused %d times (%s): dropped, not granted again", sid, self.refusals[sid], e)
+            else:
+                self.stream.requeue.append(sid)
+                log.error("group %s refused whole and requeued (%d of %d): %s", sid, self.refusals[sid], self.max_group_refusals, e)
+            return False
+        fg = self.filter_groups
+        if fg is not None and fg.enable and len(group) > 1:
+            scores = {t.reward if fg.metric == "reward" else t.reward_components.get(fg.metric, t.reward) for t in group if not t.greedy}
+            cap = fg.max_num_gen_batches * self.batch_groups
+            if len(scores) == 1:
+                if cap and self._zero_variance_this_step >= cap:
+                    self.counters["groups_zero_variance_kept"] += 1
+                    if self.counters["groups_zero_variance_kept"] == 1:
+                        log.warning("dynamic sampling: %d zero-variance groups dropped this step (cap %d); training on what arrives", cap, cap)
+                    return True
+                self._zero_variance_this_step += 1
+                self.counters["groups_zero_variance_dropped"] += 1
+                return False
+        return True
 
     def on_tick(self, now: float) -> None:
         if self.status_path is not None and now - self._status_at >= self.status_every_s:
@@ -369,6 +422,7 @@ class Coordinator:
                     batch.append((sid, group))
                     self.consumed += 1  # counted at once, so admission never over-grants while we wait
                 if len(batch) == self.batch_groups:
+                    dropped, self._zero_variance_this_step = self._zero_variance_this_step, 0
                     break
                 alive()
                 left = deadline - time.monotonic()
@@ -382,7 +436,12 @@ class Coordinator:
                         f"{len(self.actors)} actors alive (dead: {self.dead_actors or 'none'})"
                     )
                 self.lock.wait(min(left, 1.0))
-        return batch, {"groups_dropped_stale": stale_dropped, "groups_failed_total": self.counters["groups_failed"]}
+        return batch, {
+            "groups_dropped_stale": stale_dropped,
+            "groups_failed_total": self.counters["groups_failed"],
+            "groups_refused_total": self.counters["groups_refused"],
+            "groups_zero_variance_dropped": dropped,
+        }
 
     # ------------------------------------------------------------ validation
 

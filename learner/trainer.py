@@ -157,6 +157,7 @@ class Trainer:
                 min_actors=cfg.transport.min_actors,
                 vocab_size=self.model.get_input_embeddings().num_embeddings,
                 status_path=self.run_dir / "status.json",
+                filter_groups=cfg.algorithm.filter_groups,
             )
             self.checkpoints.restore_coordinator(self.coordinator)  # before any actor can be granted work
             self.server = LearnerServer(

@@ -150,3 +150,55 @@ def test_server_holds_registrations_until_the_learner_is_ready():
     finally:
         client.close()
         server.close()
+
+
+def scored(sid, chain, reward, actor="a0", version=0):
+    import msgspec
+
+    return msgspec.structs.replace(traj(sid, chain, version, actor), reward=reward, reward_components={"reward": reward})
+
+
+def test_dynamic_sampling_drops_every_zero_variance_group_and_still_fills_the_batch():
+    from configs.schema import FilterGroupsConfig
+
+    c = coordinator(staleness=0, batch_groups=2, group_size=2, rows=20)
+    c.filter_groups = FilterGroupsConfig(enable=True, max_num_gen_batches=0)
+    rewards = {0: (1, 1), 1: (0, 0), 2: (0, 1), 3: (1, 1), 4: (0, 0), 5: (1, 0)}  # by row: 2 and 5 carry signal
+    for _ in range(6):
+        for item in ask(c, 0, n=1).items:  # each zero-variance drop frees credit for one more prompt
+            for chain, r in enumerate(rewards[int(item.sample_id.split(":")[1])]):
+                c.on_trajectory(scored(item.sample_id, chain, float(r)))
+    batch, info = c.take_batch(timeout_s=1)
+    assert [sid for sid, _ in batch] == ["0:2", "0:5"]
+    assert info["groups_zero_variance_dropped"] == 4 and c.consumed == 2
+    assert ask(c, 0).items == []  # the batch is full: no credit left at v0
+
+
+def test_dynamic_sampling_cap_trains_on_what_arrives():
+    from configs.schema import FilterGroupsConfig
+
+    c = coordinator(staleness=0, batch_groups=1, group_size=2, rows=20)
+    c.filter_groups = FilterGroupsConfig(enable=True, max_num_gen_batches=2)  # at most 2 drops per step
+    for _ in range(3):
+        item = ask(c, 0, n=1).items[0]
+        for chain in range(2):
+            c.on_trajectory(scored(item.sample_id, chain, 1.0))
+    batch, info = c.take_batch(timeout_s=1)
+    assert [sid for sid, _ in batch] == ["0:2"] and info["groups_zero_variance_dropped"] == 2
+
+
+def test_a_group_with_a_misaligned_chain_is_requeued_whole_then_dropped_after_its_cap():
+    import msgspec
+
+    c = coordinator(staleness=0, batch_groups=1, group_size=2, rows=5)
+    c.max_group_refusals = 1
+    bad = msgspec.structs.replace(traj("x", 1, 0), logprobs=m.pack([-1.0, -1.0], "float32"), loss_mask=m.pack([1, 0], "uint8"),
+                                  versions=m.pack([0, 0], "int32"))  # an observation token with a version and a log-prob
+    for attempt in range(2):
+        item = ask(c, 0, n=1).items[0]
+        assert item.sample_id == "0:0"  # the refused group comes back first
+        c.on_trajectory(traj(item.sample_id, 0, 0))
+        c.on_trajectory(msgspec.structs.replace(bad, sample_id=item.sample_id))
+        assert not c.complete and c.counters["groups_refused"] == attempt + 1
+    assert c.failed_samples and c.failed_samples[0][0] == "0:0"
+    assert ask(c, 0, n=1).items[0].sample_id == "0:1"  # dropped after its cap, never granted again
