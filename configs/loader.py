@@ -81,6 +81,11 @@ VERL_ALIASES: dict[str, str] = {
     "actor_rollout_ref.rollout.multi_turn.max_assistant_turns": "agent.max_turns",
     # algorithm choices (learner.algos.registry)
     "actor_rollout_ref.actor.policy_loss.loss_mode": "actor_rollout_ref.actor.loss_mode",
+    "actor_rollout_ref.actor.policy_loss.clip_cov_ratio": "actor_rollout_ref.actor.clip_cov_ratio",
+    "actor_rollout_ref.actor.policy_loss.clip_cov_lb": "actor_rollout_ref.actor.clip_cov_lb",
+    "actor_rollout_ref.actor.policy_loss.clip_cov_ub": "actor_rollout_ref.actor.clip_cov_ub",
+    "actor_rollout_ref.actor.policy_loss.kl_cov_ratio": "actor_rollout_ref.actor.kl_cov_ratio",
+    "actor_rollout_ref.actor.policy_loss.ppo_kl_coef": "actor_rollout_ref.actor.kl_cov_coef",
     "reward_model.overlong_buffer.len": "algorithm.overlong_buffer_len",
     "reward_model.overlong_buffer.penalty_factor": "algorithm.overlong_penalty_factor",
 }

@@ -336,7 +336,21 @@ class ActorConfig(Section):
     ``gspo`` the same clip on the episode's geometric-mean ratio (GSPO; use
     ``loss_agg_mode=seq-mean-token-mean`` and small clip ratios, e.g. 3e-4 / 4e-4); ``cispo``
     REINFORCE weighted by the detached ratio clipped to [1 - clip_ratio_low, 1 + clip_ratio_high]
-    (CISPO). See docs/algorithms.md."""
+    (CISPO); ``clip_cov`` / ``kl_cov`` (Cui et al. 2025) cut the gradient of, or add a KL term
+    to, the tokens whose advantage/log-prob covariance is high. See docs/algorithms.md."""
+    clip_cov_ratio: float = Field(0.0002, gt=0, le=1)
+    """``loss_mode=clip_cov``: fraction of a micro-batch's tokens whose gradient is cut (verl
+    ``policy_loss.clip_cov_ratio``)."""
+    clip_cov_lb: float = 1.0
+    """``loss_mode=clip_cov``: only tokens whose covariance is above this are cut."""
+    clip_cov_ub: float = 5.0
+    """``loss_mode=clip_cov``: only tokens whose covariance is below this are cut."""
+    kl_cov_ratio: float = Field(0.0002, gt=0, le=1)
+    """``loss_mode=kl_cov``: fraction of a micro-batch's tokens (largest covariance) that get the
+    KL term (verl ``policy_loss.kl_cov_ratio``)."""
+    kl_cov_coef: float = Field(1.0, ge=0)
+    """``loss_mode=kl_cov``: weight of abs(log pi - log pi_old) on those tokens (verl
+    ``policy_loss.ppo_kl_coef``)."""
     loss_agg_mode: algo_registry.LOSS_AGG_MODES.literal() = "token-mean"
     """How token losses are reduced to one number (verl names): ``token-mean`` (every token of
     the mini-batch weighs the same), ``seq-mean-token-sum``, ``seq-mean-token-mean`` (GRPO: every
@@ -578,6 +592,10 @@ class RelayConfig(Section):
             raise ValueError(
                 f"data.train_batch_size ({self.data.train_batch_size}) must be a multiple of "
                 f"critic.ppo_mini_batch_size ({critic_mini})"
+            )
+        if actor.clip_cov_lb >= actor.clip_cov_ub:
+            raise ValueError(
+                f"actor_rollout_ref.actor.clip_cov_lb ({actor.clip_cov_lb}) must be below clip_cov_ub ({actor.clip_cov_ub})"
             )
         problems = algo_registry.config_problems(self)  # what the chosen algorithms need
         if problems:

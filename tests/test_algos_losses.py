@@ -308,6 +308,36 @@ def test_cispo_weights_reinforce_by_the_clipped_detached_ratio():
     torch.testing.assert_close(grad, T([[-0.25, -0.3, 0.2, 0.3, 0.0]]))
 
 
+# Covariances of the one-row case: A = [1, 1, -1, -1], log pi = -1 + log r = [-1, -.595, -1.693, .609]
+# (mean -.670): cov = A (log pi - mean) = [-.330, .075, 1.024, -1.279].
+
+
+def test_kl_cov_adds_the_kl_term_on_the_largest_covariance_token():
+    # one token of four (ratio .0002 -> at least 1): token 2; loss -A r = [-1, -1.5, .5, 5], token 2
+    # adds |log .5|; its gradient gets coef * sign(log r) = -1
+    inputs = make_inputs()
+    loss, metrics = scalar_loss(inputs, PolicyLossConfig(loss_mode="kl_cov", off_policy_correction="none"))
+    assert loss.item() == pytest.approx((-1 - 1.5 + 0.5 + LN2 + 5) / 4)
+    assert metrics["pg_clipfrac"] == pytest.approx(0.25)
+    (grad,) = torch.autograd.grad(loss, inputs.logprobs)
+    torch.testing.assert_close(grad, T([[-0.25, -0.375, -0.125, 1.25, 0.0]]))
+
+
+def test_clip_cov_cuts_an_unclipped_token_inside_the_covariance_band():
+    # the ratio clip already covers tokens 1, 2; of the others only token 0 (cov -.330) is in (-.5, 5)
+    inputs = make_inputs()
+    cfg = PolicyLossConfig(loss_mode="clip_cov", off_policy_correction="none", clip_cov_lb=-0.5, clip_cov_ub=5.0)
+    loss, metrics = scalar_loss(inputs, cfg)
+    assert loss.item() == pytest.approx((0.0 - 1.2 + 0.8 + 5.0) / 4)  # no dual clip on token 3
+    assert metrics["pg_clipfrac"] == pytest.approx(0.75)
+    (grad,) = torch.autograd.grad(loss, inputs.logprobs)
+    torch.testing.assert_close(grad, T([[0.0, 0.0, 0.0, 1.25, 0.0]]))
+    # nothing in the band: plain PPO without dual clip
+    loss, _ = scalar_loss(make_inputs(), PolicyLossConfig(loss_mode="clip_cov", clip_cov_lb=10.0, clip_cov_ub=20.0,
+                                                           off_policy_correction="none"))
+    assert loss.item() == pytest.approx((-1.0 - 1.2 + 0.8 + 5.0) / 4)
+
+
 def test_log_ratio_is_clamped_before_exp():
     ratio_logs = T([[0.0, 0.0, 0.0, 100.0, 0.0]])
     inputs = PolicyLossInputs((OLD + ratio_logs).requires_grad_(), OLD, OLD, T([[0.0, 0.0, 0.0, 1.0, 0.0]]), PMASK)

@@ -30,7 +30,7 @@ def test_each_estimator_trains_through_train_step(tmp_path, tiny_model_dir, esti
 
 @pytest.mark.parametrize(
     "override",
-    [f"actor_rollout_ref.actor.loss_mode={m}" for m in ("gspo", "cispo")]
+    [f"actor_rollout_ref.actor.loss_mode={m}" for m in ("gspo", "cispo", "clip_cov", "kl_cov")]
     + [f"algorithm.off_policy_correction={c}" for c in ("none", "tis", "seq_tis", "seq_mis", "geo_mis", "icepop")]
     + ["actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum-norm"],
 )

@@ -252,6 +252,16 @@ class PolicyLossConfig:
     """'geo_mis': a sequence whose geometric-mean ratio is outside [1/bound, bound] is masked."""
     icepop_beta: float = 2.0
     """'icepop': a token whose ratio pi_old / pi_behav is outside [1/beta, beta] is masked."""
+    clip_cov_ratio: float = 0.0002
+    """'clip_cov': fraction of the micro-batch's tokens whose gradient is cut."""
+    clip_cov_lb: float = 1.0
+    """'clip_cov': only tokens whose covariance is above this are candidates."""
+    clip_cov_ub: float = 5.0
+    """'clip_cov': only tokens whose covariance is below this are candidates."""
+    kl_cov_ratio: float = 0.0002
+    """'kl_cov': fraction of the micro-batch's tokens (largest covariance) that get the KL term."""
+    kl_cov_coef: float = 1.0
+    """'kl_cov': weight of |log pi - log anchor| on those tokens."""
     log_ratio_clamp: float = 20.0
     """Log-ratios are clamped to +-this before exp."""
 
@@ -278,6 +288,11 @@ class PolicyLossConfig:
                 raise ValueError(f"{name} must be > 1, got {getattr(self, name)}")
         if self.log_ratio_clamp <= 0:
             raise ValueError(f"log_ratio_clamp must be > 0, got {self.log_ratio_clamp}")
+        for name in ("clip_cov_ratio", "kl_cov_ratio"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.clip_cov_lb >= self.clip_cov_ub:
+            raise ValueError(f"clip_cov_lb ({self.clip_cov_lb}) must be below clip_cov_ub ({self.clip_cov_ub})")
 
 
 @dataclass
@@ -431,7 +446,46 @@ def _cispo(logprobs: Tensor, anchor: Tensor, adv: Tensor, mask: Tensor, cfg: Pol
     return per_token, clipped_ratio != ratio, torch.zeros_like(mask, dtype=torch.bool)
 
 
-for _name, _fn in [("vanilla", _vanilla), ("gspo", _gspo), ("cispo", _cispo)]:
+def _token_cov(logprobs: Tensor, adv: Tensor, valid: Tensor) -> Tensor:
+    """[B,T] (A - mean A) * (log pi - mean log pi), means over the valid tokens given (detached)."""
+    lp = logprobs.detach()
+    return (adv - masked_mean(adv, valid)) * (lp - masked_mean(lp, valid))
+
+
+def _clip_cov(logprobs: Tensor, anchor: Tensor, adv: Tensor, mask: Tensor, cfg: PolicyLossConfig):
+    # PPO clip (no dual clip); then a random clip_cov_ratio of the tokens the clip left alone whose
+    # covariance lies in (lb, ub) lose their gradient
+    ratio = _log_ratio_exp(logprobs - anchor, cfg.log_ratio_clamp)
+    loss1 = -adv * ratio
+    loss2 = -adv * ratio.clamp(1.0 - cfg.clip_ratio_low, 1.0 + cfg.clip_ratio_high)
+    valid = mask > 0
+    by_ratio = (loss2 > loss1) & valid
+    cov = _token_cov(logprobs, adv, valid)
+    eligible = torch.nonzero(valid & ~by_ratio & (cov > cfg.clip_cov_lb) & (cov < cfg.clip_cov_ub))
+    n = max(int(cfg.clip_cov_ratio * int(valid.sum())), 1)
+    picked = eligible[torch.randperm(len(eligible), device=eligible.device)[:n]]
+    cut = torch.zeros_like(valid)
+    cut[picked[:, 0], picked[:, 1]] = True
+    per_token = torch.where(cut, 0.0, torch.maximum(loss1, loss2))
+    return per_token, by_ratio | cut, torch.zeros_like(valid)
+
+
+def _kl_cov(logprobs: Tensor, anchor: Tensor, adv: Tensor, mask: Tensor, cfg: PolicyLossConfig):
+    # unclipped -A r; the kl_cov_ratio of the tokens with the largest covariance add coef * |log r|
+    log_ratio = (logprobs - anchor).clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+    per_token = -adv * torch.exp(log_ratio)
+    valid = mask > 0
+    flat_valid = torch.nonzero(valid.reshape(-1)).squeeze(-1)
+    chosen = torch.zeros_like(valid)
+    if len(flat_valid):
+        cov = _token_cov(logprobs, adv, valid).reshape(-1)[flat_valid]
+        k = max(int(len(flat_valid) * cfg.kl_cov_ratio), 1)
+        chosen.view(-1)[flat_valid[torch.topk(cov, k).indices]] = True
+    per_token = torch.where(chosen, per_token + cfg.kl_cov_coef * log_ratio.abs(), per_token)
+    return per_token, chosen, torch.zeros_like(valid)
+
+
+for _name, _fn in [("vanilla", _vanilla), ("gspo", _gspo), ("cispo", _cispo), ("clip_cov", _clip_cov), ("kl_cov", _kl_cov)]:
     registry.POLICY_LOSSES.bind(_fn, _name)
 
 POLICY_LOSSES: dict[str, Callable] = registry.POLICY_LOSSES.implementations()
@@ -463,6 +517,11 @@ def policy_loss(inputs: PolicyLossInputs, cfg: PolicyLossConfig) -> tuple[Tensor
         gspo     the same without dual clip, with r replaced by the row's
                  s_b = exp(mean_t (logprobs - anchor)) (Zheng et al. 2025)
         cispo    L = -A sg(clip(r, 1 - low, 1 + high)) logprobs       (MiniMax-M1)
+        clip_cov vanilla without dual clip, and a random clip_cov_ratio of the unclipped
+                 tokens with covariance (A - mean A)(log pi - mean log pi) in (lb, ub)
+                 get L = 0 (Cui et al. 2025; the covariance is the micro-batch's)
+        kl_cov   L = -A r, plus kl_cov_coef * |log r| on the kl_cov_ratio of the tokens
+                 with the largest covariance (Cui et al. 2025; micro-batch's covariance)
         loss     w * L, 0 where mask is 0
 
     Reduce it with `agg_loss` (and the micro-batch's ``loss_scale`` in training).

@@ -162,6 +162,16 @@ POLICY_LOSSES = Registry("policy loss", "actor_rollout_ref.actor.loss_mode", [
            "s * grad log pi_t per token", "Zheng et al. 2025 (GSPO); verl `compute_policy_loss_gspo`"),
     Choice("cispo", "-A sg(clip(r, 1 - low, 1 + high)) log pi: every token keeps a gradient",
            "MiniMax 2025 (MiniMax-M1, CISPO)"),
+    Choice("clip_cov", "`vanilla` without dual clip; a random `clip_cov_ratio` of the unclipped tokens whose "
+           "covariance (A - mean A)(log pi - mean log pi) is in (`clip_cov_lb`, `clip_cov_ub`) get no gradient "
+           "(covariance over the micro-batch, so not split-invariant)",
+           "Cui et al. 2025 (The Entropy Mechanism of RL for Reasoning LMs); verl `compute_policy_loss_clip_cov`",
+           reads=("actor_rollout_ref.actor.clip_cov_ratio", "actor_rollout_ref.actor.clip_cov_lb",
+                  "actor_rollout_ref.actor.clip_cov_ub")),
+    Choice("kl_cov", "-A r (no clip), plus `kl_cov_coef` * abs(log r) on the `kl_cov_ratio` of the tokens with the "
+           "largest covariance (over the micro-batch)",
+           "Cui et al. 2025; verl `compute_policy_loss_kl_cov`",
+           reads=("actor_rollout_ref.actor.kl_cov_ratio", "actor_rollout_ref.actor.kl_cov_coef")),
 ])
 
 _TIS, _BEHAV = "algorithm.tis_cap", "algorithm.behav_imp_weight_cap"
@@ -250,10 +260,13 @@ def config_problems(cfg: Any) -> list[str]:
 
 
 def unused_parameters(cfg: Any, changed: Callable[[str], bool]) -> list[tuple[str, str]]:
-    """(key, why) for each correction parameter set away from its default that the chosen
-    correction does not read. (The aggregation's horizon is filled in by ``derive`` for every
+    """(key, why) for each correction or policy-loss parameter set away from its default that
+    the chosen correction / policy loss does not read. (The aggregation's horizon is filled in by ``derive`` for every
     mode, so it is always "set"; it is not reported.)"""
-    chosen = [(OFF_POLICY_CORRECTIONS, cfg.algorithm.off_policy_correction)]
+    chosen = [
+        (OFF_POLICY_CORRECTIONS, cfg.algorithm.off_policy_correction),
+        (POLICY_LOSSES, cfg.actor_rollout_ref.actor.loss_mode),
+    ]
     out = []
     for reg, name in chosen:
         reads = reg[name].reads
