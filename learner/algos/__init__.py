@@ -3,7 +3,8 @@
 What is here, and the simplifications made:
 
 - Advantages (`advantages.py`): gae, grpo (Dr. GRPO when the std division is
-  off), rloo, reinforce_plus_plus, reinforce_plus_plus_baseline, remax. Picked
+  off), rloo, reinforce_plus_plus, reinforce_plus_plus_baseline, remax, opo,
+  grpo_passk. Picked
   once by name from `ADVANTAGE_ESTIMATORS`. A batch row is one trajectory's
   response; tool-observation tokens inside it have mask 0 and are *skipped*
   (not time steps): GAE and REINFORCE++ discount once per sampled token and
@@ -12,8 +13,8 @@ What is here, and the simplifications made:
   reinforce_plus_plus. Groups of one get mean 0 / std 1 (verl's choice).
   Whitening (gae, reinforce_plus_plus*) is over the whole batch given.
 - Policy loss (`losses.py`): per-token `vanilla` clipped PPO (asymmetric and
-  dual clip), `gspo` (sequence-level ratio) or `cispo` (clipped IS weight on
-  the REINFORCE term), times a detached off-policy weight from a correction
+  dual clip), `gspo` (sequence-level ratio), `cispo` (clipped IS weight on
+  the REINFORCE term), `clip_cov` / `kl_cov` (covariance-selected tokens), times a detached off-policy weight from a correction
   (`none`, `decoupled` with AReaL's cap, `tis`, `seq_tis`, `seq_mis`,
   `geo_mis`, `icepop`; masked tokens get weight 0). It returns the per-token
   loss: the training step adds the entropy bonus and the KL-in-loss term per
@@ -22,7 +23,8 @@ What is here, and the simplifications made:
 - Episodes (`episodes.py`): DAPO's overlong reward shaping and the loss
   filters (`overlong`, `zero_variance`) that take whole episodes out of the
   policy loss.
-- KL (`kl.py`): k1/abs/k2/k3 per-token estimators, exact `full_kl` from
+- KL (`kl.py`): k1/abs/k2/k3 per-token estimators (and k1+/k3+ with k2's
+  gradient), exact `full_kl` from
   logits, fixed/adaptive coefficient controllers, KL-in-reward, and the k3
   learner-vs-actor mismatch logged every step.
 
