@@ -53,6 +53,9 @@ class ActorSettings:
     """Shared directory for ``weights=filesystem``."""
     val_temperature: float = 0.0
     """Sampling temperature of validation items (``rollout.val_temperature``; 0 = greedy)."""
+    work_wait_s: float = 1.0
+    """Longest the learner may hold a work request it cannot grant yet (a long poll: the reply comes
+    the moment there is work or a new version); 0 = answer at once."""
 
 
 class Scorer:
@@ -65,6 +68,8 @@ class Scorer:
     def __call__(self, ep: Episode, row: dict) -> dict[str, float]:
         from envs.rewards import TrajectoryInfo
 
+        if ep.reward is not None:  # the environment scored it (an external agent's reward)
+            return dict(ep.reward)
         info = TrajectoryInfo(
             messages=ep.messages,
             num_turns=ep.num_turns,
@@ -117,7 +122,8 @@ def as_tensor(a) -> torch.Tensor:
 
 
 class Actor:
-    def __init__(self, settings: ActorSettings, client: ActorClient, engine: Engine, agent: Agent, tokenizer, toolbox: ToolBox, scorer: Scorer):
+    def __init__(self, settings: ActorSettings, client: ActorClient, engine: Engine, agent: Agent, tokenizer, toolbox: ToolBox, scorer: Scorer,
+                 rollout=run_episode):
         self.s = settings
         self.client = client
         self.engine = engine
@@ -125,6 +131,8 @@ class Actor:
         self.tokenizer = tokenizer
         self.toolbox = toolbox
         self.scorer = scorer
+        self.rollout = rollout
+        """Plays one episode (``actors.rollout.run_episode``, or an external agent's runner, same signature)."""
         self.in_flight = 0
         self.learner_version = 0
         self.stop = False
@@ -191,7 +199,7 @@ class Actor:
                 grant = None
                 if room > 0:
                     grant = await self.call(
-                        m.WorkRequest(actor_id=self.s.actor_id, version=self.engine.version, max_groups=room),
+                        m.WorkRequest(actor_id=self.s.actor_id, version=self.engine.version, max_groups=room, wait_s=self.s.work_wait_s),
                         timeout_s=self.s.request_timeout_s,
                     )
                     self.learner_version = grant.learner_version
@@ -288,6 +296,6 @@ class Actor:
             sampling = SamplingSettings(max_tokens=sampling.max_tokens, temperature=0.0, stop_token_ids=sampling.stop_token_ids)
         elif item.validation:
             sampling = dataclasses.replace(sampling, temperature=self.s.val_temperature)
-        ep = await run_episode(self.engine, self.agent, self.tokenizer, self.toolbox, item.row, self.s.limits, sampling)
+        ep = await self.rollout(self.engine, self.agent, self.tokenizer, self.toolbox, item.row, self.s.limits, sampling)
         scores = await run_reward(self.scorer.reward_fn, lambda: self.scorer(ep, item.row), sample=f"{item.sample_id} chain {chain}")
         return to_trajectory(self.s.actor_id, item, chain, ep, scores, greedy=greedy)

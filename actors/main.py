@@ -55,14 +55,21 @@ def main(argv: list[str] | None = None) -> int:
         weights=t.weights,
         weights_dir=t.weights_dir,
         val_temperature=rollout.val_temperature,
+        work_wait_s=min(1.0, t.heartbeat_interval_s),
     )
     client = ActorClient(host, int(port), t.trajectory_hwm)
-    actor = Actor(settings, client, engine, parts.agent, parts.tokenizer, parts.toolbox, parts.scorer)
+    from actors.external import make_episode_runner
+    from envs.tools.mcp import close_mcp_servers
+
+    runner = make_episode_runner(cfg, parts.tokenizer, engine)  # agent_type=external: the OpenAI endpoint
+    actor = Actor(settings, client, engine, parts.agent, parts.tokenizer, parts.toolbox, parts.scorer, rollout=runner.run_episode)
 
     async def go():
         try:
             await actor.run()
         finally:
+            await runner.close()
+            await close_mcp_servers()  # agent.tools=[mcp:NAME]: stop this actor's tool servers
             await engine.close()
 
     try:

@@ -142,6 +142,9 @@ class Coordinator:
         """``configs.schema.FilterGroupsConfig`` or None (no dynamic sampling)."""
         self.max_group_refusals = max_group_refusals
         self.refusals: collections.Counter[str] = collections.Counter()
+        self.notify = lambda: None
+        """Called (from the training thread) when actors waiting for work should look again: a new
+        version, a validation round, the end. The trainer sets it to the server's ``wake``."""
         self._zero_variance_this_step = 0
         self.vocab_size = vocab_size
         self.min_actors = min_actors
@@ -465,6 +468,7 @@ class Coordinator:
             self.val_pending = collections.deque(items)
             self.val_outstanding = {}
             self.val_results = {}
+        self.notify()
 
     def validation_results(self, timeout_s: float, alive: callable = lambda: None) -> list[m.Trajectory]:
         """Wait until every item of the current round has come back; ends the round."""
@@ -514,10 +518,12 @@ class Coordinator:
     def advance(self, version: int) -> None:
         with self.lock:
             self.version = version
+        self.notify()
 
     def finish(self) -> None:
         with self.lock:
             self.stop = True
+        self.notify()
 
     def all_stopped(self) -> bool:
         """True once every live actor has been told to stop."""

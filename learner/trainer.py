@@ -175,6 +175,7 @@ class Trainer:
                 n_actors=cfg.actor_rollout_ref.rollout.num_actors, backend=backend, timeout_s=cfg.transport.recv_timeout_s,
             )
             self.server.write_endpoint(self.run_dir / "learner.json", cfg.transport.host)  # where local actors find us
+            self.coordinator.notify = self.server.wake  # actors long-polling for work hear of a new version at once
             self.server.mark_ready()  # registrations before this would miss the weights group in their Welcome
             self.ledger = open(self.run_dir / "ledger.jsonl", "a")
             self.validator = Validator(cfg, self.coordinator, alive=self.server.check)

@@ -139,6 +139,10 @@ class WorkRequest(_Msg, tag="work_request"):
     version: int
     """Policy version the actor serves now; admission is checked against it."""
     max_groups: int
+    wait_s: float = 0.0
+    """When nothing can be granted now, the learner may hold the reply up to this long and answers
+    the moment work can be granted, a newer policy version exists, or training stops (a long poll:
+    no polling interval between a new version and the actor hearing of it)."""
 
 
 class WorkItem(msgspec.Struct, kw_only=True):

@@ -205,6 +205,11 @@ def read_chunk(frames: list) -> tuple[m.WeightsChunk, list[tuple[str, np.ndarray
 # ----------------------------------------------------------------- learner side
 
 
+def _worth_waiting(msg: m.WorkRequest, reply: m.Message) -> bool:
+    """An empty grant that tells the actor nothing new: hold it (long poll) rather than send it."""
+    return isinstance(reply, m.WorkGrant) and not reply.items and not reply.stop and reply.learner_version <= msg.version
+
+
 class LearnerHandler(Protocol):
     """What the learner plugs into the server. Called on the IO thread: be quick."""
 
@@ -236,6 +241,14 @@ class LearnerServer:
         self.data.setsockopt(zmq.LINGER, 0)
         self.data.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self.max_message_bytes = max_message_bytes
+        # other threads wake the IO thread (a new version, a validation round) through this pair
+        self._wake_rx = self.ctx.socket(zmq.PULL)
+        self._wake_rx.bind(f"inproc://relay-wake-{id(self)}")
+        self._wake_tx = self.ctx.socket(zmq.PUSH)
+        self._wake_tx.connect(f"inproc://relay-wake-{id(self)}")
+        self._wake_lock = threading.Lock()
+        self._parked: list[tuple[bytes, m.WorkRequest, float]] = []
+        """Long-polling ``WorkRequest``s: (peer, request, deadline)."""
         self.port = self._bind(bind_host, port)
         control_ep, data_ep = endpoints(bind_host, self.port)
         self.tick_s = tick_s
@@ -289,6 +302,14 @@ class LearnerServer:
         tmp.write_text(json.dumps({"host": host, "port": self.port}))
         tmp.replace(path)
 
+    def wake(self) -> None:
+        """Make the IO thread look at parked work requests now (any thread may call this)."""
+        with self._wake_lock:
+            try:
+                self._wake_tx.send(b"", zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # a wake-up is already queued
+
     def mark_ready(self) -> None:
         """Start answering registrations (held until now)."""
         self._ready.set()
@@ -318,6 +339,7 @@ class LearnerServer:
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.data, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
         try:
             while not self._stop.is_set():
                 events = dict(poller.poll(int(self.tick_s * 1000)))
@@ -335,6 +357,14 @@ class LearnerServer:
                         except zmq.Again:
                             break
                         self._serve(ident, frames)
+                if self._wake_rx in events:
+                    while True:
+                        try:
+                            self._wake_rx.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                if self._parked:
+                    self._revisit_parked()
                 if self._held and self._ready.is_set():
                     held, self._held = self._held, []
                     for ident, frames in held:
@@ -399,6 +429,9 @@ class LearnerServer:
             self._held.append((ident, frames))  # answered once the learner is ready (e.g. its weights group exists)
             return
         reply = self.handler.on_request(peer, msg)
+        if isinstance(msg, m.WorkRequest) and msg.wait_s > 0 and _worth_waiting(msg, reply):
+            self._parked.append((ident, msg, time.monotonic() + min(msg.wait_s, 30.0)))
+            return
         if isinstance(reply, m.Welcome) and self.weights_group_for is not None:
             try:
                 reply = msgspec.structs.replace(reply, weights_group=self.weights_group_for(reply.actor_id))
@@ -411,6 +444,22 @@ class LearnerServer:
                 log.warning("could not send weights to %s: %s", peer, e)
         elif reply is not None:
             self._reply(ident, reply)
+
+    def _revisit_parked(self) -> None:
+        """Answer each parked work request that can now be granted something, or whose wait is over."""
+        now, keep = time.monotonic(), []
+        for ident, msg, deadline in self._parked:
+            try:
+                reply = self.handler.on_request(ident.hex(), msg)
+            except Exception as e:  # noqa: BLE001 - one message never ends the loop
+                self._bad("parked work request failed", ident.hex(), e)
+                self._reply(ident, m.Error(message=m._short(e)))
+                continue
+            if now < deadline and _worth_waiting(msg, reply):
+                keep.append((ident, msg, deadline))
+            else:
+                self._reply(ident, reply)
+        self._parked = keep
 
     def _reply(self, ident: bytes, msg: m.Message) -> None:
         body = m.encode(msg)
@@ -437,6 +486,8 @@ class LearnerServer:
         self._thread.join(timeout=5)
         self.control.close(0)
         self.data.close(0)
+        self._wake_rx.close(0)
+        self._wake_tx.close(0)
         self.ctx.term()
 
 

@@ -36,3 +36,31 @@ def test_waiting_for_a_missing_endpoint_file_names_it(tmp_path):
 
     with pytest.raises(TransportTimeout, match="learner.json"):
         read_endpoint_file(tmp_path / "learner.json", timeout_s=0.3)
+
+
+def test_a_work_request_waits_for_the_next_version_and_is_answered_the_moment_it_is_published():
+    import threading
+    import time
+
+    c = Coordinator(DataStream([{"question": f"q{i}"} for i in range(4)], shuffle=False, seed=0),
+                    batch_groups=1, group_size=1, max_staleness=0, peer_timeout_s=60)
+    server = LearnerServer(c, "127.0.0.1", 0, tick_s=5.0)  # a slow tick: only the wake-up can answer early
+    c.notify = server.wake
+    client = ActorClient("127.0.0.1", server.port)
+
+    async def scenario():
+        await client.call(m.Register(actor_id="a0", host="h", pid=1, engine="x"), timeout_s=5)
+        first = await client.call(m.WorkRequest(actor_id="a0", version=0, max_groups=4, wait_s=20), timeout_s=5)
+        t0 = time.monotonic()
+        threading.Timer(0.5, c.advance, args=(1,)).start()  # the learner publishes v1 after 0.5 s
+        second = await client.call(m.WorkRequest(actor_id="a0", version=0, max_groups=4, wait_s=20), timeout_s=30)
+        return first, second, time.monotonic() - t0
+
+    try:
+        first, second, waited = asyncio.run(scenario())
+    finally:
+        client.close()
+        server.close()
+    assert [i.sample_id for i in first.items] == ["0:0"]  # credit for one group at v0
+    assert second.items == [] and second.learner_version == 1  # held until v1 existed, then told at once
+    assert waited < 20  # answered by the wake-up, not by the end of its wait
