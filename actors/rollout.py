@@ -59,6 +59,9 @@ class Episode:
     tool_time_s: float = 0.0
     turn_ends: list[int] = field(default_factory=list)
     """Index in ``response_ids`` of each assistant turn's last sampled token."""
+    reward: dict[str, float] | None = None
+    """Set when the environment scored the episode itself (an external agent's returned reward):
+    the actor's ``Scorer`` then uses it instead of the configured reward function."""
 
     def response_text(self, tokenizer) -> str:
         return tokenizer.decode(self.response_ids, skip_special_tokens=False)

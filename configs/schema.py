@@ -56,13 +56,44 @@ class Section(BaseModel):
 # --------------------------------------------------------------------------- agent
 
 
+class McpServerConfig(Section):
+    """One MCP server whose tools the agent may call (``agent.tools=[mcp:NAME]``)."""
+
+    command: str | list[str] | None = None
+    """Start a stdio server: an argv list, or one string split like a shell does."""
+    url: str | None = None
+    """Or connect to a streamable-HTTP server at this URL."""
+    env: dict[str, str] = {}
+    """Extra environment variables of a stdio server."""
+    cwd: str | None = None
+    """Working directory of a stdio server (default: the actor's)."""
+    startup_timeout_s: float = Field(30.0, gt=0)
+    """Longest wait for the server to start and answer ``initialize``."""
+
+    @model_validator(mode="after")
+    def _one_transport(self):
+        if bool(self.command) == bool(self.url):
+            raise ValueError("an MCP server needs exactly one of command (stdio) or url (streamable HTTP)")
+        return self
+
+
 class AgentConfig(Section):
     """The tool-using agent that plays each episode (AgentFly's ``agent`` section)."""
 
     use_agent: bool = True
     """Run multi-turn agent episodes with tools; false = one plain completion per prompt."""
-    agent_type: Literal["hf", "react", "code"] = "hf"
-    """Turn logic: ``hf`` (chat template tool calls), ``react`` (Thought/Action text), ``code`` (code blocks)."""
+    agent_type: Literal["hf", "react", "code", "external"] = "hf"
+    """Turn logic: ``hf`` (chat template tool calls), ``react`` (Thought/Action text), ``code`` (code blocks),
+    ``external`` (``agent.entrypoint`` plays the episode through the actor's OpenAI-compatible endpoint)."""
+    entrypoint: str | None = None
+    """``agent_type=external``: the harness, ``path/to/agent.py:run`` or ``package.module:run``, an
+    ``async def run(row, client)`` given an ``openai.AsyncOpenAI`` bound to the episode; it returns
+    the final answer (scored by ``reward_name``), a reward, or a dict with ``reward``."""
+    episode_timeout_s: float = Field(600.0, gt=0)
+    """``agent_type=external``: the longest an entrypoint may run for one episode (then truncated)."""
+    mcp_servers: dict[str, McpServerConfig] = {}
+    """MCP servers by name; ``agent.tools=[mcp:NAME]`` offers all of NAME's tools, e.g.
+    ``agent.mcp_servers.calc.command='python calc_server.py'`` or ``.url=http://host:8000/mcp``."""
     tools: StrList = ["calculator"]
     """Tools the agent may call: registered names (``calculator``, ``answer``, ``search``,
     ``code_interpreter`` and their aliases), or a user tool as ``path/to/file.py:name`` or
@@ -247,8 +278,10 @@ class TrainerConfig(Section):
     """Passes over the training prompts when ``total_training_steps`` is None."""
     nnodes: int = Field(1, ge=1)
     """Nodes running learner processes."""
-    n_gpus_per_node: int = Field(2, ge=1)
-    """Learner processes per node (one per GPU; on CPU, CPU ranks)."""
+    n_gpus_per_node: int | None = Field(None, ge=1)
+    """Learner processes per node (one per GPU; on CPU, CPU ranks). None = chosen for this machine
+    when the run starts (``launcher.shape.fit_shape``): every GPU, or on CPU one rank per 8 cores,
+    at least 1; the choice is printed."""
     save_freq: int = -1
     """Save a checkpoint every this many learner steps; -1 disables periodic saves."""
     test_freq: int = -1
@@ -393,8 +426,10 @@ class RolloutConfig(Section):
 
     name: Literal["hf", "vllm"] = "hf"
     """Inference engine: ``hf`` (transformers, CPU or GPU) or ``vllm``."""
-    num_actors: int = Field(2, ge=1)
-    """Actor processes generating episodes."""
+    num_actors: int | None = Field(None, ge=1)
+    """Actor processes generating episodes. None = chosen for this machine when the run starts
+    (``launcher.shape.fit_shape``): on CPU one per 2 cores left beside the learner ranks, at least
+    1 (2 cores: 1 learner rank + 1 actor); with GPUs, one."""
     temperature: float = Field(1.0, ge=0)
     """Sampling temperature for training episodes."""
     top_p: float = Field(1.0, gt=0, le=1)

@@ -137,6 +137,8 @@ def _check_tools(cfg: RelayConfig, report: Report) -> bool:
                 f"agent.tool_configs.{name}: '{name}' is not in agent.tools {cfg.agent.tools}")
             ok = False
     for name in cfg.agent.tools:
+        if name.startswith("mcp:"):  # a tool server: its tools are listed when the agent is built (envs.agents)
+            continue
         options = cfg.agent.tool_configs.get(name, cfg.agent.tool_configs.get(TOOL_ALIASES.get(name, name), {}))
         try:
             get_tool(name, **options)

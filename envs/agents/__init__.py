@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from envs.agents.chat import ChatAgent
 from envs.agents.code import CodeAgent
+from envs.agents.external import ExternalAgent
 from envs.agents.hf import HFAgent
 from envs.agents.react import ReActAgent
 from envs.base import Agent
@@ -22,6 +23,7 @@ AGENT_TYPES: dict[str, type[ChatAgent]] = {
     "hf": HFAgent,
     "react": ReActAgent,
     "code": CodeAgent,
+    "external": ExternalAgent,
 }
 
 
@@ -48,20 +50,43 @@ def agent_for_config(cfg: RelayConfig, tokenizer: Any) -> Agent:
     """The agent ``cfg`` describes (``agent.*`` with its tools built with their
     ``agent.tool_configs`` options, ``data.prompt_key``): the one place actors, the learner's
     prompt-length filter and the launcher's checks build it, so all render alike."""
-    from envs.tools import TOOL_ALIASES, get_tool
-
-    def options(name: str) -> dict[str, Any]:
-        configs = cfg.agent.tool_configs
-        return configs.get(name, configs.get(TOOL_ALIASES.get(name, name), {}))
-
     return make_agent(
         cfg.agent.agent_type,
         tokenizer,
-        [get_tool(name, **options(name)) for name in cfg.agent.tools],
+        tools_for_config(cfg),
         template=cfg.agent.template,
         system_prompt=cfg.agent.system_prompt,
         prompt_key=cfg.data.prompt_key,
     )
 
 
-__all__ = ["AGENT_TYPES", "ChatAgent", "CodeAgent", "HFAgent", "ReActAgent", "agent_for_config", "make_agent"]
+def tools_for_config(cfg: RelayConfig) -> list[Tool]:
+    """The tools ``agent.tools`` names, built with their ``agent.tool_configs`` options; ``mcp:NAME``
+    stands for every tool of the MCP server ``agent.mcp_servers.NAME``."""
+    from envs.tools import TOOL_ALIASES, get_tool
+    from envs.tools.mcp import MCP_PREFIX, McpServerSpec, mcp_tools
+
+    def options(name: str) -> dict[str, Any]:
+        configs = cfg.agent.tool_configs
+        return configs.get(name, configs.get(TOOL_ALIASES.get(name, name), {}))
+
+    tools: list[Tool] = []
+    for name in cfg.agent.tools:
+        if name.startswith(MCP_PREFIX):
+            server = name[len(MCP_PREFIX):]
+            if server not in cfg.agent.mcp_servers:
+                raise KeyError(f"agent.tools: '{name}' names no MCP server; configured: {sorted(cfg.agent.mcp_servers)} "
+                               f"(set agent.mcp_servers.{server}.command=... or .url=...)")
+            tools += mcp_tools(McpServerSpec.from_options(server, **cfg.agent.mcp_servers[server].model_dump()))
+        else:
+            tools.append(get_tool(name, **options(name)))
+    seen: set[str] = set()
+    for t in tools:
+        if t.name in seen:
+            raise ValueError(f"agent.tools: two tools are named '{t.name}' (an MCP server's tool and another)")
+        seen.add(t.name)
+    return tools
+
+
+__all__ = ["AGENT_TYPES", "ChatAgent", "CodeAgent", "ExternalAgent", "HFAgent", "ReActAgent", "agent_for_config", "make_agent",
+           "tools_for_config"]

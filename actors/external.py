@@ -1,0 +1,181 @@
+"""External agents: any OpenAI-client harness plays the episode, the endpoint records its tokens.
+
+``agent.agent_type=external`` with ``agent.entrypoint=path/to/agent.py:run``
+(or ``package.module:run``) names an async function::
+
+    async def run(row: dict, client: openai.AsyncOpenAI) -> str | float | dict | None
+
+It gets a copy of the dataset row and a client bound to the episode's session
+on the actor's endpoint (``actors/endpoint.py``; any ``model`` name is
+accepted), runs whatever harness it likes and returns
+
+* the final answer (``str`` or ``None``): the configured ``agent.reward_name``
+  scores it as for Relay's own agents;
+* a reward (a number), used as is;
+* a dict with ``reward`` (and other numbers, kept as reward components) and
+  optionally ``final_answer``.
+
+The episode's training sequence is the session's last segment (the one that
+produced the answer). When the harness rewrote history, the earlier segments
+are kept on the ``ExternalEpisode`` and counted (``splits``; the actor logs
+the total), but not sent: the learner takes one trajectory per chain of a
+group. Sending them needs a segment index on ``Trajectory`` and a coordinator
+that completes a chain when all its segments arrived (see docs/environments.md).
+
+Limits: the episode runs for at most ``agent.episode_timeout_s``; requests past
+``agent.max_turns`` or the token budget are refused (HTTP 400) and the episode
+is truncated, and an exception the harness raises after such a refusal is
+taken as the end of a truncated episode. Any other exception propagates (a bug
+in the harness stops the actor, naming it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from actors.endpoint import Endpoint, Segment, Session
+from actors.engines.base import Engine, SamplingSettings
+from actors.rollout import Episode, EpisodeLimits, run_episode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExternalEpisode(Episode):
+    """An episode played through the endpoint: the last segment, plus the record of the others."""
+
+    segments: list[Segment] = field(default_factory=list)
+    splits: int = 0
+    """Times the harness's history did not extend the session's (``len(segments) - 1``)."""
+
+
+def load_entrypoint(spec: str) -> Callable[..., Any]:
+    from envs.plugins import PluginError, load_object
+
+    fn = load_object(spec)
+    if not inspect.iscoroutinefunction(fn):
+        raise PluginError(f"'{spec}': an external agent's entrypoint must be an async function (async def run(row, client))")
+    return fn
+
+
+def scores_from(result: Any, spec: str) -> tuple[str | None, dict[str, float] | None]:
+    """``(final_answer, reward components or None)`` from what an entrypoint returned."""
+    if result is None or isinstance(result, str):
+        return result, None
+    if isinstance(result, (bool, int, float)):
+        return None, {"reward": float(result)}
+    if isinstance(result, dict):
+        answer = result.get("final_answer")
+        numbers = {k: float(v) for k, v in result.items() if isinstance(v, (bool, int, float))}
+        if "reward" not in numbers:
+            if answer is None:
+                raise TypeError(f"'{spec}' returned a dict without 'reward' or 'final_answer': {sorted(result)}")
+            return str(answer), None
+        return (None if answer is None else str(answer)), numbers
+    raise TypeError(f"'{spec}' returned {type(result).__name__}; expected a final answer (str), a reward (number) or a dict")
+
+
+def episode_from(session: Session, final_answer: str | None, reward: dict[str, float] | None) -> ExternalEpisode:
+    last = session.segments[-1]
+    ep = ExternalEpisode(
+        prompt_ids=list(last.prompt_ids),
+        response_ids=list(last.response_ids),
+        loss_mask=list(last.loss_mask),
+        logprobs=list(last.logprobs),
+        versions=list(last.versions),
+        messages=list(last.history),
+        final_answer=final_answer,
+        tool_calls=[name for seg in session.segments for name in seg.tool_calls],
+        num_turns=session.num_turns,
+        gen_tokens=session.gen_tokens,
+        gen_time_s=session.gen_time_s,
+        turn_ends=list(last.turn_ends),
+        segments=list(session.segments),
+        splits=session.splits,
+    )
+    ep.reward = reward
+    if session.truncated:
+        ep.truncated, ep.finish_reason = True, session.finish_reason
+    elif last.last_finish == "length":
+        ep.truncated, ep.finish_reason = True, "length"
+    else:
+        ep.finish_reason = "answer"
+    return ep
+
+
+class ExternalRunner:
+    """Plays ``agent_type=external`` episodes on the actor's endpoint (started on first use)."""
+
+    def __init__(self, endpoint: Endpoint, entrypoint: str, timeout_s: float):
+        self.endpoint = endpoint
+        self.spec = entrypoint
+        self.fn = load_entrypoint(entrypoint)
+        self.timeout_s = timeout_s
+        self.episodes = 0
+        self.splits = 0
+
+    async def run_episode(self, engine: Engine, agent: Any, tokenizer: Any, toolbox: Any, row: dict[str, Any],
+                          limits: EpisodeLimits, settings: SamplingSettings) -> ExternalEpisode:
+        """``actors.rollout.run_episode``'s signature; ``agent`` and ``toolbox`` are the harness's business."""
+        import openai
+
+        await self.endpoint.start()
+        session = self.endpoint.open_session(limits, settings)
+        # no retries: a retried request repeats an earlier history, which would read as a rewrite
+        client = openai.AsyncOpenAI(base_url=session.base_url, api_key=session.key, max_retries=0, timeout=self.timeout_s)
+        try:
+            try:
+                result = await asyncio.wait_for(self.fn(dict(row), client), timeout=self.timeout_s)
+            except asyncio.TimeoutError:
+                if not session.segments:
+                    raise TimeoutError(f"external agent '{self.spec}' made no model request in {self.timeout_s:g} s") from None
+                log.warning("external agent '%s' still running after %g s: episode truncated", self.spec, self.timeout_s)
+                session.truncated, session.finish_reason = True, "timeout"
+                result = None
+            except Exception as e:
+                if not session.truncated:
+                    raise
+                log.info("external agent ended after a refused request (%s): %s", session.finish_reason, type(e).__name__)
+                result = None
+        finally:
+            self.endpoint.close_session(session)
+            await client.close()
+        if not session.segments:
+            raise RuntimeError(f"external agent '{self.spec}' returned without asking the model anything")
+        answer, reward = scores_from(result, self.spec)
+        ep = episode_from(session, answer, reward)
+        self.episodes += 1
+        self.splits += ep.splits
+        if ep.splits:
+            log.info("external agent: episode split into %d sequences (%d splits in %d episodes so far)",
+                     len(ep.segments), self.splits, self.episodes)
+        return ep
+
+    async def close(self) -> None:
+        c = self.endpoint.counters
+        log.info("external agent '%s': %d episodes, %d splits (history rewritten), %d requests, %d refused",
+                 self.spec, self.episodes, self.splits, c["requests"], c["refused"])
+        await self.endpoint.close()
+
+
+class LoopRunner:
+    """Relay's own agents: the token-exact loop of ``actors/rollout.py``; nothing to close."""
+
+    run_episode = staticmethod(run_episode)
+
+    async def close(self) -> None:
+        return None
+
+
+def make_episode_runner(cfg: Any, tokenizer: Any, engine: Engine) -> ExternalRunner | LoopRunner:
+    """What plays each episode for ``cfg`` (``agent.agent_type``)."""
+    if cfg.agent.agent_type != "external":
+        return LoopRunner()
+    if not cfg.agent.entrypoint:
+        raise ValueError("agent.agent_type=external needs agent.entrypoint=path/to/agent.py:run (or package.module:run)")
+    endpoint = Endpoint(engine, tokenizer, cfg.agent.template)
+    return ExternalRunner(endpoint, cfg.agent.entrypoint, cfg.agent.episode_timeout_s)

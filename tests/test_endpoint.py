@@ -1,0 +1,230 @@
+"""The actor's OpenAI-compatible endpoint: real aiohttp server, real ``openai`` client, exact tokens.
+
+A scripted engine (returns given turns, remembers every id list it returned)
+serves the tiny model's tokenizer, so tool calls are deterministic; the ids the
+session keeps must be, token for token, what the engine returned (mask 1) and
+the observation ids (mask 0) that make the whole sequence decode to the chat
+template's rendering of the conversation.
+"""
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("aiohttp")
+
+from actors.endpoint import Endpoint
+from actors.engines.base import SamplingSettings
+from actors.engines.scripted import ScriptedEngine
+from actors.rollout import EpisodeLimits
+
+CALC = {"type": "function", "function": {"name": "calculator", "description": "Evaluate arithmetic.",
+        "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
+
+
+class RecordingEngine(ScriptedEngine):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.returned: list[list[int]] = []
+        self.prompts: list[list[int]] = []
+
+    async def generate(self, prompt_ids, settings):
+        g = await super().generate(prompt_ids, settings)
+        self.prompts.append(list(prompt_ids))
+        self.returned.append(list(g.token_ids))
+        return g
+
+
+def call(expr):
+    return "<tool_call>" + json.dumps({"name": "calculator", "arguments": {"expression": expr}}) + "</tool_call>"
+
+
+@pytest.fixture
+def tok(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def limits(max_turns=6):
+    return EpisodeLimits(max_turns=max_turns, max_tokens_per_turn=64, max_response_tokens=600, max_context=2048)
+
+
+def runs(mask, ids):
+    """The (mask value, ids) runs of a response."""
+    out, start = [], 0
+    for i in range(1, len(mask) + 1):
+        if i == len(mask) or mask[i] != mask[start]:
+            out.append((int(mask[start]), list(ids[start:i])))
+            start = i
+    return out
+
+
+def serve(tok, turns, fn, max_turns=6):
+    """Run ``fn(client, session)`` against a fresh endpoint on a scripted engine."""
+    engine = RecordingEngine(tok, turns, tok.convert_tokens_to_ids("<|im_end|>"))
+    settings = SamplingSettings(max_tokens=64, stop_token_ids=(tok.convert_tokens_to_ids("<|im_end|>"),))
+
+    async def go():
+        ep = Endpoint(engine, tok, None)
+        await ep.start()
+        try:
+            session = ep.open_session(limits(max_turns), settings)
+            async with openai.AsyncOpenAI(base_url=session.base_url, api_key=session.key, max_retries=0) as client:
+                out = await fn(client, session)
+            ep.close_session(session)
+            return session, out
+        finally:
+            await ep.close()
+
+    session, out = asyncio.run(go())
+    return engine, session, out
+
+
+def test_function_calling_round_trip_is_token_exact(tok):
+    async def agent(client, session):
+        messages = [{"role": "user", "content": "What is 12*3+4?"}]
+        r = await client.chat.completions.create(model="relay", messages=messages, tools=[CALC])
+        msg = r.choices[0].message
+        assert r.choices[0].finish_reason == "tool_calls"
+        assert msg.tool_calls[0].function.name == "calculator"
+        assert json.loads(msg.tool_calls[0].function.arguments) == {"expression": "12*3"}
+        messages.append(msg.model_dump(exclude_none=True))  # what harnesses do: the SDK object back
+        messages.append({"role": "tool", "tool_call_id": msg.tool_calls[0].id, "content": "36"})
+        r = await client.chat.completions.create(model="relay", messages=messages, tools=[CALC])
+        messages.append({"role": "assistant", "content": r.choices[0].message.content, "tool_calls": [
+            {"id": t.id, "type": "function", "function": {"name": t.function.name, "arguments": t.function.arguments}}
+            for t in r.choices[0].message.tool_calls]})
+        messages.append({"role": "tool", "tool_call_id": "x", "content": "40"})
+        r = await client.chat.completions.create(model="relay", messages=messages, tools=[CALC], extra_body={"return_token_ids": True})
+        assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == "The answer is 40."
+        return r, messages
+
+    engine, session, (last, messages) = serve(tok, [call("12*3"), call("36+4"), "The answer is 40."], agent)
+    assert session.splits == 0 and len(session.segments) == 1
+    seg = session.segments[0]
+    assert len(seg.response_ids) == len(seg.loss_mask) == len(seg.logprobs) == len(seg.versions)
+    sampled = [ids for k, ids in runs(seg.loss_mask, seg.response_ids) if k == 1]
+    assert sampled == engine.returned  # every sampled token, in order, exactly as the engine returned it
+    # each request's context is the previous one plus what was sampled plus the new observation ids only
+    assert engine.prompts[1][: len(engine.prompts[0]) + len(engine.returned[0])] == engine.prompts[0] + engine.returned[0]
+    assert last.model_extra["prompt_token_ids"] == engine.prompts[2]
+    assert last.choices[0].model_extra["token_ids"] == engine.returned[2]
+    # observations are the chat template's rendering of the tool messages, nothing else
+    text = tok.decode(seg.prompt_ids + seg.response_ids, skip_special_tokens=False)
+    assert "<tool_response>\n36\n</tool_response>" in text and "<tool_response>\n40\n</tool_response>" in text
+    assert text.endswith("The answer is 40.<|im_end|>")
+    assert seg.tool_calls == ["calculator", "calculator"]
+
+
+def test_rewritten_history_splits_the_episode(tok):
+    async def agent(client, session):
+        messages = [{"role": "user", "content": "What is 2+2?"}]
+        r = await client.chat.completions.create(model="m", messages=messages)
+        messages.append({"role": "assistant", "content": r.choices[0].message.content})
+        messages.append({"role": "user", "content": "Are you sure?"})
+        await client.chat.completions.create(model="m", messages=messages)  # extends: same segment
+        # the harness summarises: a new history that does not extend the old one
+        summary = [{"role": "user", "content": "What is 2+2? Earlier you said 4. Final answer?"}]
+        r = await client.chat.completions.create(model="m", messages=summary)
+        return r.choices[0].message.content
+
+    engine, session, answer = serve(tok, ["4", "Yes, 4.", "4"], agent)
+    assert answer == "4"
+    assert session.splits == 1 and [s.num_turns for s in session.segments] == [2, 1]
+    first, second = session.segments
+    assert [ids for k, ids in runs(first.loss_mask, first.response_ids) if k == 1] == engine.returned[:2]
+    assert [ids for k, ids in runs(second.loss_mask, second.response_ids) if k == 1] == engine.returned[2:]
+    assert second.prompt_ids == engine.prompts[2]  # a fresh render of the rewritten history
+    assert tok.decode(second.prompt_ids, skip_special_tokens=False).endswith("Final answer?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_turn_limit_is_refused_and_marks_truncation(tok):
+    async def agent(client, session):
+        messages = [{"role": "user", "content": "hi"}]
+        r = await client.chat.completions.create(model="m", messages=messages)
+        messages += [{"role": "assistant", "content": r.choices[0].message.content}, {"role": "user", "content": "again"}]
+        with pytest.raises(openai.BadRequestError) as e:
+            await client.chat.completions.create(model="m", messages=messages)
+        return e.value
+
+    _, session, err = serve(tok, ["hello"], agent, max_turns=1)
+    assert err.code == "max_turns_exceeded" and session.truncated and session.finish_reason == "max_turns"
+
+
+def test_text_completions_extend_and_unknown_sessions_are_refused(tok):
+    async def agent(client, session):
+        r = await client.completions.create(model="m", prompt="Q: 1+1?\nA:")
+        text = "Q: 1+1?\nA:" + r.choices[0].text + "\nQ: 2+2?\nA:"
+        r2 = await client.completions.create(model="m", prompt=text)
+        other = openai.AsyncOpenAI(base_url=session.base_url.replace(session.key, "nope"), api_key="nope", max_retries=0)
+        with pytest.raises(openai.NotFoundError):
+            await other.completions.create(model="m", prompt="x")
+        await other.close()
+        return r2.choices[0].text
+
+    engine, session, text = serve(tok, [" 2", " 4"], agent)
+    assert text == " 4" and session.splits == 0
+    seg = session.segments[0]
+    assert [ids for k, ids in runs(seg.loss_mask, seg.response_ids) if k == 1] == engine.returned
+
+
+def test_streamed_chat_returns_the_turn(tok):
+    async def agent(client, session):
+        stream = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True)
+        parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+        return "".join(parts)
+
+    _, _, text = serve(tok, ["hello there"], agent)
+    assert text == "hello there"
+
+
+def test_external_runner_scores_and_the_learner_gets_the_sampled_ids(tok, tmp_path):
+    """An entrypoint file played through ExternalRunner, its trajectory across the wire into collate."""
+    from actors.actor import Scorer, to_trajectory
+    from actors.endpoint import Endpoint
+    from actors.external import ExternalRunner
+    from envs.rewards import get_reward
+    from learner.batch import collate
+    from protocol import messages as m
+
+    agent_file = tmp_path / "agent.py"
+    agent_file.write_text(
+        "import json\n"
+        "async def run(row, client):\n"
+        "    tools = [{'type': 'function', 'function': {'name': 'calculator', 'parameters': {'type': 'object', 'properties': {'expression': {'type': 'string'}}}}}]\n"
+        "    messages = [{'role': 'user', 'content': row['question']}]\n"
+        "    for _ in range(4):\n"
+        "        r = await client.chat.completions.create(model='relay', messages=messages, tools=tools)\n"
+        "        msg = r.choices[0].message\n"
+        "        messages.append(msg.model_dump(exclude_none=True))\n"
+        "        if not msg.tool_calls:\n"
+        "            return msg.content\n"
+        "        for c in msg.tool_calls:\n"
+        "            messages.append({'role': 'tool', 'tool_call_id': c.id, 'content': str(eval(json.loads(c.function.arguments)['expression']))})\n"
+    )
+    stop = tok.convert_tokens_to_ids("<|im_end|>")
+    engine = RecordingEngine(tok, [call("12*3"), call("36+4"), "40"], stop)
+    runner = ExternalRunner(Endpoint(engine, tok, None), f"{agent_file}:run", timeout_s=60)
+    settings = SamplingSettings(max_tokens=64, stop_token_ids=(stop,))
+    row = {"question": "What is 12*3+4?", "answer": "40"}
+
+    async def go():
+        try:
+            return await runner.run_episode(engine, None, tok, None, row, limits(), settings)
+        finally:
+            await runner.close()
+
+    ep = asyncio.run(go())
+    assert ep.final_answer == "40" and ep.finish_reason == "answer" and ep.splits == 0 and ep.num_turns == 3
+    scores = Scorer(get_reward("math_reward_string_equal"), tok)(ep, row)
+    assert scores["reward"] == 1.0
+    item = m.WorkItem(sample_id="s0", row=row, group_size=1)
+    traj = m.decode(m.encode(to_trajectory("actor-0", item, 0, ep, scores)))
+    batch = collate([traj], {"s0": 0}, pad_id=0)
+    targets = batch.input_ids[0].numpy()[1:]  # loss_mask is over target positions
+    trained = targets[batch.loss_mask[0].numpy().astype(bool)]
+    assert trained.tolist() == np.concatenate([np.array(r) for r in engine.returned]).tolist()
