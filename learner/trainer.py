@@ -308,6 +308,11 @@ class Trainer:
         if self.version >= self.cfg.trainer.critic_warmup:
             stats |= self.update_policy(plan, shard, StepTensors(adv[mine], old_logprobs, ref_logprobs, policy_mask[mine]))
         out = all_reduce_means(stats, self.device)
+        weight = out.pop("actor/token_frac_weight", 0.0)
+        for k in TOKEN_FRACTIONS:  # exact fractions of the step's sampled tokens, every rank's
+            weighted = out.pop(f"actor/{k}_weighted", None)
+            if weighted is not None and weight > 0:
+                out[f"actor/{k}"] = weighted / weight
         self.same_version_rows = gather_rows(self._same_version_rows, n)  # [n, 2] for the log-prob guard
         if out.get("actor/same_version_tokens", 0) > 0:
             out["actor/logprob_abs_diff_same_version"] = out["actor/same_version_abs_diff_sum"] / out["actor/same_version_tokens"]
@@ -349,6 +354,11 @@ class Trainer:
                     ).detach().to(self._same_version_rows.dtype)
                     for k, v in metrics.items():
                         stats.setdefault(k if "/" in k else f"actor/{k}", []).append(float(v))
+                    # token fractions are re-weighted by the micro-batch's tokens (a padding pass has none)
+                    tokens = float(mask.sum()) if micro.loss_scale > 0 else 0.0
+                    stats.setdefault("actor/token_frac_weight", []).append(tokens)
+                    for k in TOKEN_FRACTIONS:
+                        stats.setdefault(f"actor/{k}_weighted", []).append(metrics[k] * tokens)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), actor.grad_clip)
                 if not torch.isfinite(grad_norm):
                     raise FloatingPointError(f"non-finite gradient norm at v{self.version}")
@@ -428,6 +438,11 @@ class Trainer:
             self.metrics.close()
         dist.barrier()
         dist.destroy_process_group()
+
+
+TOKEN_FRACTIONS = ("pg_clipfrac", "pg_clipfrac_lower", "is_weight_truncfrac", "is_masked_frac")
+"""Policy-loss metrics that are fractions of a micro-batch's tokens: the step reports them over
+all its tokens, not as a mean of per-micro-batch fractions."""
 
 
 def whole_groups(groups) -> tuple[list[m.Trajectory], int, int]:

@@ -53,10 +53,9 @@ def test_each_policy_loss_and_correction_trains_through_train_step(tmp_path, tin
 def test_decoupled_cap_masks_exactly_the_tokens_above_it(tmp_path, tiny_model_dir):
     """actor/is_masked_frac = the fraction of sampled tokens whose pi_prox / pi_behav exceeds
     behav_imp_weight_cap, recomputed here from the learner's own log-probs."""
-    # two micro-batches of 4 equal-length rows: the step's mean over micro-batches is the token fraction
+    # micro-batches of 3, 3 and 2 rows: the step reports the fraction of all its tokens
     cfg = learner_config(tiny_model_dir, tmp_path, "algorithm.behav_imp_weight_cap=2",
-                         "actor_rollout_ref.actor.ppo_mini_batch_size=2",
-                         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4")
+                         "actor_rollout_ref.actor.ppo_mini_batch_size=2")
     with trainer_world_1(cfg) as trainer:
         batch = trainer.step_batch(make_trajs()).batch
         prox = trainer.logprobs(batch, len(batch))
