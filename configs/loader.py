@@ -769,7 +769,7 @@ def no_effect_notes(cfg: RelayConfig, has_gpu: bool) -> list[str]:
         value = yaml.safe_dump(_get(cfg, key), default_flow_style=True).strip().removesuffix("...").strip()
         notes.append(f"{key}={value}: {why}")
 
-    if not gpu:
+    if not gpu and cfg.trainer.n_gpus_per_node is not None:
         note("trainer.n_gpus_per_node", "on CPU this is the number of CPU learner processes per node")
         for key in (
             "actor_rollout_ref.actor.fsdp_config.param_offload",

@@ -48,14 +48,29 @@ def resolve_model(cfg: RelayConfig) -> RelayConfig:
 
 
 def _has_gpu() -> bool:
-    import shutil
+    from launcher.shape import gpu_count
 
-    return shutil.which("nvidia-smi") is not None
+    return gpu_count() > 0
+
+
+def fit_to_machine(cfg: RelayConfig) -> RelayConfig:
+    """Fill in learner ranks and actors the config leaves open (``launcher.shape``), saying what was chosen."""
+    from launcher.shape import fit_shape, gpu_count, usable_cores
+
+    t, r = cfg.trainer, cfg.actor_rollout_ref.rollout
+    if t.n_gpus_per_node is not None and r.num_actors is not None:
+        return cfg
+    ranks, actors, note = fit_shape(t.n_gpus_per_node, r.num_actors, usable_cores(), gpu_count() if t.device != "cpu" else 0)
+    _say(note)
+    return cfg.model_copy(update={
+        "trainer": t.model_copy(update={"n_gpus_per_node": ranks}),
+        "actor_rollout_ref": cfg.actor_rollout_ref.model_copy(update={"rollout": r.model_copy(update={"num_actors": actors})}),
+    })
 
 
 def _prepare(cfg: RelayConfig, port: int) -> tuple[RelayConfig, Path]:
-    """Resolve the model, fix the learner port, log the no-effect notes, make the run dir."""
-    cfg = resolve_model(cfg)
+    """Resolve the model and the run's shape, fix the learner port, log the no-effect notes, make the run dir."""
+    cfg = fit_to_machine(resolve_model(cfg))
     cfg = cfg.model_copy(update={"transport": cfg.transport.model_copy(update={"port": port})})
     run_dir = Path(cfg.trainer.default_local_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

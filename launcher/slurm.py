@@ -63,10 +63,13 @@ def render(cfg: RelayConfig, presets: list[str], overrides: list[str], points: l
     t = cfg.trainer
     if opts.actor_nodes < 0:
         raise SlurmError(f"--actor-nodes must be >= 0, got {opts.actor_nodes}")
-    num_actors = cfg.actor_rollout_ref.rollout.num_actors
+    # relay slurm cannot see the nodes the job will get: a shape left open is --gpus-per-node ranks
+    # (else 1) per learner node and one actor per actor node, written into the job's overrides
+    per_node = t.n_gpus_per_node or opts.gpus_per_node or 1
+    num_actors = cfg.actor_rollout_ref.rollout.num_actors or max(1, opts.actor_nodes)
     per_actor_node = opts.actors_per_node or (-(-num_actors // opts.actor_nodes) if opts.actor_nodes else num_actors)
     learner_port = opts.learner_port or cfg.transport.port or 29600
-    gpus = opts.gpus_per_node if opts.gpus_per_node is not None else (t.n_gpus_per_node if t.device == "cuda" else None)
+    gpus = opts.gpus_per_node if opts.gpus_per_node is not None else (per_node if t.device == "cuda" else None)
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
         undefined=jinja2.StrictUndefined,
@@ -82,7 +85,7 @@ def render(cfg: RelayConfig, presets: list[str], overrides: list[str], points: l
         rendered_at=datetime.datetime.now().isoformat(timespec="seconds"),
         job_name=_job_name(cfg, opts),
         nnodes=t.nnodes,
-        per_node=t.n_gpus_per_node,
+        per_node=per_node,
         actor_nodes=opts.actor_nodes,
         actors_per_node=per_actor_node,
         total_actors=per_actor_node * max(opts.actor_nodes, 1),

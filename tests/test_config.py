@@ -62,7 +62,7 @@ def test_preset_by_name_and_contents():
     assert demo.agent.tools == ["calculator"] and demo.algorithm.adv_estimator == "grpo"
     assert demo.data.train_files == ["runs/demo/data/train.jsonl"]
     assert demo.data.val_files == ["runs/demo/data/test.jsonl"]
-    assert demo.trainer.n_gpus_per_node == 2 and demo.actor_rollout_ref.rollout.num_actors == 2
+    assert demo.trainer.n_gpus_per_node is None and demo.actor_rollout_ref.rollout.num_actors is None  # fitted to the machine
 
     quick = load_config(["experiment/quick_test"])
     assert quick.trainer.total_training_steps == 10
@@ -482,7 +482,7 @@ def test_all_keys():
 
 
 def test_no_effect_notes():
-    cfg = load_config([], ["actor_rollout_ref.rollout.tensor_model_parallel_size=2",
+    cfg = load_config([], ["actor_rollout_ref.rollout.tensor_model_parallel_size=2", "trainer.n_gpus_per_node=2",
                            "actor_rollout_ref.rollout.gpu_memory_utilization=0.9",
                            "actor_rollout_ref.actor.fsdp_config.param_offload=true",
                            "algorithm.kl_ctrl.kl_coef=0.1"])
@@ -495,7 +495,7 @@ def test_no_effect_notes():
     assert "param_offload" not in gpu and "n_gpus_per_node" not in gpu
     assert "tensor_model_parallel_size=2: only used by rollout.name=vllm" in gpu
     assert no_effect_notes(load_config(), has_gpu=True) == []
-    forced_cpu = load_config([], ["trainer.device=cpu"])
+    forced_cpu = load_config([], ["trainer.device=cpu", "trainer.n_gpus_per_node=2"])
     assert any("n_gpus_per_node" in n for n in no_effect_notes(forced_cpu, has_gpu=True))
 
 
