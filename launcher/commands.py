@@ -79,26 +79,30 @@ def _prepare(cfg: RelayConfig, port: int) -> tuple[RelayConfig, Path]:
     return cfg, run_dir
 
 
-def _run_secret(run_dir: Path, create: bool) -> str | None:
+def _run_secret(run_dir: Path, create: bool, wait_s: float = 60.0) -> str | None:
     """Name this run's secret in the environment the children inherit (``protocol.auth``).
 
-    One given in the environment wins. Otherwise ``create``: a new one, written to
-    ``<run dir>/relay.secret`` (0600) so actors on other nodes can read it from the shared run
-    directory; not ``create``: that file, which must exist. Returns an error message or None.
+    One given in the environment wins. Otherwise the run directory's ``relay.secret`` (0600), so
+    actors on other nodes can read it from the shared run directory and a resumed run keeps it:
+    ``create`` (a learner) makes it when it is missing; otherwise (actors) it must appear within
+    ``wait_s`` (the learner writes it as it starts). Returns an error message or None.
     """
-    from protocol.auth import ENV_SECRET, ENV_SECRET_FILE, AuthError, new_secret, read_secret_file, secret_from_env, write_secret_file
+    from protocol.auth import ENV_SECRET_FILE, AuthError, new_secret, read_secret_file, secret_from_env, write_secret_file
 
+    path = run_dir / "relay.secret"
     try:
         if secret_from_env() is not None:
             return None
-        path = run_dir / "relay.secret"
-        if create:
-            os.environ[ENV_SECRET] = new_secret().hex()
-            write_secret_file(path, bytes.fromhex(os.environ[ENV_SECRET]))
-            return None
+        if create and not path.exists():
+            write_secret_file(path, new_secret())
+        deadline = time.monotonic() + wait_s
         if not path.exists():
-            return (f"no run secret: the learner writes {path} when it starts; start it first, or set "
-                    f"{ENV_SECRET_FILE} to the learner's secret file")
+            _say(f"waiting up to {wait_s:.0f}s for the learner to write the run secret {path}")
+        while not path.exists():
+            if time.monotonic() > deadline:
+                return (f"no run secret: the learner writes {path} when it starts; start it first (same "
+                        f"trainer.default_local_dir), or set {ENV_SECRET_FILE} to the learner's secret file")
+            time.sleep(0.2)
         read_secret_file(path)
         os.environ[ENV_SECRET_FILE] = str(path)
     except AuthError as e:

@@ -154,3 +154,24 @@ def test_secret_files_must_be_private(tmp_path):
     (tmp_path / "bad.secret").chmod(0o600)
     with pytest.raises(AuthError, match="hex digits"):
         read_secret_file(tmp_path / "bad.secret")
+
+
+def test_the_launcher_keeps_one_secret_per_run_dir_and_actors_find_it(tmp_path, monkeypatch):
+    import os
+
+    from launcher.commands import _run_secret
+
+    monkeypatch.delenv("RELAY_SECRET", raising=False)
+    monkeypatch.delenv("RELAY_SECRET_FILE", raising=False)
+    assert "start it first" in _run_secret(tmp_path, create=False, wait_s=0.3)  # an actor before its learner
+    assert _run_secret(tmp_path, create=True) is None  # the learner makes it
+    path = tmp_path / "relay.secret"
+    key = read_secret_file(path)
+    assert os.environ["RELAY_SECRET_FILE"] == str(path)
+    monkeypatch.delenv("RELAY_SECRET_FILE")
+    assert _run_secret(tmp_path, create=True) is None and read_secret_file(path) == key  # a resumed run keeps it
+    monkeypatch.delenv("RELAY_SECRET_FILE")
+    assert _run_secret(tmp_path, create=False) is None and os.environ["RELAY_SECRET_FILE"] == str(path)
+    monkeypatch.delenv("RELAY_SECRET_FILE")
+    path.chmod(0o644)
+    assert "readable by others" in _run_secret(tmp_path, create=False)
