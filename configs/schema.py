@@ -228,6 +228,12 @@ class DataConfig(Section):
     paths relative to the working directory."""
     val_files: StrList = []
     """Validation prompt files, same formats; empty = no validation."""
+    source: str | None = None
+    """Generated training prompts instead of ``train_files``: ``reasoning_gym:NAME`` (a reasoning-gym
+    task, e.g. ``reasoning_gym:basic_arithmetic``; score with ``agent.reward_name=reasoning_gym``)."""
+    source_options: dict[str, Any] = {}
+    """Options of ``source``: ``size`` (rows, default 1000), ``seed`` (default ``data.seed``), and the
+    generator's own options (``data.source_options.max_terms=4``)."""
     train_batch_size: int = Field(8, ge=1)
     """Prompts per learner step (each expands to ``agent.num_chains`` episodes)."""
     val_batch_size: int = Field(32, ge=1)

@@ -126,6 +126,17 @@ def _load(files: list[str], cfg: RelayConfig, what: str, report: Report) -> list
         return []
 
 
+def _source(cfg: RelayConfig, report: Report) -> list[dict[str, Any]]:
+    from envs.tasks.rgym import source_rows
+
+    try:
+        return source_rows(cfg.data.source, {**cfg.data.source_options, "size": min(64, int(cfg.data.source_options.get("size", 1000)))},
+                           cfg.data.seed)
+    except (ImportError, ValueError) as e:
+        report.problems.append(f"data.source={cfg.data.source}: {_one_line(e)}")
+        return []
+
+
 def _check_tools(cfg: RelayConfig, report: Report) -> bool:
     from envs.tools import TOOL_ALIASES, get_tool, registered_tools
 
@@ -386,8 +397,12 @@ def preflight(
     else:
         sets = [("eval", data_files)]
     keys = {"train": "data.train_files", "validation": "data.val_files", "eval": "--data"}
+    if data_files is None and cfg.data.source:  # generated training prompts (reasoning_gym:NAME), no train files
+        sets = [(what, files) for what, files in sets if what != "train"]
     loaded = [(what, files, _load(files, cfg, keys[what], report))
               for what, files in sets if files]
+    if data and data_files is None and cfg.data.source:
+        loaded.insert(0, ("train", [cfg.data.source], _source(cfg, report)))
     _check_template(cfg, report)
     tools_ok = _check_tools(cfg, report)
     if loaded:

@@ -99,7 +99,13 @@ def drop_overlong(rows: list[dict[str, Any]], lengths: list[int], max_tokens: in
 
 def load_prompts(cfg: RelayConfig, files: list[str], what: str) -> list[dict[str, Any]]:
     """The rows of ``files`` (``what``: "train"/"validation", for messages), overlong ones dropped."""
-    rows = load_rows(files, cfg.data.prompt_key)
+    if what == "train" and cfg.data.source:  # generated prompts (reasoning_gym:NAME) instead of files
+        from envs.tasks.rgym import source_rows
+
+        rows = source_rows(cfg.data.source, cfg.data.source_options, cfg.data.seed)
+        files = [cfg.data.source]
+    else:
+        rows = load_rows(files, cfg.data.prompt_key)
     if not cfg.data.filter_overlong_prompts:
         return truncate_overlong(cfg, rows, what)
     limit = cfg.data.max_prompt_length

@@ -2,12 +2,13 @@
 
 Built-ins: ``math_reward_string_equal``, ``gsm8k_reward``, ``math_reward``,
 ``math_reward_format`` (components ``correct``/``format``/``tool``),
-``qa_em``, ``qa_f1_reward``, ``code_reward``.
+``qa_em``, ``qa_f1_reward``, ``code_reward``, ``reasoning_gym`` (a reasoning-gym task's scorer).
 """
 
 from envs.rewards import code as _code  # noqa: F401  (registers the built-ins)
 from envs.rewards import math_rewards as _math_rewards  # noqa: F401
 from envs.rewards import qa as _qa  # noqa: F401
+from envs.rewards import rgym as _rgym  # noqa: F401
 from envs.rewards.base import (
     RewardError,
     RewardFn,
