@@ -27,7 +27,24 @@ def pass_at_k_report(correct_per_prompt: list[int], n: int) -> dict[str, float]:
     return {f"pass@{k}": sum(pass_at_k(n, c, k) for c in correct_per_prompt) / len(correct_per_prompt) for k in ks}
 
 
-async def _evaluate(engine, parts, rows: list[dict], num_chains: int, temperature: float) -> dict:
+def dump_record(index: int, chain: int, row: dict, ep, score: dict, tokenizer, prompt_key: str) -> dict:
+    """One sample of an evaluation as a JSON-able record (``relay eval --dump``)."""
+    return {
+        "index": index,
+        "chain": chain,
+        "prompt": row.get(prompt_key, row.get("prompt")),
+        "response": ep.response_text(tokenizer),
+        "final_answer": ep.final_answer,
+        "tool_calls": list(ep.tool_calls),
+        "turns": ep.num_turns,
+        "truncated": ep.truncated,
+        "finish_reason": ep.finish_reason,
+        "reward": score["reward"],
+        "reward_components": dict(score),
+    }
+
+
+async def _evaluate(engine, parts, rows: list[dict], num_chains: int, temperature: float, dump=None, prompt_key: str = "question") -> dict:
     s = parts.sampling
     sampling = SamplingSettings(max_tokens=s.max_tokens, temperature=temperature, top_p=s.top_p, top_k=s.top_k, stop_token_ids=s.stop_token_ids)
 
@@ -36,6 +53,13 @@ async def _evaluate(engine, parts, rows: list[dict], num_chains: int, temperatur
         return ep, parts.scorer(ep, row)
 
     results = await asyncio.gather(*(one(r) for r in rows for _ in range(num_chains)))
+    if dump is not None:
+        import json
+
+        with open(dump, "w") as f:
+            for j, (ep, score) in enumerate(results):
+                i, chain = divmod(j, num_chains)
+                f.write(json.dumps(dump_record(i, chain, rows[i], ep, score, parts.tokenizer, prompt_key), default=str) + "\n")
     solved = [score["reward"] >= 1.0 for _, score in results]
     correct = [sum(solved[i * num_chains : (i + 1) * num_chains]) for i in range(len(rows))]
     tools = Counter(name for ep, _ in results for name in ep.tool_calls)
@@ -54,15 +78,16 @@ async def _evaluate(engine, parts, rows: list[dict], num_chains: int, temperatur
     return out
 
 
-def evaluate(cfg: RelayConfig, model_path: str, rows: list[dict], num_chains: int = 1, temperature: float | None = None) -> dict:
-    """Accuracy (reward >= 1), mean reward, tool use and pass@k of ``model_path`` on ``rows``."""
+def evaluate(cfg: RelayConfig, model_path: str, rows: list[dict], num_chains: int = 1, temperature: float | None = None, dump=None) -> dict:
+    """Accuracy (reward >= 1), mean reward, tool use and pass@k of ``model_path`` on ``rows``;
+    ``dump``: also write one JSON line per sample there (prompt, response, tool calls, reward)."""
     parts = build_parts(cfg, model_path)
     engine = build_engine(cfg, model_path, seed=cfg.trainer.seed)
     temp = cfg.actor_rollout_ref.rollout.val_temperature if temperature is None else temperature
 
     async def go():
         try:
-            return await _evaluate(engine, parts, rows, num_chains, temp)
+            return await _evaluate(engine, parts, rows, num_chains, temp, dump=dump, prompt_key=cfg.data.prompt_key)
         finally:
             await engine.close()
 

@@ -255,6 +255,7 @@ def eval_(
     num_chains: int = typer.Option(1, help="Samples per prompt; >1 also reports pass@k."),
     temperature: Optional[float] = typer.Option(None, help="Default: rollout.val_temperature (0 = greedy)."),
     out: Optional[Path] = typer.Option(None, help="Also write the result as JSON here."),
+    dump: Optional[Path] = typer.Option(None, help="Write one JSON line per sample here (prompt, response, tool calls, reward)."),
 ):
     """Accuracy of a model on a dataset, through the same agent, tools and reward as training."""
     cfg = _load(presets, overrides)
@@ -265,7 +266,7 @@ def eval_(
     cfg = _checked(cfg, data_files=files, model=model, resume=False)  # --model resolves like the config's
     from launcher import commands
 
-    commands.evaluate(cfg, None, files[0] if data else None, limit, num_chains, temperature, out)
+    commands.evaluate(cfg, None, files[0] if data else None, limit, num_chains, temperature, out, dump)
 
 
 @app.command()

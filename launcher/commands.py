@@ -290,7 +290,7 @@ def sft(cfg: RelayConfig, out: Path, tool_fraction: float, steps: int, batch_siz
     return result
 
 
-def evaluate(cfg, model, data, limit, num_chains, temperature, out) -> dict:
+def evaluate(cfg, model, data, limit, num_chains, temperature, out, dump=None) -> dict:
     from actors.evaluate import evaluate as run_eval
     from envs.data import load_rows
 
@@ -303,7 +303,9 @@ def evaluate(cfg, model, data, limit, num_chains, temperature, out) -> dict:
     rows = load_rows(files, cfg.data.prompt_key)
     if limit:
         rows = rows[:limit]
-    result = run_eval(cfg, model_path, rows, num_chains=num_chains, temperature=temperature)
+    result = run_eval(cfg, model_path, rows, num_chains=num_chains, temperature=temperature, dump=dump)
+    if dump:
+        _say(f"wrote {len(rows) * num_chains} samples to {dump}")
     result["model"] = str(model_path)
     print(json.dumps(result, indent=2))
     if out:

@@ -41,7 +41,7 @@ def test_relay_eval_matches_the_demo_code_path(tmp_path, tiny_model_dir):
     out = tmp_path / "eval.json"
     proc = subprocess.run(
         [sys.executable, "-m", "launcher.cli", "eval", "-c", "demo", *overrides, "--model", tiny_model_dir,
-         "--data", str(test), "--num-chains", "4", "--temperature", "0", "--out", str(out)],
+         "--data", str(test), "--num-chains", "4", "--temperature", "0", "--out", str(out), "--dump", str(tmp_path / "samples.jsonl")],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -49,6 +49,11 @@ def test_relay_eval_matches_the_demo_code_path(tmp_path, tiny_model_dir):
     assert cli["n_prompts"] == 6 and {"pass@1", "pass@2", "pass@4"} <= set(cli)
     assert cli["pass@1"] == pytest.approx(cli["accuracy"])
     assert cli["pass@1"] <= cli["pass@2"] <= cli["pass@4"]
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["chain"]) for r in samples] == [(i, c) for i in range(6) for c in range(4)]
+    rows = [json.loads(line) for line in test.read_text().splitlines()]
+    assert all(r["prompt"] == rows[r["index"]]["question"] and isinstance(r["response"], str) for r in samples)
+    assert sum(r["reward"] >= 1.0 for r in samples) / len(samples) == pytest.approx(cli["accuracy"])
 
     cfg = load_config(["demo"], overrides)
     direct = commands.evaluate(cfg, tiny_model_dir, str(test), 0, 4, 0.0, None)
