@@ -135,8 +135,10 @@ def _supervise(children, run_dir: Path, main: str, cfg: RelayConfig, summary_nam
     from launcher.local import Supervisor, Watchdog
 
     t = cfg.trainer
+    from launcher.console import make_panel
+
     watchdog = Watchdog(run_dir, t.stall_timeout_s, t.stall_action) if watch and t.stall_timeout_s > 0 else None
-    sup = Supervisor(children, watchdog=watchdog)
+    sup = Supervisor(children, watchdog=watchdog, panel=make_panel(run_dir, cfg, enabled=watch))
     t0 = time.monotonic()
     status = sup.run(main=main, grace_s=cfg.transport.heartbeat_interval_s * 3 + 30)
     summary = {

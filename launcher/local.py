@@ -32,6 +32,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import psutil
 
@@ -86,6 +87,8 @@ class Child:
     env: dict[str, str]
     log_path: Path
     echo: bool = False
+    echo_to: "Callable[[bytes], None] | None" = None
+    """Where echoed lines go (the console panel's ``echo``); None = straight to stderr."""
     proc: subprocess.Popen | None = None
     pump: threading.Thread | None = None
     required: bool = True
@@ -113,7 +116,9 @@ class Child:
             for line in self.proc.stdout:
                 logf.write(line)
                 logf.flush()
-                if self.echo:
+                if self.echo and self.echo_to is not None:
+                    self.echo_to(line)
+                elif self.echo:
                     sys.stderr.buffer.write(line)
                     sys.stderr.flush()
             logf.close()
@@ -277,10 +282,16 @@ def _status_line(status: str) -> str:
 class Supervisor:
     """Starts children, watches them, and stops them all on the first failure."""
 
-    def __init__(self, children: list[Child], poll_s: float = 0.5, watchdog: "Watchdog | NoWatchdog | None" = None):
+    def __init__(self, children: list[Child], poll_s: float = 0.5, watchdog: "Watchdog | NoWatchdog | None" = None, panel=None):
+        from launcher.console import NoPanel
+
         self.children = children
         self.poll_s = poll_s
         self.watchdog = watchdog or NoWatchdog()
+        self.panel = panel or NoPanel()
+        """The terminal's live panel (``launcher.console``): echoed lines go through it."""
+        for c in children:
+            c.echo_to = self.panel.echo
         self.peak_rss = 0
         self.failure: str | None = None
         self.restarts: list[tuple[str, str]] = []
@@ -298,6 +309,13 @@ class Supervisor:
 
     def run(self, main: str, grace_s: float = 60.0) -> int:
         """Run until child ``main`` exits; returns the run's exit status."""
+        self.panel.start()
+        try:
+            return self._run(main, grace_s)
+        finally:
+            self.panel.stop()
+
+    def _run(self, main: str, grace_s: float) -> int:
         for c in self.children:
             c.start()
         main_done_at: float | None = None

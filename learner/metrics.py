@@ -38,10 +38,11 @@ class JsonlSink(_Sink):
 
 
 class ConsoleSink(_Sink):
-    """Per step: a progress bar with elapsed time and ETA, then a compact metrics table (rich).
+    """Per step: one line (``[step] `` + progress bar with elapsed time and ETA + the metrics).
 
-    Rank 0's output reaches the terminal through the launcher's pipe, so this
-    prints plain lines (no live redraw); ETA counts from the first step this
+    Rank 0's output reaches the log file, and the terminal through the launcher's pipe: there
+    the launcher draws its live panel (``launcher/console.py``, with ``table`` below) and skips
+    these lines, or echoes them where there is no terminal. ETA counts from the first step this
     process logged, so a resumed run's ETA is right too.
     """
 
@@ -65,34 +66,25 @@ class ConsoleSink(_Sink):
     ]
 
     def __init__(self, total: int | None):
-        from rich.console import Console
-
         self.total = total
         self.t0 = time.monotonic()
-        self.first: int | None = None
-        self.console = Console(file=sys.stderr, highlight=False, soft_wrap=False, width=120)
+        self.first: tuple[int, float] | None = None
 
     def progress(self, step: int) -> str:
-        elapsed = time.monotonic() - self.t0
+        now = time.monotonic()
         if self.first is None:
-            self.first = step - 1 if step > 0 else 0
-        done = step - self.first
-        head = f"step {step}" + (f"/{self.total}" if self.total else "")
-        tail = f"elapsed {_hms(elapsed)}"
-        if self.total and done > 0:
-            tail += f"  eta {_hms(elapsed / done * max(0, self.total - step))}"
-        if not self.total:
-            return f"{head}  {tail}"
-        filled = int(30 * min(step, self.total) / self.total)
-        return f"{'━' * filled}{'╺' if filled < 30 else ''}{'─' * max(0, 29 - filled)} {head} {step / self.total:4.0%}  {tail}"
+            self.first = (step - 1 if step > 0 else 0, self.t0)
+        return progress_line(step, self.total, now - self.t0, self.first, now)
 
-    def table(self, metrics: dict):
+    @classmethod
+    def cells(cls, metrics: dict) -> list[tuple[str, str]]:
+        return [(label, fmt.format(*(metrics[k] for k in keys))) for label, keys, fmt in cls.CELLS if all(k in metrics for k in keys)]
+
+    @classmethod
+    def table(cls, metrics: dict):
         from rich.table import Table
 
-        cells = []
-        for label, keys, fmt in self.CELLS:
-            if all(k in metrics for k in keys):
-                cells.append((label, fmt.format(*(metrics[k] for k in keys))))
+        cells = cls.cells(metrics)
         grid = Table.grid(padding=(0, 2))
         for _ in range(3):
             grid.add_column(style="dim", justify="right")
@@ -104,8 +96,21 @@ class ConsoleSink(_Sink):
         return grid
 
     def write(self, step, metrics):
-        self.console.print(self.progress(step))
-        self.console.print(self.table(metrics))
+        line = "  ".join(f"{label} {value}" for label, value in self.cells(metrics))
+        print(f"[step] {self.progress(step)}  {line}", file=sys.stdout, flush=True)
+
+
+def progress_line(step: int, total: int | None, elapsed: float, first: tuple[int, float] | None, now: float) -> str:
+    """``━━━━╺──── step 3/30 10%  elapsed 0m12s  eta 1m48s``; ``first`` is (step, time) the ETA counts from."""
+    head = f"step {step}" + (f"/{total}" if total else "")
+    tail = f"elapsed {_hms(elapsed)}"
+    if total and first is not None and step > first[0]:
+        rate = (now - first[1]) / (step - first[0])
+        tail += f"  eta {_hms(rate * max(0, total - step))}"
+    if not total:
+        return f"{head}  {tail}"
+    filled = int(30 * min(step, total) / total)
+    return f"{'━' * filled}{'╺' if filled < 30 else ''}{'─' * max(0, 29 - filled)} {head} {step / total:4.0%}  {tail}"
 
 
 def _hms(seconds: float) -> str:
