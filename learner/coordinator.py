@@ -187,6 +187,7 @@ class Coordinator:
                 elif msg.actor_id in self.dead_actors:
                     log.info("actor %s, declared dead, is back (%s pid %d)", msg.actor_id, msg.host, msg.pid)
                 self.counters["registrations"] += 1
+                self.lock.notify_all()
                 self.actors[msg.actor_id] = ActorInfo(msg.actor_id, msg.host, msg.pid, msg.engine, now)
                 log.info("actor %s registered (%s pid %d, %s engine)", msg.actor_id, msg.host, msg.pid, msg.engine)
                 return m.Welcome(actor_id=msg.actor_id, learner_version=self.version, max_staleness=self.max_staleness)
@@ -447,6 +448,20 @@ class Coordinator:
         }
 
     # ------------------------------------------------------------ validation
+
+    def wait_for_actors(self, timeout_s: float, alive: callable = lambda: None) -> float:
+        """Wait until ``min_actors`` actors have registered; returns the seconds waited."""
+        t0 = time.monotonic()
+        with self.lock:
+            while len(self.actors) < self.min_actors:
+                alive()
+                left = timeout_s - (time.monotonic() - t0)
+                if left <= 0:
+                    raise TransportTimeout(
+                        f"waited {timeout_s:.0f}s for {self.min_actors} actors to register ({len(self.actors)} did; dead: {self.dead_actors or 'none'})"
+                    )
+                self.lock.wait(min(left, 1.0))
+        return time.monotonic() - t0
 
     def _on_validation(self, traj: m.Trajectory) -> None:
         if self.val_outstanding.get(traj.sample_id) != traj.actor_id:

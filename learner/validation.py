@@ -74,6 +74,7 @@ class Validator:
         """Validate policy ``version`` (already published); returns the ``val/*`` metrics."""
         if self.coordinator is None or not self.rows:
             return {}
+        startup_s = self.coordinator.wait_for_actors(self.cfg.transport.recv_timeout_s, alive=self.alive)
         t0 = time.perf_counter()
         n = self.cfg.actor_rollout_ref.rollout.val_n  # verl's val_kwargs.n: samples per prompt
         items = [
@@ -85,6 +86,8 @@ class Validator:
         trajs = self.coordinator.validation_results(self.cfg.transport.recv_timeout_s, alive=self.alive)
         out = validation_metrics(trajs)
         out["time/validation_s"] = time.perf_counter() - t0
+        if startup_s > 0:
+            out["time/actor_startup_s"] = startup_s  # engines still starting: not validation time
         log.info("validation of v%d: accuracy %.3f, reward %.3f on %d prompts (%.1fs)",
                  version, out["val/accuracy"], out["val/reward_mean"], len(trajs), out["time/validation_s"])
         return out

@@ -202,3 +202,16 @@ def test_a_group_with_a_misaligned_chain_is_requeued_whole_then_dropped_after_it
         assert not c.complete and c.counters["groups_refused"] == attempt + 1
     assert c.failed_samples and c.failed_samples[0][0] == "0:0"
     assert ask(c, 0, n=1).items[0].sample_id == "0:1"  # dropped after its cap, never granted again
+
+
+def test_validation_waits_for_the_actors_to_register_first():
+    import threading
+
+    c = Coordinator(DataStream([{"question": "q"}], shuffle=False, seed=0), batch_groups=1, group_size=1,
+                    max_staleness=0, peer_timeout_s=60, min_actors=2)
+    c.on_request("p", m.Register(actor_id="a0", host="h", pid=1, engine="x"))
+    threading.Timer(0.3, c.on_request, args=("p", m.Register(actor_id="a1", host="h", pid=2, engine="x"))).start()
+    assert c.wait_for_actors(timeout_s=10) >= 0.25
+    with pytest.raises(TransportTimeout, match="3 actors to register"):
+        c.min_actors = 3
+        c.wait_for_actors(timeout_s=0.2)
