@@ -188,3 +188,52 @@ def test_in_flight_update_never_mixes_versions_within_a_request(engine, hf_model
             assert mean_abs_diff(model, prompt, g, 1.0) < LOGPROB_TOL, g.version
     finally:
         engine.load_weights(old_model.state_dict().items(), version=0)
+
+
+def test_weights_arrive_through_vllms_weight_transfer_api_in_bf16_without_a_file(engine, hf_model, tmp_path):
+    """The update rides vLLM's weight-transfer API (Relay's ``relay`` backend): bf16 buckets over a
+    local socket, no safetensors file anywhere, the tied embedding sent once (as the learner sends
+    it) and still reaching vLLM's output head; a stream refused before its first bucket changes nothing."""
+    import glob
+    import os
+
+    from protocol.weights import WeightsRejected
+
+    old_model, _ = hf_model
+    new_model = tiny_qwen2(seed=3)
+    prompt = [7, 8, 9, 10]
+    greedy = SamplingSettings(max_tokens=12, temperature=0.0)
+    (before,) = generate_all(engine, [(prompt, greedy)])
+    files_before = set(glob.glob("/dev/shm/*")) | set(glob.glob("/tmp/relay-vllm-weights-*"))
+
+    def refused():
+        raise WeightsRejected("weights v5 chunk 0/3: xxh3_64 checksum mismatch; refusing it")
+        yield  # a generator
+
+    with pytest.raises(WeightsRejected):
+        engine.load_weights(refused(), version=5)
+    (same,) = generate_all(engine, [(prompt, greedy)])
+    assert same.version == 0 and same.token_ids == before.token_ids and engine.broken is None
+
+    bf16 = [(k, v.to(torch.bfloat16)) for k, v in new_model.state_dict().items() if k != "lm_head.weight"]
+    engine.bucket_bytes = 64 << 10  # several buckets, several update_weights calls
+    try:
+        engine.load_weights(iter(bf16), version=8)
+        (after,) = generate_all(engine, [(prompt, greedy)])
+        assert after.version == 8
+        with torch.no_grad():  # what the engine now serves: the bf16 values, computed in fp32
+            for p in new_model.parameters():
+                p.copy_(p.to(torch.bfloat16).float())
+        expected = new_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, min_new_tokens=12)
+        assert after.token_ids == expected[0, len(prompt) :].tolist()
+        (sampled,) = generate_all(engine, [(prompt, SamplingSettings(max_tokens=24, temperature=1.0, seed=5))])
+        assert mean_abs_diff(new_model, prompt, sampled, 1.0) < LOGPROB_TOL  # the tied output head moved too
+        assert mean_abs_diff(old_model, prompt, sampled, 1.0) > 100 * LOGPROB_TOL
+        assert set(glob.glob("/dev/shm/*")) | set(glob.glob("/tmp/relay-vllm-weights-*")) <= files_before | set(
+            glob.glob(f"/tmp/relay-vllm-{os.getpid()}-*")
+        )
+    finally:
+        engine.bucket_bytes = 64 << 20
+        engine.load_weights(old_model.state_dict().items(), version=0)
+    (restored,) = generate_all(engine, [(prompt, greedy)])
+    assert restored.token_ids == before.token_ids

@@ -16,13 +16,23 @@ moves them to just before the masking, so what comes back is always
 ``log_softmax(logits / T)[token]`` over the whole vocabulary, what the learner
 recomputes. Greedy requests (``T == 0``) get ``log_softmax(logits)``.
 
-Weights. ``load_weights`` writes the HF-named tensors to one safetensors file
-in ``/dev/shm`` and asks the worker, with ``collective_rpc``, to reload them in
-place from it (``actors/engines/vllm_worker.py``); then the prefix cache is
-reset so no KV computed with the old weights is reused, and the file is
-deleted. No restart. (Tensors cannot ride in the RPC itself: the
+Weights. Through vLLM's own weight-transfer API with Relay's backend
+(``actors/engines/vllm_transfer.py``, registered as ``relay`` with vLLM's
+``WeightTransferEngineFactory``): the engine is started with
+``weight_transfer_config={"backend": "relay"}`` and binds a local ZeroMQ PUSH
+socket that the worker's transfer engine pulls from. ``load_weights`` consumes
+the stream the actor received, regroups it into buckets of ``bucket_bytes``
+and, per bucket, pushes the raw bytes and calls ``update_weights`` with their
+names, dtypes, shapes and checksum; ``start_weight_update`` /
+``finish_weight_update`` bracket the update (vLLM's layerwise reload); then the
+prefix cache is reset so no KV computed with the old weights is reused. No
+file, no restart. (Tensors cannot ride in the RPC itself: the
 client-to-engine-core hop is msgpack, which rebuilds tensors only where a type
-annotation says so.)
+annotation says so.) vLLM updates in place, with no standby copy: an update
+that fails after its first bucket was applied leaves the engine unusable, so
+it raises ``EngineBroken`` and every later ``generate`` does too (the actor
+exits and is restarted from disk); a stream refused before its first bucket
+(``WeightsRejected``) changes nothing.
 
 Stopping. A request stops on ``settings.stop_token_ids`` only (the model's own
 EOS is ignored unless listed there) and the stop id is kept in the output.
@@ -37,6 +47,7 @@ import itertools
 import os
 import tempfile
 import threading
+import uuid
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from typing import Any, Coroutine, Iterable, TypeVar
 
@@ -47,6 +58,11 @@ from actors.engines.base import Engine, Generation, SamplingSettings
 _T = TypeVar("_T")
 _GiB = 1 << 30
 WORKER_EXTENSION = "actors.engines.vllm_worker.RelayWorkerExtension"
+TRANSFER_BACKEND = "relay"  # actors/engines/vllm_transfer.py, registered by vllm_worker on import
+
+
+class EngineBroken(RuntimeError):
+    """A weight update failed after vLLM had applied part of it: this engine must not serve."""
 
 
 class VLLMEngine(Engine):
@@ -67,6 +83,7 @@ class VLLMEngine(Engine):
         max_num_batched_tokens: int | None = None,
         start_timeout_s: float = 900.0,
         rpc_timeout_s: float = 600.0,
+        bucket_bytes: int = 64 << 20,
     ) -> None:
         """Start vLLM on ``model_path`` (an HF model directory; no tokenizer needed).
 
@@ -110,8 +127,18 @@ class VLLMEngine(Engine):
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=True,
             worker_extension_cls=WORKER_EXTENSION,
+            weight_transfer_config={"backend": TRANSFER_BACKEND},
             **memory,
         )
+        self.bucket_bytes = bucket_bytes
+        from transformers import AutoConfig
+
+        # vLLM's layerwise reload updates a tied lm_head only if lm_head.weight itself arrives (an
+        # embedding alone would leave the old output head serving): send the embedding under both names
+        self._tied = bool(getattr(AutoConfig.from_pretrained(model_path), "tie_word_embeddings", False))
+        self.broken: BaseException | None = None
+        self._zmq = None
+        self._push = None
 
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -128,8 +155,20 @@ class VLLMEngine(Engine):
     async def _start(self, engine_args: Any) -> Any:
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        import zmq
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
         llm = AsyncLLM.from_engine_args(engine_args)
         await llm.collective_rpc("relay_untruncated_logprobs", timeout=self.rpc_timeout_s)
+        # the local hop of weight buckets: this process PUSHes, the worker's transfer engine PULLs
+        self._zmq = zmq.Context()
+        self._push = self._zmq.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.LINGER, 0)
+        endpoint = f"ipc://{tempfile.gettempdir()}/relay-vllm-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._push.bind(endpoint)
+        await llm.init_weight_transfer_engine(
+            WeightTransferInitRequest(init_info={"endpoint": endpoint, "timeout_s": self.rpc_timeout_s})
+        )
         # A gate on the engine loop: a weight update closes it, waits for running turns, swaps, reopens.
         # So every request is sampled by one version, even when the actor updates in flight.
         self._open = asyncio.Event()
@@ -162,6 +201,8 @@ class VLLMEngine(Engine):
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
         await self._open.wait()
+        if self.broken is not None:
+            raise EngineBroken("this vLLM engine's weights are half-updated; it cannot serve") from self.broken
         version = self.version
         self._active += 1
         self._idle.clear()
@@ -190,49 +231,75 @@ class VLLMEngine(Engine):
         )
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, adopt: bool = False) -> None:
-        """Reload HF-named tensors into the running model in place and serve ``version``
-        (``adopt`` changes nothing: the worker always copies into its own layout).
+        """Stream HF-named tensors into the running model through vLLM's weight-transfer API and
+        serve ``version`` (``adopt`` changes nothing: the worker copies into its own layout).
 
         Blocks until the worker has loaded them. Safe while ``generate`` calls run
         (in-flight updates): new requests wait, running ones finish on the old
-        weights (and are tagged with the old version), then the weights swap.
+        weights (and are tagged with the old version), then the update runs.
         Must not be called from the engine's own loop thread.
         """
         if threading.current_thread() is self._thread:
             raise RuntimeError("load_weights called from the vLLM engine loop thread would deadlock")
-        from safetensors.torch import save_file
+        if self.broken is not None:
+            raise EngineBroken("this vLLM engine's weights are half-updated; it cannot serve") from self.broken
+        import msgspec
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
-        tensors: dict[str, torch.Tensor] = {}
-        storages: set[int] = set()
-        for name, tensor in named_tensors:
-            tensor = tensor.detach().to("cpu").contiguous()
-            if tensor.untyped_storage().data_ptr() in storages:  # tied weights: safetensors refuses aliases
-                tensor = tensor.clone()
-            storages.add(tensor.untyped_storage().data_ptr())
-            tensors[name] = tensor
-        with tempfile.TemporaryDirectory(prefix="relay-vllm-weights-", dir=_shared_memory_dir()) as tmp:
-            path = os.path.join(tmp, "weights.safetensors")
-            save_file(tensors, path)
-            del tensors
-            self._run(self._gated_load(path, version), self.rpc_timeout_s, f"vLLM weight reload to version {version}")
+        from protocol.weights import buckets_of
 
-    async def _gated_load(self, path: str, version: int) -> None:
-        """Close the gate, let running requests finish, reload, serve ``version``, reopen."""
-        self._open.clear()
+        started = False
         try:
-            await self._idle.wait()
-            await self._load(path)
-            self.version = version
-        finally:
-            self._open.set()
+            for i, bucket in enumerate(buckets_of(self._with_tied_head(named_tensors), self.bucket_bytes)):
+                # the receiver verified this bucket before yielding it: only now does vLLM change
+                if not started:
+                    self._run(self._begin_update(), self.rpc_timeout_s, f"vLLM weight update to v{version}: drain and start")
+                    started = True
+                self._push.send_multipart([msgspec.msgpack.encode([version, i]), *bucket.buffers()], copy=False)
+                info = {
+                    "version": version, "bucket": i, "names": [mt.name for mt in bucket.metas],
+                    "dtypes": [mt.dtype for mt in bucket.metas], "shapes": [mt.shape for mt in bucket.metas],
+                    "nbytes": [mt.nbytes for mt in bucket.metas], "checksum": bucket.checksum,
+                }
+                self._run(self._llm.update_weights(WeightTransferUpdateRequest(update_info=info)), self.rpc_timeout_s,
+                          f"vLLM weight update to v{version}, bucket {i}")
+                del bucket
+            if not started:
+                raise ValueError(f"weights v{version}: the stream held no tensors")
+            self._run(self._finish_update(version), self.rpc_timeout_s, f"vLLM weight update to v{version}: finish")
+        except BaseException as e:
+            if not started:
+                raise  # nothing reached vLLM: it serves the previous version
+            self.broken = e
+            self._loop.call_soon_threadsafe(self._open.set)  # waiting requests fail instead of hanging
+            raise EngineBroken(f"vLLM weight update to v{version} failed after it began; this engine cannot serve") from e
 
-    async def _load(self, path: str) -> None:
-        # One result per worker (tensor-parallel ranks each read the file).
-        loaded = await self._llm.collective_rpc("relay_load_weights", timeout=self.rpc_timeout_s, args=(path,))
-        if not loaded or min(loaded) == 0:
-            raise RuntimeError(f"vLLM workers loaded {loaded} tensors from {path}")
+    def _with_tied_head(self, named: Iterable[tuple[str, torch.Tensor]]):
+        """The stream, plus the input embedding again as ``lm_head.weight`` for a tied model that
+        was sent without it (as the learner sends it: once)."""
+        head_seen = False
+        embedding = None
+        for name, t in named:
+            head_seen |= name == "lm_head.weight"
+            if self._tied and name == "model.embed_tokens.weight":
+                embedding = t
+            yield name, t
+        if self._tied and not head_seen and embedding is not None:
+            yield "lm_head.weight", embedding
+
+    async def _begin_update(self) -> None:
+        """Close the gate, let running requests finish, start the update."""
+        self._open.clear()
+        await self._idle.wait()
+        await self._llm.start_weight_update()
+
+    async def _finish_update(self, version: int) -> None:
+        """Finish the update, drop KV computed with the old weights, serve ``version``, reopen."""
+        await self._llm.finish_weight_update(weight_version=str(version))
         if not await self._llm.reset_prefix_cache():
-            raise RuntimeError("vLLM refused to reset its prefix cache after a weight reload")
+            raise RuntimeError("vLLM refused to reset its prefix cache after a weight update")
+        self.version = version
+        self._open.set()
 
     async def close(self) -> None:
         """Shut vLLM down (its processes exit) and stop the loop thread."""
@@ -243,6 +310,10 @@ class VLLMEngine(Engine):
         if self._llm is not None:
             llm, self._llm = self._llm, None
             self._run(_call_soon(llm.shutdown), 120.0, "vLLM shutdown")
+        if self._push is not None:
+            self._push.close(0)
+            self._zmq.term()
+            self._push = self._zmq = None
         self._stop_loop()
 
     def _run(self, coroutine: Coroutine[Any, Any, _T], timeout_s: float, what: str) -> _T:
@@ -262,11 +333,6 @@ class VLLMEngine(Engine):
 
 async def _call_soon(function: Any) -> Any:
     return function()
-
-
-def _shared_memory_dir() -> str | None:
-    """``/dev/shm`` where it exists (RAM-backed, so no disk write), else the default temp dir."""
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
 def _export_repo_root_on_pythonpath() -> None:

@@ -4,7 +4,13 @@ vLLM builds its worker class at run time as ``class Worker(WorkerBase,
 RelayWorkerExtension)`` when the engine is created with
 ``worker_extension_cls="actors.engines.vllm_worker.RelayWorkerExtension"``.
 The engine process calls these methods by name with ``collective_rpc``; ``self``
-is then vLLM's worker (it has ``reload_weights`` and ``model_runner``).
+is then vLLM's worker (it has ``model_runner``).
+
+Importing this module (the worker does, before it loads the model) also
+registers Relay's weight-transfer backend, ``relay``
+(``actors/engines/vllm_transfer.py``), with vLLM's
+``WeightTransferEngineFactory``, so ``weight_transfer_config={"backend": "relay"}``
+finds it when the worker builds its weight-transfer engine.
 
 This module must import without vLLM: the worker process imports it by path.
 """
@@ -13,28 +19,21 @@ from __future__ import annotations
 
 import torch
 
+try:
+    from vllm.distributed.weight_transfer import WeightTransferEngineFactory
+except ImportError:  # no vLLM here: nothing to register
+    WeightTransferEngineFactory = None
+
+if WeightTransferEngineFactory is not None:
+    try:
+        WeightTransferEngineFactory.register_engine("relay", "actors.engines.vllm_transfer", "RelayWeightTransferEngine")
+    except ValueError:  # registered already (the module was imported twice in this process)
+        pass
+
 
 class RelayWorkerExtension:
-    """Relay's methods on vLLM's worker: in-place weight reload and log-prob mode."""
-
-    def relay_load_weights(self, safetensors_path: str) -> int:
-        """Load the HF-named tensors of a safetensors file into the running model in place.
-
-        Returns how many tensors were read. The engine process writes the file
-        (to shared memory, ``/dev/shm``) because ``collective_rpc`` arguments
-        cross a msgpack hop that does not rebuild tensors inside containers.
-        ``reload_weights`` runs the model's own ``load_weights`` (which maps HF
-        names, fuses q/k/v and gate/up) and then redoes the platform's
-        post-load processing, which the CPU backend needs because it repacks
-        weights after loading: copying into parameters directly would be
-        silently ignored there.
-        """
-        from safetensors import safe_open
-
-        with safe_open(safetensors_path, framework="pt") as weights:
-            names = list(weights.keys())
-            self.reload_weights(weights_iterator=((name, weights.get_tensor(name)) for name in names))
-        return len(names)
+    """Relay's methods on vLLM's worker: the log-prob mode (weights arrive through the ``relay``
+    weight-transfer backend)."""
 
     def relay_untruncated_logprobs(self) -> None:
         """Make sampled-token log-probs ignore top-k/top-p truncation.
