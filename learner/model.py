@@ -113,60 +113,67 @@ def _tied_lm_head(model, name: str) -> bool:
 def stream_full_tensors(model, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """The full state dict, one entry at a time (a collective: every rank iterates it to the end).
 
-    Each floating-point entry is cast to ``dtype`` on its shard, then gathered to
-    rank 0 (``gather_to_rank0``); rank 0 gets ``(name, tensor)`` pairs, contiguous
-    on CPU and never aliasing a live parameter (so a consumer may keep them while
-    training goes on); the other ranks get nothing. A tied ``lm_head.weight`` is
-    skipped (it is the input embedding)."""
+    Each floating-point entry is cast to ``dtype`` and gathered to rank 0
+    (``gather_to_rank0``: the other ranks cast their shard and send it, rank 0
+    casts its own rows straight into the output); rank 0 gets ``(name, tensor)``
+    pairs, contiguous on CPU and never aliasing a live parameter (so a consumer
+    may keep them while training goes on); the other ranks get nothing. A tied
+    ``lm_head.weight`` is skipped (it is the input embedding)."""
     rank0 = dist.get_rank() == 0
     gpu_group = dist.get_backend() == "nccl"
     for name, value in model.state_dict().items():
         if _tied_lm_head(model, name):
             continue
-        local = value.to_local() if isinstance(value, DTensor) else value
-        if gpu_group and local.device.type == "cpu":  # offloaded shards: gather on the GPU
-            value = value.to(torch.device("cuda", torch.cuda.current_device()))
-        if value.is_floating_point():
-            value = value.to(dtype)
-        full = gather_to_rank0(value) if isinstance(value, DTensor) else value
-        del value  # the cast shard: freed before the consumer gets the full tensor
+        want = dtype if value.is_floating_point() else value.dtype
+        if isinstance(value, DTensor):
+            if gpu_group and value.to_local().device.type == "cpu":  # offloaded shards: gather on the GPU
+                value = value.to(torch.device("cuda", torch.cuda.current_device()))
+            full = gather_to_rank0(value, want)
+        else:  # not sharded (a buffer): every rank has it
+            full = value.detach().to(want, copy=True) if rank0 else None
+        del value
         if not rank0:
             continue
-        full = full.detach().to("cpu").contiguous()
-        if full.untyped_storage().data_ptr() == local.untyped_storage().data_ptr():
-            full = full.clone()  # not sharded and no cast: that is the parameter itself
-        del local
-        yield name, full
+        yield name, full.detach().to("cpu").contiguous()
         del full
 
 
-def gather_to_rank0(value: DTensor) -> torch.Tensor | None:
-    """The full tensor of ``value`` on rank 0 (``None`` elsewhere). FSDP2's ``Shard(0)`` over a
-    1-D mesh is gathered with one ``dist.gather`` straight into the output (half the traffic
-    of ``full_tensor``'s all-gather, and nothing materialised on the other ranks); any other
-    layout falls back to ``full_tensor``."""
+def gather_to_rank0(value: DTensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """The full tensor of ``value`` cast to ``dtype`` on rank 0 (``None`` elsewhere), a new tensor.
+
+    FSDP2's ``Shard(0)`` over a 1-D mesh: every other rank casts its rows and
+    sends them (``dist.send``); rank 0 receives each straight into its slice of
+    the output and casts its own rows into it, so rank 0 holds the output and
+    nothing else (no flat staging buffer as gloo's ``gather`` makes, no second
+    copy as ``full_tensor``'s all-gather makes on every rank). Any other layout
+    falls back to ``full_tensor``."""
     from torch.distributed.tensor import Shard
 
     mesh = value.device_mesh
     if mesh.ndim != 1 or tuple(value.placements) != (Shard(0),) or value.dim() == 0:
-        return value.full_tensor()
+        full = value.full_tensor()
+        return full.to(dtype, copy=True) if dist.get_rank() == 0 else None
     group = mesh.get_group()
     world = dist.get_world_size(group)
     rows = value.shape[0]
-    chunk = -(-rows // world)  # torch.chunk's split: rank r holds rows [r * chunk, (r + 1) * chunk)
+    chunk = -(-rows // world)  # torch.chunk's split: group rank r holds rows [r * chunk, (r + 1) * chunk)
     local = value.to_local()
-    if local.shape[0] != chunk:
-        padded = local.new_zeros((chunk, *value.shape[1:]))
-        padded[: local.shape[0]] = local
-        local = padded
-    local = local.contiguous()
     root = dist.get_global_rank(group, 0)
-    if dist.get_rank() != root:
-        dist.gather(local, None, dst=root, group=group)
+    me = dist.get_group_rank(group, dist.get_rank())
+    if me != 0:
+        if local.shape[0]:
+            dist.send(local.to(dtype).contiguous(), dst=root, group=group)
         return None
-    out = local.new_empty((world * chunk, *value.shape[1:]))
-    dist.gather(local, [out[r * chunk : (r + 1) * chunk] for r in range(world)], dst=root, group=group)
-    return out[:rows]
+    out = torch.empty((rows, *value.shape[1:]), dtype=dtype, device=local.device)
+    out[: local.shape[0]].copy_(local)  # the cast, straight into the output
+    works = []
+    for r in range(1, world):
+        start, n = r * chunk, max(0, min(chunk, rows - r * chunk))
+        if n:
+            works.append(dist.irecv(out[start : start + n], src=dist.get_global_rank(group, r), group=group))
+    for w in works:
+        w.wait()
+    return out
 
 
 def drain(stream: Iterable) -> None:
