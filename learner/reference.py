@@ -29,6 +29,7 @@ disabled ones are do-nothing objects.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -40,11 +41,57 @@ from learner.model import fsdp_shard
 from learner.sharding import map_chunks
 
 
-def next_token_logits(model, mb: TrainBatch, temperature: float) -> torch.Tensor:
-    """[n, L-1, V] float32 logits predicting each next token, divided by the sampling temperature."""
+@dataclass
+class ResponseLogits:
+    """One micro-batch's next-token logits at its sampled positions only (``loss_mask`` 1).
+
+    Prompts are most of a row's tokens, so the LM head and the log-softmax run on
+    ``K`` gathered positions, not on all ``n * (L-1)``; every per-token result is
+    spread back to the batch's [n, L-1] layout with 0 at the other positions
+    (which every loss, KL term and metric masks out)."""
+
+    logits: torch.Tensor
+    """[K, V] float32 logits divided by the sampling temperature."""
+    targets: torch.Tensor
+    """[K] the next token at each gathered position."""
+    where: torch.Tensor
+    """[n, L-1] bool: the gathered positions (row-major order of ``logits``)."""
+
+    def spread(self, values: torch.Tensor) -> torch.Tensor:
+        """[K] per-position values -> [n, L-1], 0 elsewhere (differentiable)."""
+        return values.new_zeros(self.where.shape).masked_scatter(self.where, values)
+
+    def logprobs(self) -> torch.Tensor:
+        """[n, L-1] log-probs of the next tokens (0 off the sampled positions)."""
+        return self.spread(algos.logprobs_from_logits(self.logits, self.targets))
+
+    def entropy(self) -> torch.Tensor:
+        """[n, L-1] entropies of the next-token distributions (0 off the sampled positions)."""
+        return self.spread(algos.entropy_from_logits(self.logits))
+
+
+def next_token_logits(model, mb: TrainBatch, temperature: float, where: torch.Tensor | None = None) -> ResponseLogits:
+    """Logits predicting the next token at ``where`` ([n, L-1] bool; default the sampled
+    positions, ``mb.loss_mask > 0``).
+
+    The decoder runs on every position; its final hidden states are gathered at
+    ``where`` (a forward hook on the decoder, so the LM head still runs inside the
+    model's own forward, as FSDP expects) and only those [K, H] go through the LM head."""
+    where = mb.loss_mask > 0 if where is None else where
+    at = torch.nn.functional.pad(where, (0, 1))  # [n, L]: the last column predicts nothing
+
+    def gather(module, args, output):
+        output.last_hidden_state = output.last_hidden_state[at].unsqueeze(0)  # [1, K, H]
+        return output
+
     pos = (mb.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=pos)
-    return out.logits[:, :-1].float() / (temperature if temperature > 0 else 1.0)
+    hook = model.get_decoder().register_forward_hook(gather)
+    try:
+        out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=pos)
+    finally:
+        hook.remove()
+    logits = out.logits[0].float() / (temperature if temperature > 0 else 1.0)
+    return ResponseLogits(logits, mb.input_ids[:, 1:][where], where)
 
 
 class NoReference:
@@ -62,9 +109,9 @@ class Reference:
         self.world = world
 
     @torch.no_grad()
-    def logits(self, mb: TrainBatch) -> torch.Tensor:
-        """[n, L-1, V] reference logits."""
-        return next_token_logits(self.model, mb, self.temperature)
+    def logits(self, mb: TrainBatch, where: torch.Tensor | None = None) -> ResponseLogits:
+        """Reference logits at ``where`` (default the sampled positions)."""
+        return next_token_logits(self.model, mb, self.temperature, where)
 
     @torch.no_grad()
     def logprobs(self, shard: TrainBatch, n: int) -> torch.Tensor | None:
@@ -73,15 +120,15 @@ class Reference:
         if not self.precompute:
             return None
         return map_chunks(
-            lambda mb: algos.logprobs_from_logits(self.logits(mb), mb.input_ids[:, 1:]), shard, n, self.world, self.micro
+            lambda mb: self.logits(mb).logprobs(), shard, n, self.world, self.micro
         )
 
 
 # ----------------------------------------------------------------- KL in the loss
 
 
-KLTokens = Callable[[TrainBatch, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-"""(micro-batch, logits [n,T,V], logprobs [n,T], ref_logprobs [n,T] or None) -> per-token KL [n,T]."""
+KLTokens = Callable[[TrainBatch, ResponseLogits, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+"""(micro-batch, its response logits, logprobs [n,T], ref_logprobs [n,T] or None) -> per-token KL [n,T]."""
 
 
 class NoKLLoss:
@@ -108,7 +155,9 @@ class KLLoss:
 def kl_tokens(kind: str, reference: Reference) -> KLTokens:
     """The per-token KL of ``kind``: an estimator on log-probs, or ``full`` on logits."""
     if kind == "full":
-        return lambda mb, logits, logprobs, ref_logprobs: algos.full_kl(logits, reference.logits(mb))
+        return lambda mb, logits, logprobs, ref_logprobs: logits.spread(
+            algos.full_kl(logits.logits, reference.logits(mb, logits.where).logits)
+        )
     estimator = algos.get_kl_penalty(kind)
     return lambda mb, logits, logprobs, ref_logprobs: estimator(logprobs, ref_logprobs)
 

@@ -42,7 +42,7 @@ from learner.lora import LoraSettings, publish_view
 from learner.metrics import MetricsLogger, check_same_version_logprobs, reward_metrics
 from learner.model import drain, export_hf, load_policy, stream_full_tensors
 from learner.optim import build_optimizer, lr_lambda, optimizer_offload  # noqa: F401  (lr_lambda re-exported)
-from learner.reference import build_kl_terms, next_token_logits
+from learner.reference import ResponseLogits, build_kl_terms, next_token_logits
 from learner.replay import BatchDump, NoBatchDump
 from learner.sharding import gather_rows, map_chunks, plan_minibatches, shard_rows
 from learner.validation import Validator
@@ -329,15 +329,15 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro in mini:
                     mb, mt = shard.select(micro.idx), t.select(micro.idx)
-                    logits = self.forward(mb)
-                    logprobs = algos.logprobs_from_logits(logits, mb.input_ids[:, 1:])
+                    logits = self.forward(mb)  # at the sampled positions only
+                    logprobs = logits.logprobs()
                     old = logprobs.detach() if mt.old_logprobs is None else mt.old_logprobs
                     mask = mt.policy_mask
                     per_token, metrics = algos.policy_loss(
                         algos.PolicyLossInputs(logprobs, old, mb.behaviour_logprobs, mt.advantages, mask), self.loss_cfg
                     )
                     if actor.entropy_coeff:
-                        entropy = algos.entropy_from_logits(logits)
+                        entropy = logits.entropy()
                         per_token = per_token - actor.entropy_coeff * entropy
                         metrics["actor/entropy"] = self.local_agg(entropy.detach(), mask)
                     per_token = per_token + self.kl_loss(mb, logits, logprobs, mt.ref_logprobs, metrics)
@@ -391,8 +391,8 @@ class Trainer:
         actor = self.cfg.actor_rollout_ref.actor
         return algos.agg_loss(per_token, mask, actor.loss_agg_mode, actor.loss_agg_horizon).item()
 
-    def forward(self, mb: TrainBatch) -> torch.Tensor:
-        """Logits [n, L-1, V] predicting each next token."""
+    def forward(self, mb: TrainBatch) -> ResponseLogits:
+        """Logits predicting the next token at the micro-batch's sampled positions."""
         return next_token_logits(self.model, mb, self.cfg.actor_rollout_ref.rollout.temperature)
 
     @torch.no_grad()
@@ -400,7 +400,7 @@ class Trainer:
         """Proximal-policy log-probs [n_r, L-1] of the shard before this step's updates."""
         size = self.cfg.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu
         return map_chunks(
-            lambda mb: algos.logprobs_from_logits(self.forward(mb), mb.input_ids[:, 1:]), shard, n, self.world, size
+            lambda mb: self.forward(mb).logprobs(), shard, n, self.world, size
         )
 
     def publish(self) -> None:

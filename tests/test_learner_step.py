@@ -256,3 +256,76 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path, tiny_model_dir):
     plain, checkpointed = results
     for k in plain:
         torch.testing.assert_close(checkpointed[k], plain[k], rtol=1e-5, atol=1e-6)
+
+
+def _full_logits(model, mb, temperature):
+    """[n, L-1, V] logits at every position: what ``next_token_logits`` avoids computing."""
+    pos = (mb.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=pos)
+    return out.logits[:, :-1].float() / temperature
+
+
+def test_response_only_logits_give_the_loss_and_gradient_of_full_logits(tmp_path, tiny_model_dir):
+    """The policy loss with entropy and the exact (full-vocabulary) KL term, computed from logits
+    gathered at the sampled positions, equals the same loss from logits at every position: value
+    to 1e-5 and every parameter's gradient to 1e-6. Rows of unequal length (one longer prompt:
+    the others are padded) check the per-row gather; the proximal and reference log-probs
+    (no-grad passes) match too."""
+    import msgspec
+
+    from learner import algos
+    from learner.reference import next_token_logits
+    from protocol import messages as m
+
+    cfg = learner_config(
+        tiny_model_dir, tmp_path, "actor_rollout_ref.actor.use_kl_loss=true", "actor_rollout_ref.actor.kl_loss_type=full",
+        "actor_rollout_ref.actor.entropy_coeff=0.01", "actor_rollout_ref.rollout.temperature=0.7",
+    )
+    trajs = make_trajs()
+    trajs[0] = msgspec.structs.replace(trajs[0], prompt_ids=m.pack(list(range(20, 29)), "int32"))
+    with trainer_world_1(cfg) as trainer:
+        mb = trainer.step_batch(trajs).batch
+        assert (mb.attention_mask == 0).any()  # padded rows
+        mask, temp = mb.loss_mask, 0.7
+        adv = torch.linspace(-1.0, 1.0, len(mb))[:, None].expand_as(mask)
+        labels = mb.input_ids[:, 1:]
+        actor = cfg.actor_rollout_ref.actor
+
+        def loss_of(logprobs, entropy, kl):
+            per_token, _ = algos.policy_loss(
+                algos.PolicyLossInputs(logprobs, logprobs.detach() + 0.05 * mask, mb.behaviour_logprobs, adv, mask),
+                trainer.loss_cfg,
+            )
+            per_token = per_token - actor.entropy_coeff * entropy + actor.kl_loss_coef * kl
+            return algos.agg_loss(per_token, mask, actor.loss_agg_mode)
+
+        def grads(loss):
+            trainer.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            return {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+        gathered = next_token_logits(trainer.model, mb, temp)
+        assert gathered.logits.shape[0] == int(mask.sum())  # the LM head ran on sampled positions only
+        ref = next_token_logits(trainer.reference.model, mb, temp, gathered.where)
+        lp = gathered.logprobs()
+        kl = gathered.spread(algos.full_kl(gathered.logits, ref.logits))
+        loss_small = loss_of(lp, gathered.entropy(), kl)
+        g_small = grads(loss_small)
+
+        full = _full_logits(trainer.model, mb, temp)
+        with torch.no_grad():
+            ref_full = _full_logits(trainer.reference.model, mb, temp)
+        lp_full = algos.logprobs_from_logits(full, labels)
+        loss_full = loss_of(lp_full, algos.entropy_from_logits(full), algos.full_kl(full, ref_full))
+        g_full = grads(loss_full)
+
+        torch.testing.assert_close(loss_small, loss_full, rtol=0, atol=1e-5)
+        assert g_small.keys() == g_full.keys() and g_full
+        for name in g_full:
+            torch.testing.assert_close(g_small[name], g_full[name], rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(lp.detach(), lp_full.detach() * mask, rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            ref.logprobs(), algos.logprobs_from_logits(ref_full, labels) * mask, rtol=0, atol=1e-5
+        )
+        torch.testing.assert_close(trainer.logprobs(mb, len(mb)), lp_full.detach() * mask, rtol=0, atol=1e-5)
+
