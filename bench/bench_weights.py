@@ -401,7 +401,11 @@ def bench_model(name: str, args) -> None:
     ctx = torch.multiprocessing.start_processes(rank_main, args=(args, str(model_dir), ports, str(out)), nprocs=2, join=False, start_method="spawn")
     while not ctx.join(timeout=5):
         pass
-    res = torch.load(out)
+    report(name, torch.load(out), args)
+
+
+def report(name: str, res: dict, args) -> None:
+    """The human and RESULT lines of one model's measurements."""
     engine = "none" if args.publish_only else "hf"
     raw = statistics.median(r["s"] for r in res["raw"][1:]) if "raw" in res else None
     if raw is not None:
@@ -418,10 +422,11 @@ def bench_model(name: str, args) -> None:
         pub_s = statistics.median(r["publish_s"] for r in rows)
         g0 = max(r["rank0_growth_mb"] for r in rows)
         held = max(r["rank0_held_mb"] for r in rows)
-        ga = max((max(r["actor_growth_mb"]) for r in rows), default=0.0)
+        ga = max((max(r["actor_growth_mb"], default=0.0) for r in rows), default=0.0)
         ga_first = max(first["actor_growth_mb"], default=0.0)
         ratio = f"{tot / raw:.2f}" if raw else "na"
-        print(f"{name} {kind}: step end -> all serving {tot * 1e3:.0f} ms (publish {pub_s * 1e3:.0f} ms), raw "
+        what = "publish only (no actors)" if args.publish_only else "step end -> all serving"
+        print(f"{name} {kind}: {what} {tot * 1e3:.0f} ms (publish {pub_s * 1e3:.0f} ms), raw "
               f"{raw * 1e3 if raw else float('nan'):.0f} ms, ratio {ratio}; rank 0 RSS growth {g0:.0f} MB (holds {held:.0f} MB "
               f"after publish); actor RSS growth {ga:.0f} MB (first update {ga_first:.0f} MB: standby copy)", flush=True)
         print(f"RESULT weights model={name} transport={kind} engine={engine} actors={args.actors} bucket_mb={args.bucket_mb} "
