@@ -78,13 +78,19 @@ def load_policy(
 
 
 def fsdp_shard(
-    model, device: torch.device, *, gradient_checkpointing: bool = False, param_offload: bool = False, mixed_precision: str = "auto"
+    model, device: torch.device, *, gradient_checkpointing: bool = False, param_offload: bool = False,
+    mixed_precision: str = "auto", plain_at_world_1: bool = True,
 ):
     """Shard an HF model with FSDP2 (one unit per decoder layer, then the root).
 
     Compute dtype from ``mixed_precision`` (``mp_policy``). ``param_offload``
     keeps the sharded parameters, their gradients and hence the optimizer state
     on CPU (``CPUOffloadPolicy``); it needs a GPU (no effect on CPU).
+
+    At world size 1 with nothing for FSDP to do (fp32 compute, no offload: the
+    CPU default) the model stays a plain module on ``device`` (``plain_at_world_1``;
+    no per-layer hooks, parameters are plain tensors, ``stream_full_tensors``
+    copies them); bf16 or offload at world size 1 still goes through FSDP2.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
@@ -97,6 +103,9 @@ def fsdp_shard(
         kwargs["mp_policy"] = policy
     if device.type == "cuda" and param_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
+    if plain_at_world_1 and not kwargs and (not dist.is_initialized() or dist.get_world_size() == 1):
+        model.train()
+        return model
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)

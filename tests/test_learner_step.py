@@ -329,3 +329,44 @@ def test_response_only_logits_give_the_loss_and_gradient_of_full_logits(tmp_path
         )
         torch.testing.assert_close(trainer.logprobs(mb, len(mb)), lp_full.detach() * mask, rtol=0, atol=1e-5)
 
+
+def test_world_1_plain_module_matches_the_fsdp_path_on_one_step(tmp_path, tiny_model_dir):
+    """At world size 1 on CPU (fp32, nothing to shard or offload) the policy, reference and
+    critic are plain modules; one step (2 mini-batches of 3+1-row micro-batches, so the proximal
+    pass runs too) moves every parameter as the FSDP2-wrapped model does on the same 1-rank
+    gloo group, and the weight stream gives the full weights as new tensors."""
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoModelForCausalLM
+
+    from learner.model import fsdp_shard, stream_full_tensors
+    from learner.optim import build_optimizer
+
+    cfg = learner_config(tiny_model_dir, tmp_path)
+    with trainer_world_1(cfg) as trainer:
+        assert not any(isinstance(p, DTensor) for p in trainer.model.parameters())
+        batch = trainer.step_batch(make_trajs()).batch
+        start = state(trainer.model)
+        plain_stats = trainer.train_step(batch)
+        plain = state(trainer.model)
+        streamed = dict(stream_full_tensors(trainer.model, torch.float32))
+        assert streamed.keys() == plain.keys()
+        for name, p in trainer.model.named_parameters():
+            if name in streamed:
+                torch.testing.assert_close(streamed[name], plain[name], rtol=0, atol=0)
+                assert streamed[name].data_ptr() != p.data_ptr()  # a copy, safe to keep while training goes on
+
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        trainer.model = fsdp_shard(model, trainer.device, plain_at_world_1=False)
+        assert all(isinstance(p, DTensor) for p in trainer.model.parameters())
+        assert not changed(start, state(trainer.model))
+        trainer.optimizer, trainer.scheduler = build_optimizer(
+            trainer.model.parameters(), cfg.actor_rollout_ref.actor.optim, trainer.total_steps
+        )
+        fsdp_stats = trainer.train_step(batch)
+        fsdp = state(trainer.model)
+    assert changed(start, plain)
+    for name in plain:
+        torch.testing.assert_close(plain[name], fsdp[name], rtol=0, atol=1e-6, msg=name)
+    for key in ("actor/pg_loss", "actor/grad_norm", "actor/loss"):
+        assert plain_stats[key] == pytest.approx(fsdp_stats[key], abs=1e-5)
+
