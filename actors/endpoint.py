@@ -248,19 +248,16 @@ class Session:
             delta = observation_delta(render, seg.rendered, new, self.stop_string)
             if not seg.ended_with_stop:  # the turn was cut by length: the template closes it
                 delta = self.stop_string + delta
-            ids = encode(self.tokenizer, delta)
-            self._check_room(seg, len(ids))
-            seg.append_observation(ids)
-            seg.rendered = seg.rendered + new
+            rendered, obs, fresh = seg.rendered + new, encode(self.tokenizer, delta), False
         else:
             rendered = [for_template(m) for m in messages]
-            seg = Segment(kind="chat", prompt_ids=encode(self.tokenizer, render(rendered, True)), tools_key=tkey, rendered=rendered)
-            self._start(seg)
-        turn = await self._sample(seg, max_tokens)
+            seg = Segment(kind="chat", prompt_ids=encode(self.tokenizer, render(rendered, True)), tools_key=tkey)
+            obs, fresh = [], True
+        turn = await self._sample(seg, obs, fresh, max_tokens)
         message = self._parser.message(turn.text, tools)
         seg.tool_calls += [c["function"]["name"] for c in message.get("tool_calls", [])]
         seg.history = history + [normalize(message)]
-        seg.rendered = seg.rendered + [{"role": "assistant", "content": turn.text}]
+        seg.rendered = rendered + [{"role": "assistant", "content": turn.text}]
         return turn, message
 
     # -- completions
@@ -268,29 +265,22 @@ class Session:
     async def complete(self, prompt: str | list[int], max_tokens: int | None) -> Turn:
         seg = self.segments[-1] if self.segments else None
         extends = seg is not None and seg.kind == "completions"
-        if isinstance(prompt, list) and all(isinstance(i, int) for i in prompt):
+        if isinstance(prompt, list) and prompt and all(isinstance(i, int) for i in prompt):
             if extends and len(prompt) > len(seg.context) and prompt[: len(seg.context)] == seg.context:
-                ids = prompt[len(seg.context):]
-                self._check_room(seg, len(ids))
-                seg.append_observation(ids)
+                obs, fresh = prompt[len(seg.context):], False
             else:
-                seg = Segment(kind="completions", prompt_ids=list(prompt))
-                self._start(seg)
-            seg.text = ""
-        elif isinstance(prompt, str):
+                seg, obs, fresh = Segment(kind="completions", prompt_ids=list(prompt)), [], True
+            text = None
+        elif isinstance(prompt, str) and prompt:
             if extends and seg.text and len(prompt) > len(seg.text) and prompt.startswith(seg.text):
-                ids = encode(self.tokenizer, prompt[len(seg.text):])
-                self._check_room(seg, len(ids))
-                seg.append_observation(ids)
+                obs, fresh = encode(self.tokenizer, prompt[len(seg.text):]), False
             else:
-                seg = Segment(kind="completions", prompt_ids=encode(self.tokenizer, prompt))
-                self._start(seg)
-            seg.text = prompt
+                seg, obs, fresh = Segment(kind="completions", prompt_ids=encode(self.tokenizer, prompt)), [], True
+            text = prompt
         else:
-            raise RequestRefused("'prompt' must be one string or one list of token ids (batches are not served)", "invalid_prompt")
-        turn = await self._sample(seg, max_tokens)
-        if seg.text or isinstance(prompt, str):
-            seg.text = seg.text + turn.text
+            raise RequestRefused("'prompt' must be one non-empty string or list of token ids (batches are not served)", "invalid_prompt")
+        turn = await self._sample(seg, obs, fresh, max_tokens)
+        seg.text = "" if text is None else text + turn.text  # token-id prompts extend by ids only
         return turn
 
     # -- shared
@@ -298,40 +288,31 @@ class Session:
     def _budget(self, seg: Segment) -> int:
         return min(self.limits.max_response_tokens, self.limits.max_context - len(seg.prompt_ids))
 
-    def _start(self, seg: Segment) -> None:
-        if self._budget(seg) <= 0:
-            self.truncated, self.finish_reason = True, "token_budget"
-            raise RequestRefused(
-                f"prompt of {len(seg.prompt_ids)} tokens leaves no room in a context of {self.limits.max_context}",
-                "context_length_exceeded",
-            )
-        if self.segments:
-            log.info("session %s: history rewritten, episode split (segment %d)", self.key[:8], len(self.segments) + 1)
-        self.segments.append(seg)
+    def _refuse(self, finish_reason: str, message: str, code: str) -> RequestRefused:
+        self.truncated, self.finish_reason = True, finish_reason
+        return RequestRefused(message, code)
 
-    def _check_room(self, seg: Segment, extra: int) -> None:
-        if len(seg.response_ids) + extra >= self._budget(seg):
-            self.truncated, self.finish_reason = True, "token_budget"
-            raise RequestRefused(
-                f"the episode's token budget ({self._budget(seg)} tokens after the prompt) is spent",
-                "context_length_exceeded",
-            )
-
-    async def _sample(self, seg: Segment, max_tokens: int | None) -> Turn:
+    async def _sample(self, seg: Segment, obs: list[int], fresh: bool, max_tokens: int | None) -> Turn:
+        """Sample one turn after ``seg`` plus the observation ids ``obs``; ``fresh``: ``seg`` is a new
+        segment. Nothing is recorded unless the engine returns (a failed or cancelled request leaves
+        the session as it was, so a retry of the same request extends it the same way)."""
         if self.num_turns >= self.limits.max_turns:
-            self.truncated, self.finish_reason = True, "max_turns"
-            raise RequestRefused(f"the episode's {self.limits.max_turns} assistant turns are used", "max_turns_exceeded")
-        room = self._budget(seg) - len(seg.response_ids)
+            raise self._refuse("max_turns", f"the episode's {self.limits.max_turns} assistant turns are used", "max_turns_exceeded")
+        budget = self._budget(seg)
+        if budget <= 0:
+            raise self._refuse("token_budget", f"prompt of {len(seg.prompt_ids)} tokens leaves no room in a context of "
+                               f"{self.limits.max_context}", "context_length_exceeded")
+        room = budget - len(seg.response_ids) - len(obs)
         if room <= 0:
-            self.truncated, self.finish_reason = True, "token_budget"
-            raise RequestRefused("the episode's token budget is spent", "context_length_exceeded")
+            raise self._refuse("token_budget", f"the episode's token budget ({budget} tokens after the prompt) is spent",
+                               "context_length_exceeded")
         cap = min(self.limits.max_tokens_per_turn, room)
         if max_tokens is not None:
-            if not isinstance(max_tokens, int) or max_tokens < 1:
+            if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
                 raise RequestRefused(f"max_tokens must be a positive integer, got {max_tokens!r}", "invalid_max_tokens")
             cap = min(cap, max_tokens)
         s = self.settings
-        prompt = seg.context
+        prompt = seg.context + obs
         t0 = time.perf_counter()
         gen = await self.engine.generate(
             prompt,
@@ -339,6 +320,11 @@ class Session:
                              stop_token_ids=s.stop_token_ids, seed=s.seed),
         )
         self.gen_time_s += time.perf_counter() - t0
+        if fresh:
+            if self.segments:
+                log.info("session %s: history rewritten, episode split (segment %d)", self.key[:8], len(self.segments) + 1)
+            self.segments.append(seg)
+        seg.append_observation(obs)
         self.num_turns += 1
         seg.num_turns += 1
         self.gen_tokens += len(gen.token_ids)

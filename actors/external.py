@@ -117,6 +117,7 @@ class ExternalRunner:
         self.timeout_s = timeout_s
         self.episodes = 0
         self.splits = 0
+        self._http = None
 
     async def run_episode(self, engine: Engine, agent: Any, tokenizer: Any, toolbox: Any, row: dict[str, Any],
                           limits: EpisodeLimits, settings: SamplingSettings) -> ExternalEpisode:
@@ -125,8 +126,11 @@ class ExternalRunner:
 
         await self.endpoint.start()
         session = self.endpoint.open_session(limits, settings)
+        if self._http is None:  # one connection pool for every episode's client (a client each costs ~ms)
+            self._http = openai.DefaultAsyncHttpxClient(timeout=self.timeout_s)
         # no retries: a retried request repeats an earlier history, which would read as a rewrite
-        client = openai.AsyncOpenAI(base_url=session.base_url, api_key=session.key, max_retries=0, timeout=self.timeout_s)
+        client = openai.AsyncOpenAI(base_url=session.base_url, api_key=session.key, max_retries=0, timeout=self.timeout_s,
+                                    http_client=self._http)
         try:
             try:
                 result = await asyncio.wait_for(self.fn(dict(row), client), timeout=self.timeout_s)
@@ -142,8 +146,7 @@ class ExternalRunner:
                 log.info("external agent ended after a refused request (%s): %s", session.finish_reason, type(e).__name__)
                 result = None
         finally:
-            self.endpoint.close_session(session)
-            await client.close()
+            self.endpoint.close_session(session)  # the client is dropped; its pool is the runner's
         if not session.segments:
             raise RuntimeError(f"external agent '{self.spec}' returned without asking the model anything")
         answer, reward = scores_from(result, self.spec)
@@ -159,6 +162,9 @@ class ExternalRunner:
         c = self.endpoint.counters
         log.info("external agent '%s': %d episodes, %d splits (history rewritten), %d requests, %d refused",
                  self.spec, self.episodes, self.splits, c["requests"], c["refused"])
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
         await self.endpoint.close()
 
 

@@ -228,3 +228,42 @@ def test_external_runner_scores_and_the_learner_gets_the_sampled_ids(tok, tmp_pa
     targets = batch.input_ids[0].numpy()[1:]  # loss_mask is over target positions
     trained = targets[batch.loss_mask[0].numpy().astype(bool)]
     assert trained.tolist() == np.concatenate([np.array(r) for r in engine.returned]).tolist()
+
+
+class FailsOnce(RecordingEngine):
+    """Raises on its second request, then serves the script."""
+
+    async def generate(self, prompt_ids, settings):
+        self.requests = getattr(self, "requests", 0) + 1
+        if self.requests == 2:
+            raise RuntimeError("engine hiccup")
+        return await super().generate(prompt_ids, settings)
+
+
+def test_a_failed_request_leaves_the_session_unchanged(tok):
+    """A retry of a request the engine failed extends the session once, not twice."""
+    stop = tok.convert_tokens_to_ids("<|im_end|>")
+    engine = FailsOnce(tok, ["4", "Yes."], stop)
+
+    async def go():
+        ep = Endpoint(engine, tok, None)
+        await ep.start()
+        try:
+            session = ep.open_session(limits(), SamplingSettings(max_tokens=64, stop_token_ids=(stop,)))
+            async with openai.AsyncOpenAI(base_url=session.base_url, api_key=session.key, max_retries=0) as client:
+                messages = [{"role": "user", "content": "2+2?"}]
+                r = await client.chat.completions.create(model="m", messages=messages)
+                messages += [{"role": "assistant", "content": r.choices[0].message.content}, {"role": "user", "content": "Sure?"}]
+                with pytest.raises(openai.InternalServerError):
+                    await client.chat.completions.create(model="m", messages=messages)
+                await client.chat.completions.create(model="m", messages=messages)  # the harness retries
+            return session
+        finally:
+            await ep.close()
+
+    session = asyncio.run(go())
+    assert session.splits == 0 and session.num_turns == 2
+    seg = session.segments[0]
+    assert engine.prompts[1] == seg.prompt_ids + seg.response_ids[: len(engine.prompts[1]) - len(seg.prompt_ids)]
+    text = tok.decode(seg.prompt_ids + seg.response_ids, skip_special_tokens=False)
+    assert text.count("Sure?") == 1 and text.endswith("Yes.<|im_end|>")
