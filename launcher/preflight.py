@@ -126,6 +126,24 @@ def _load(files: list[str], cfg: RelayConfig, what: str, report: Report) -> list
         return []
 
 
+def _check_external(cfg: RelayConfig, report: Report) -> None:
+    """``agent.agent_type=external``: the entrypoint loads and is an async function."""
+    if cfg.agent.agent_type != "external":
+        if cfg.agent.entrypoint:
+            report.notes.append(f"agent.entrypoint={cfg.agent.entrypoint} has no effect: agent.agent_type={cfg.agent.agent_type} "
+                                "(set agent.agent_type=external to run it)")
+        return
+    if not cfg.agent.entrypoint:
+        report.problems.append("agent.agent_type=external needs agent.entrypoint=path/to/agent.py:run (or package.module:run)")
+        return
+    from actors.external import load_entrypoint
+
+    try:
+        load_entrypoint(cfg.agent.entrypoint)
+    except Exception as e:
+        report.problems.append(f"agent.entrypoint: {_one_line(e)}")
+
+
 def _source(cfg: RelayConfig, report: Report) -> list[dict[str, Any]]:
     from envs.tasks.rgym import source_rows
 
@@ -405,6 +423,7 @@ def preflight(
         loaded.insert(0, ("train", [cfg.data.source], _source(cfg, report)))
     _check_template(cfg, report)
     tools_ok = _check_tools(cfg, report)
+    _check_external(cfg, report)
     if loaded:
         _check_reward(cfg, loaded[0][2], loaded[0][1], report)
     if resolved is not None:

@@ -267,3 +267,26 @@ def test_a_failed_request_leaves_the_session_unchanged(tok):
     assert engine.prompts[1] == seg.prompt_ids + seg.response_ids[: len(engine.prompts[1]) - len(seg.prompt_ids)]
     text = tok.decode(seg.prompt_ids + seg.response_ids, skip_special_tokens=False)
     assert text.count("Sure?") == 1 and text.endswith("Yes.<|im_end|>")
+
+
+def test_preflight_checks_the_entrypoint(tiny_model_dir, tmp_path):
+    from configs.schema import RelayConfig
+    from launcher.preflight import PreflightError, preflight
+
+    sync = tmp_path / "sync_agent.py"
+    sync.write_text("def run(row, client):\n    return 'x'\n")
+
+    def check(**agent):
+        cfg = RelayConfig.model_validate({
+            "agent": {"tools": [], **agent}, "data": {"source": "reasoning_gym:basic_arithmetic", "source_options": {"size": 4}},
+            "actor_rollout_ref": {"model": {"path": tiny_model_dir}},
+        })
+        return preflight(cfg, resume=False, lengths=False)
+
+    with pytest.raises(PreflightError, match="needs agent.entrypoint"):
+        check(agent_type="external")
+    with pytest.raises(PreflightError, match="must be an async function"):
+        check(agent_type="external", entrypoint=f"{sync}:run")
+    check(agent_type="external", entrypoint="examples/external/openai_agent.py:run")
+    _, notes = check(agent_type="hf", entrypoint="examples/external/openai_agent.py:run")
+    assert any("has no effect" in n for n in notes)

@@ -85,7 +85,7 @@ def score(final_answer: str | None, row: dict[str, Any]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Write reasoning-gym rows as JSONL (for data.val_files).")
-    ap.add_argument("name", help="task name, e.g. basic_arithmetic (--list shows all)")
+    ap.add_argument("name", nargs="?", help="task name, e.g. basic_arithmetic (--list shows all)")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path)
@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print("\n".join(task_names()))
         return 0
-    if args.out is None:
-        ap.error("--out is required")
+    if args.name is None or args.out is None:
+        ap.error("give a task name and --out (or --list)")
     rows = generate_rows(args.name, size=args.size, seed=args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
