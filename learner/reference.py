@@ -147,7 +147,7 @@ class KLLoss:
         """``coef * kl`` per token [n,T] for one micro-batch; logs ``actor/kl_loss`` (kl aggregated
         over the micro-batch with ``agg_mode``) and ``actor/kl_coef`` into ``metrics``."""
         kl = self.per_token(mb, logits, logprobs, ref_logprobs)
-        metrics["actor/kl_loss"] = algos.agg_loss(kl.detach(), mb.loss_mask, self.agg_mode, self.horizon).item()
+        metrics["actor/kl_loss"] = algos.agg_loss(kl.detach(), mb.loss_mask, self.agg_mode, self.horizon)  # 0-d
         metrics["actor/kl_coef"] = self.coef
         return self.coef * kl
 

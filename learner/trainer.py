@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -108,7 +109,12 @@ class Trainer:
             mixed_precision=arc.actor.fsdp_config.mixed_precision,
         )
         # actors get the stream in their serve dtype; checkpoints and the final export in fp32
-        self.weights_for_actors = publish_view(lora, serve_dtype(arc.rollout.dtype, cuda=self.device.type == "cuda"))
+        # (the HF engine applies LoRA adapters itself: it gets only them)
+        self.weights_for_actors = publish_view(
+            lora, serve_dtype(arc.rollout.dtype, cuda=self.device.type == "cuda"), adapters_only=arc.rollout.name == "hf"
+        )
+        if self.rank == 0:
+            log.info("actors receive %s", self.weights_for_actors.what)
         self.weights_for_export = publish_view(lora, torch.float32)
         self.pad_id = self.model.config.pad_token_id or 0
         self.total_steps = self._total_steps()
@@ -342,28 +348,30 @@ class Trainer:
                         metrics["actor/entropy"] = self.local_agg(entropy.detach(), mask)
                     per_token = per_token + self.kl_loss(mb, logits, logprobs, mt.ref_logprobs, metrics)
                     algos.agg_loss(per_token, mask, actor.loss_agg_mode, scale=micro.loss_scale).backward()
+                    # metrics stay 0-d tensors here (no host sync per micro-batch): read once per step below
                     # pg + entropy + KL terms over this micro-batch ("pg_loss" is the policy term alone)
                     metrics["actor/loss"] = self.local_agg(per_token.detach(), mask)
                     metrics["actor/logprob_mismatch_kl"] = algos.logprob_mismatch_kl(old, mb.behaviour_logprobs, mb.loss_mask)
                     # tokens sampled by exactly the weights the learner holds: |learner - engine| is numerics alone
                     same = mb.loss_mask * (mb.versions == self.version)
-                    metrics["actor/same_version_abs_diff_sum"] = float(((old - mb.behaviour_logprobs).abs() * same).sum())
-                    metrics["actor/same_version_tokens"] = float(same.sum())
-                    self._same_version_rows[micro.idx] = torch.stack(
-                        [((old - mb.behaviour_logprobs).abs() * same).sum(1), same.sum(1)], 1
-                    ).detach().to(self._same_version_rows.dtype)
+                    diff = ((old - mb.behaviour_logprobs).abs() * same).detach()
+                    metrics["actor/same_version_abs_diff_sum"] = diff.sum()
+                    metrics["actor/same_version_tokens"] = same.sum()
+                    self._same_version_rows[micro.idx] = torch.stack([diff.sum(1), same.sum(1)], 1).to(self._same_version_rows.dtype)
                     for k, v in metrics.items():
-                        stats.setdefault(k if "/" in k else f"actor/{k}", []).append(float(v))
+                        stats.setdefault(k if "/" in k else f"actor/{k}", []).append(v)
                     # token fractions are re-weighted by the micro-batch's tokens (a padding pass has none)
-                    tokens = float(mask.sum()) if micro.loss_scale > 0 else 0.0
+                    tokens = mask.sum() if micro.loss_scale > 0 else mask.new_zeros(())
                     stats.setdefault("actor/token_frac_weight", []).append(tokens)
                     for k in TOKEN_FRACTIONS:
                         stats.setdefault(f"actor/{k}_weighted", []).append(metrics[k] * tokens)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), actor.grad_clip)
-                if not torch.isfinite(grad_norm):
-                    raise FloatingPointError(f"non-finite gradient norm at v{self.version}")
                 self.optimizer.step()
-                stats.setdefault("actor/grad_norm", []).append(float(grad_norm))
+                stats.setdefault("actor/grad_norm", []).append(grad_norm)
+        stats = on_host(stats)  # the step's one host sync for the policy's metrics
+        if not all(math.isfinite(g) for g in stats.get("actor/grad_norm", [])):
+            # checked once per step: the process stops before these weights are published or saved
+            raise FloatingPointError(f"non-finite gradient norm at v{self.version}: {stats['actor/grad_norm']}")
         self.optimizer_offload.offload()
         self.scheduler.step()  # the policy's schedule counts policy updates (as verl: not critic warm-up steps)
         return stats
@@ -386,10 +394,10 @@ class Trainer:
             actor.loss_agg_mode, actor.loss_agg_horizon,
         )
 
-    def local_agg(self, per_token: torch.Tensor, mask: torch.Tensor) -> float:
-        """A per-token value aggregated over one micro-batch's rows (for metrics)."""
+    def local_agg(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """A per-token value aggregated over one micro-batch's rows (for metrics; a 0-d tensor)."""
         actor = self.cfg.actor_rollout_ref.actor
-        return algos.agg_loss(per_token, mask, actor.loss_agg_mode, actor.loss_agg_horizon).item()
+        return algos.agg_loss(per_token, mask, actor.loss_agg_mode, actor.loss_agg_horizon)
 
     def forward(self, mb: TrainBatch) -> ResponseLogits:
         """Logits predicting the next token at the micro-batch's sampled positions."""
@@ -406,7 +414,7 @@ class Trainer:
     def publish(self) -> None:
         """Stream the policy to the actors as ``self.version`` (a collective; version 0 is on disk)."""
         view = self.weights_for_actors
-        named = view(stream_full_tensors(self.model, view.gather_dtype)) if self.version > 0 else iter(())
+        named = view(stream_full_tensors(self.model, view.gather_dtype, view.keep)) if self.version > 0 else iter(())
         if self.rank == 0:
             self.weights.publish(self.version, named)  # complete before it is announced
             self.coordinator.advance(self.version)
@@ -469,6 +477,15 @@ def whole_groups(groups) -> tuple[list[m.Trajectory], int, int]:
             continue
         kept += group
     return kept, n_groups, n_trajs
+
+
+def on_host(stats: dict[str, list]) -> dict[str, list[float]]:
+    """``stats`` with every tensor value read as a Python float, in one device-to-host copy."""
+    from torch.distributed.tensor import DTensor
+
+    tensors = [v.full_tensor() if isinstance(v, DTensor) else v for vs in stats.values() for v in vs if isinstance(v, torch.Tensor)]
+    values = iter(torch.stack([t.detach().reshape(()).double() for t in tensors]).tolist() if tensors else [])
+    return {k: [next(values) if isinstance(v, torch.Tensor) else float(v) for v in vs] for k, vs in stats.items()}
 
 
 def broadcast_bytes(payload: bytes, device: torch.device) -> bytes:

@@ -74,7 +74,7 @@ def traj(sample_id, chain, reward, seed, overlong=False, n_response=12):
 
 def grads_after_step(trainer, trajs):
     stats = trainer.train_step(trainer.step_batch(trajs).batch)
-    return stats, {n: p.grad.full_tensor().clone() for n, p in trainer.model.named_parameters()}
+    return stats, {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()}
 
 
 GRADS = (  # one optimizer step, gradients compared unclipped, weights kept put

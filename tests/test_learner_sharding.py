@@ -164,6 +164,13 @@ def _trajs():
     return [_traj("0:0" if i < 4 else "0:1", i % 4, r, n_sampled=i + 1, seed=i) for i, r in enumerate(rewards)]
 
 
+def _full(grad: torch.Tensor) -> torch.Tensor:
+    """A gradient in full: FSDP2's (2 ranks) is a DTensor, the plain module's (1 rank) a tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return grad.full_tensor() if isinstance(grad, DTensor) else grad.detach()
+
+
 def _grads_for(trainer, batch, runs) -> dict[str, dict[str, torch.Tensor]]:
     """Policy gradient of one train_step per (agg mode, micro size) in ``runs``, full tensors."""
     out = {}
@@ -173,7 +180,7 @@ def _grads_for(trainer, batch, runs) -> dict[str, dict[str, torch.Tensor]]:
         actor.ppo_micro_batch_size_per_gpu = micro
         trainer.loss_cfg = dataclasses.replace(trainer.loss_cfg, loss_agg_mode=mode)
         trainer.train_step(batch)
-        out[f"{mode}/{micro}"] = {n: p.grad.full_tensor().clone() for n, p in trainer.model.named_parameters()}
+        out[f"{mode}/{micro}"] = {n: _full(p.grad).clone() for n, p in trainer.model.named_parameters()}
     return out
 
 

@@ -229,12 +229,17 @@ def test_lora_trains_only_adapters_and_publishes_merged_base_weights(tmp_path, t
         before = state(trainer.model)
         trainer.train_step(trainer.step_batch(make_trajs()).batch)
         after = state(trainer.model)
+        from learner.lora import publish_view
         from learner.model import stream_full_tensors
 
-        view = trainer.weights_for_actors  # what publish() streams to the actors
+        view = publish_view(trainer.weights_for_export.lora, torch.float32)  # what engines without adapters get
         published = {k: v.numpy() for k, v in view(stream_full_tensors(trainer.model, view.gather_dtype))}
+        hf = trainer.weights_for_actors  # HF engines apply the adapters themselves: they get only those
+        adapters = dict(hf(stream_full_tensors(trainer.model, hf.gather_dtype, hf.keep)))
     moved = changed(before, after)
     assert moved and all(".lora_" in k for k in moved)
+    assert set(adapters) == {k for k in after if ".lora_A." in k or ".lora_B." in k}
+    assert all(torch.equal(adapters[k], after[k]) for k in adapters)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
     assert set(published) <= set(base) and set(base) - set(published) <= {"lm_head.weight"}
     q = "model.layers.0.self_attn.q_proj"
@@ -370,3 +375,38 @@ def test_world_1_plain_module_matches_the_fsdp_path_on_one_step(tmp_path, tiny_m
     for key in ("actor/pg_loss", "actor/grad_norm", "actor/loss"):
         assert plain_stats[key] == pytest.approx(fsdp_stats[key], abs=1e-5)
 
+
+class _ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts reads of a tensor's value on the host (``.item()``, ``float(t)``, ``bool(t)``:
+    aten's ``_local_scalar_dense``, a device sync on GPU) made by Relay's code: transformers'
+    own check of the attention mask (one per forward, to skip an all-ones mask) is not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            import traceback
+
+            if not any("/transformers/" in f.filename for f in traceback.extract_stack()):
+                self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("extra", [[], ["actor_rollout_ref.actor.entropy_coeff=0.01", "actor_rollout_ref.actor.use_kl_loss=true"]])
+def test_host_reads_per_step_do_not_grow_with_micro_batches(tmp_path, tiny_model_dir, extra):
+    """The policy update reads its metrics on the host once per step, not per micro-batch: a step
+    of 8 one-row micro-batches makes as many scalar reads as one of 2 four-row micro-batches."""
+    reads = {}
+    for micro in (1, 4):
+        cfg = learner_config(tiny_model_dir, tmp_path / f"m{micro}", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+                             f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro}", *extra)
+        with trainer_world_1(cfg) as trainer:
+            batch = trainer.step_batch(make_trajs()).batch
+            trainer.train_step(batch)  # warm-up
+            with _ScalarReads() as counter:
+                stats = trainer.train_step(batch)
+            reads[micro] = counter.count
+        assert math.isfinite(stats["actor/pg_loss"]) and stats["actor/grad_norm"] > 0
+    assert reads[1] == reads[4], reads

@@ -244,7 +244,7 @@ def logprob_mismatch_kl(learner_logprobs: Tensor, actor_logprobs: Tensor, mask: 
         mask: [B,T] 0/1.
 
     Returns:
-        Python float (0 for an empty mask).
+        0-d float32 tensor (0 for an empty mask; not read on the host here).
     """
     k3 = _k3(actor_logprobs.float(), learner_logprobs.float())
-    return masked_mean(k3, mask.float()).item()
+    return masked_mean(k3, mask.float())

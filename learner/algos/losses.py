@@ -212,9 +212,9 @@ def agg_loss(
     agg = _agg_mode(mode)
     mask = mask.to(loss_mat.dtype)
     weighted = torch.where(mask > 0, loss_mat, 0.0) * agg.row_coef(mask).unsqueeze(-1)
-    if scale is None:
+    if scale is None:  # the units stay a tensor: no host read (a metric per micro-batch goes this way)
         horizon = loss_mat.shape[-1] if norm_horizon is None else norm_horizon
-        scale = loss_scale(mode, float(agg.row_units(mask).sum()), 1, horizon)
+        return weighted.sum() * loss_scale(mode, 1.0, 1, horizon) / agg.row_units(mask).sum().clamp(min=1.0)
     return weighted.sum() * scale
 
 
@@ -527,7 +527,7 @@ def policy_loss(inputs: PolicyLossInputs, cfg: PolicyLossConfig) -> tuple[Tensor
     Reduce it with `agg_loss` (and the micro-batch's ``loss_scale`` in training).
 
     Returns:
-        (per-token loss [B,T], metrics) with metrics
+        (per-token loss [B,T], metrics) with metrics (0-d tensors)
             pg_loss             agg_loss of the per-token loss over these rows (cfg.loss_agg_mode)
             pg_clipfrac         masked fraction where the clip is active
             pg_clipfrac_lower   masked fraction where the dual clip is active (vanilla)
@@ -547,14 +547,14 @@ def policy_loss(inputs: PolicyLossInputs, cfg: PolicyLossConfig) -> tuple[Tensor
 
     with torch.no_grad():
         masked_weight = torch.where(mask > 0, corr.weight, torch.zeros_like(corr.weight))
-        frac = lambda b: masked_mean(b.to(mask.dtype), mask).item()  # noqa: E731
-        metrics = {
-            "pg_loss": agg_loss(per_token, mask, cfg.loss_agg_mode, cfg.norm_horizon).item(),
+        frac = lambda b: masked_mean(b.to(mask.dtype), mask)  # noqa: E731
+        metrics = {  # 0-d tensors: read on the host once per step, not per micro-batch
+            "pg_loss": agg_loss(per_token, mask, cfg.loss_agg_mode, cfg.norm_horizon),
             "pg_clipfrac": frac(clipped),
             "pg_clipfrac_lower": frac(dual),
-            "ppo_kl": masked_mean(corr.anchor - inputs.logprobs, mask).item(),
-            "is_weight_mean": masked_mean(corr.weight, mask).item(),
-            "is_weight_max": masked_weight.max().item() if masked_weight.numel() else 0.0,
+            "ppo_kl": masked_mean(corr.anchor - inputs.logprobs, mask),
+            "is_weight_mean": masked_mean(corr.weight, mask),
+            "is_weight_max": masked_weight.max() if masked_weight.numel() else masked_weight.new_zeros(()),
             "is_weight_truncfrac": frac(corr.truncated),
             "is_masked_frac": frac(corr.masked),
         }
