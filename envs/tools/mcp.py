@@ -10,7 +10,9 @@ joined, structured content without text is shown as JSON, other blocks
 
 Transports (through the ``mcp`` SDK, 2.x): ``command`` starts a stdio server
 (argv list, or one string split like a shell would), ``url`` connects to a
-streamable-HTTP server. Lifetime: the tool list is read once per process when
+streamable-HTTP server. A stdio server gets the SDK's default environment (a
+few variables such as ``HOME`` and ``PATH``, not the actor's whole
+environment) plus ``env``. Lifetime: the tool list is read once per process when
 the agent is built (a short connection, so the learner and the launcher's
 checks render the same tool schemas as the actors); an actor connects on its
 first call and keeps the connection in its event loop until
@@ -136,8 +138,9 @@ class McpServer:
                                    f"{self.spec.startup_timeout_s:g} s") from None
             except Exception as e:
                 self._task = None
+                cause = _first_leaf(e)
                 raise RuntimeError(f"MCP server '{self.spec.name}' ({self.spec.describe()}) failed to start: "
-                                   f"{type(e).__name__}: {e}") from e
+                                   f"{type(cause).__name__}: {cause} (its stderr is in this process's log)") from e
 
     async def list_tools(self) -> list[Any]:
         session = await self.connect()
@@ -165,6 +168,13 @@ class McpServer:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         self._loop = self._lock = None
+
+
+def _first_leaf(e: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups, as anyio task groups raise them."""
+    while getattr(e, "exceptions", None):
+        e = e.exceptions[0]
+    return e
 
 
 def _page(cursor: str):
