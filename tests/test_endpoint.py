@@ -290,3 +290,72 @@ def test_preflight_checks_the_entrypoint(tiny_model_dir, tmp_path):
     check(agent_type="external", entrypoint="examples/external/openai_agent.py:run")
     _, notes = check(agent_type="hf", entrypoint="examples/external/openai_agent.py:run")
     assert any("has no effect" in n for n in notes)
+
+
+AGENTS = '''
+import asyncio
+
+async def reward(row, client):
+    await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    return 0.25
+
+async def scored(row, client):
+    r = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    return {"reward": 1.0, "style": 0.5, "final_answer": r.choices[0].message.content, "note": "text is dropped"}
+
+async def greedy_harness(row, client):
+    messages = [{"role": "user", "content": "hi"}]
+    while True:  # until the endpoint refuses: max_turns
+        r = await client.chat.completions.create(model="m", messages=messages)
+        messages += [{"role": "assistant", "content": r.choices[0].message.content}, {"role": "user", "content": "more"}]
+
+async def silent(row, client):
+    return "never asked"
+
+async def slow(row, client):
+    await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    await asyncio.sleep(60)
+
+async def broken(row, client):
+    await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    raise KeyError("bug in the harness")
+'''
+
+
+@pytest.mark.parametrize("name", ["reward", "scored", "greedy_harness", "silent", "slow", "broken"])
+def test_external_runner_results_and_limits(tok, tmp_path, name):
+    from actors.actor import Scorer
+    from actors.external import ExternalRunner
+    from envs.rewards import get_reward
+
+    path = tmp_path / "agents.py"
+    path.write_text(AGENTS)
+    stop = tok.convert_tokens_to_ids("<|im_end|>")
+    engine = RecordingEngine(tok, ["ok"] * 3, stop)
+    runner = ExternalRunner(Endpoint(engine, tok, None), f"{path}:{name}", timeout_s=1.0 if name == "slow" else 30)
+    settings = SamplingSettings(max_tokens=64, stop_token_ids=(stop,))
+
+    async def go():
+        try:
+            return await runner.run_episode(engine, None, tok, None, {"question": "hi", "answer": "ok"}, limits(max_turns=3), settings)
+        finally:
+            await runner.close()
+
+    if name == "silent":
+        with pytest.raises(RuntimeError, match="without asking the model"):
+            asyncio.run(go())
+        return
+    if name == "broken":
+        with pytest.raises(KeyError, match="bug in the harness"):
+            asyncio.run(go())
+        return
+    ep = asyncio.run(go())
+    scores = Scorer(get_reward("math_reward_string_equal"), tok)(ep, {"question": "hi", "answer": "ok"})
+    if name == "reward":
+        assert scores == {"reward": 0.25} and ep.final_answer is None and ep.finish_reason == "answer"
+    elif name == "scored":
+        assert scores == {"reward": 1.0, "style": 0.5} and ep.final_answer == "ok"
+    elif name == "greedy_harness":  # the 4th request was refused: a truncated episode, not a failure
+        assert ep.truncated and ep.finish_reason == "max_turns" and ep.num_turns == 3 and scores["reward"] == 0.0
+    elif name == "slow":
+        assert ep.truncated and ep.finish_reason == "timeout" and ep.num_turns == 1
