@@ -94,4 +94,6 @@ def build_engine(cfg: RelayConfig, model_path: str, seed: int = 0) -> Engine:
     from protocol.weights import serve_dtype
 
     cuda = torch.cuda.is_available()
-    return HFEngine(model_path, device="cuda" if cuda else "cpu", seed=seed, dtype=serve_dtype(rollout.dtype, cuda))
+    model = cfg.actor_rollout_ref.model  # LoRA: the learner sends only the adapters to HF engines
+    lora = (model.lora_rank, model.lora_alpha, model.target_modules) if model.lora_rank > 0 else None
+    return HFEngine(model_path, device="cuda" if cuda else "cpu", seed=seed, dtype=serve_dtype(rollout.dtype, cuda), lora=lora)

@@ -1,4 +1,4 @@
-"""LoRA through peft: only the adapters train; actors receive merged full weights.
+"""LoRA through peft: only the adapters train; actors receive the adapters or merged weights.
 
 ``add_adapters`` wraps the policy before it is sharded (identity when the rank
 is 0). What leaves the learner is the gathered state-dict stream
@@ -14,6 +14,12 @@ the base model's parameter names (peft's ``base_model.model.`` prefix and
 ``export_hf`` see a plain model of the base architecture. The merge runs in
 fp32 (the stream is gathered in fp32 for it) and each merged tensor is then
 cast to the serve dtype. Chosen once at setup with ``publish_view``.
+
+Where the engine can load adapters itself (the HF engine, via peft, built with
+the same ``LoraSettings``), ``publish_view(..., adapters_only=True)`` sends
+only the adapter tensors (peft names, ``lora_A``/``lora_B``), and only they are
+gathered from the shards: a rank-r update of a d x d projection is 2rd numbers
+instead of d^2. Checkpoints and the final export are always merged.
 """
 
 from __future__ import annotations
@@ -93,21 +99,38 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype) if t.is_floating_point() else t
 
 
-class PublishView:
-    """What the learner publishes from its gathered state-dict stream: the stream itself, or the
-    merged base model. ``gather_dtype`` is what the stream should be gathered in."""
+def is_adapter(name: str, adapter: str = "default") -> bool:
+    """``name`` is a LoRA adapter tensor of a peft-wrapped model."""
+    return f".lora_A.{adapter}." in name or f".lora_B.{adapter}." in name
 
-    def __init__(self, lora: LoraSettings, dtype: torch.dtype):
+
+class PublishView:
+    """What the learner publishes from its gathered state-dict stream: the stream itself, the
+    merged base model, or (``adapters_only``) the LoRA adapters alone. ``gather_dtype`` is what
+    the stream should be gathered in, ``keep`` which state-dict entries it needs at all."""
+
+    def __init__(self, lora: LoraSettings, dtype: torch.dtype, adapters_only: bool = False):
         self.lora, self.dtype = lora, dtype
-        self.gather_dtype = dtype if lora.rank == 0 else torch.float32
-        self.merges = lora.rank > 0
+        self.adapters_only = adapters_only and lora.rank > 0
+        self.merges = lora.rank > 0 and not self.adapters_only
+        self.gather_dtype = torch.float32 if self.merges else dtype
+        self.keep: Callable[[str], bool] | None = is_adapter if self.adapters_only else None
+
+    @property
+    def what(self) -> str:
+        """For the log: what actors receive."""
+        if self.adapters_only:
+            return f"the LoRA adapters only (rank {self.lora.rank}; the engine applies them via peft)"
+        if self.merges:
+            return f"full weights with the LoRA adapters merged (rank {self.lora.rank})"
+        return "full weights"
 
     def __call__(self, named: Named) -> Iterator[tuple[str, torch.Tensor]]:
-        if self.lora.rank == 0:
+        if not self.merges:
             return iter(named)
         return merged_stream(named, self.lora.scale, self.dtype)
 
 
-def publish_view(lora: LoraSettings, dtype: torch.dtype = torch.float32) -> Callable[[Named], Iterator[tuple[str, torch.Tensor]]]:
+def publish_view(lora: LoraSettings, dtype: torch.dtype = torch.float32, adapters_only: bool = False) -> PublishView:
     """The ``PublishView`` of ``lora`` producing tensors in ``dtype``."""
-    return PublishView(lora, dtype)
+    return PublishView(lora, dtype, adapters_only)

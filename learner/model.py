@@ -119,7 +119,7 @@ def _tied_lm_head(model, name: str) -> bool:
     return bool(getattr(config, "tie_word_embeddings", False)) and name.removeprefix("base_model.model.") == "lm_head.weight"
 
 
-def stream_full_tensors(model, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def stream_full_tensors(model, dtype: torch.dtype, keep=None) -> Iterator[tuple[str, torch.Tensor]]:
     """The full state dict, one entry at a time (a collective: every rank iterates it to the end).
 
     Each floating-point entry is cast to ``dtype`` and gathered to rank 0
@@ -127,11 +127,12 @@ def stream_full_tensors(model, dtype: torch.dtype) -> Iterator[tuple[str, torch.
     casts its own rows straight into the output); rank 0 gets ``(name, tensor)``
     pairs, contiguous on CPU and never aliasing a live parameter (so a consumer
     may keep them while training goes on); the other ranks get nothing. A tied
-    ``lm_head.weight`` is skipped (it is the input embedding)."""
+    ``lm_head.weight`` is skipped (it is the input embedding), and so is every
+    entry whose name ``keep`` (if given) rejects: it is not gathered at all."""
     rank0 = dist.get_rank() == 0
     gpu_group = dist.get_backend() == "nccl"
     for name, value in model.state_dict().items():
-        if _tied_lm_head(model, name):
+        if _tied_lm_head(model, name) or (keep is not None and not keep(name)):
             continue
         want = dtype if value.is_floating_point() else value.dtype
         if isinstance(value, DTensor):

@@ -419,3 +419,44 @@ def test_a_corrupted_bucket_is_refused_and_the_actor_keeps_serving_its_version(t
     finally:
         client.close()
         server.close()
+
+
+def test_lora_adapters_alone_reach_a_peft_hf_engine_which_then_matches_the_learner(tmp_path, tiny_model_dir):
+    """lora_rank > 0 with HF actors: only the adapters are gathered and sent (zmq, the trainer's own
+    server); the engine, built with the same LoRA settings, stages and swaps just them, and its
+    log-probs then equal the learner's (the log-prob guard's measure, ~1e-6)."""
+    from actors.engines.hf_engine import HFEngine
+    from learner.model import stream_full_tensors
+    from tests.learner_support import learner_config, make_trajs, trainer_world_1
+    from tests.test_logprob_guard import sampled_group
+
+    lora = ["actor_rollout_ref.model.lora_rank=4", "actor_rollout_ref.model.lora_alpha=8", "actor_rollout_ref.actor.optim.lr=5e-2"]
+    cfg = learner_config(tiny_model_dir, tmp_path, *lora)
+    engine = HFEngine(tiny_model_dir, seed=0, lora=(4, 8, "all-linear"))
+    with trainer_world_1(cfg) as trainer:
+        view = trainer.weights_for_actors
+        assert view.adapters_only and "adapters only" in view.what
+        trainer.train_step(trainer.step_batch(make_trajs()).batch)  # the adapters move (B != 0)
+        trainer.version += 1
+        trainer.publish()
+        client = ActorClient("127.0.0.1", cfg.transport.port)
+        try:
+            async def sync():
+                welcome = await client.call(m.Register(actor_id="actor-lora", host="localhost", pid=os.getpid(), engine="HFEngine"), timeout_s=30)
+                rx = make_receiver("zmq", welcome, client=client, actor_id="actor-lora", weights_dir=None, timeout_s=30)
+                version, stream = await rx.fetch(engine.version, timeout_s=30)
+                await asyncio.to_thread(engine.load_weights, stream, version)
+
+            asyncio.run(sync())
+        finally:
+            client.close()
+        assert engine.version == 1
+        sent = [n for n, _ in view(stream_full_tensors(trainer.model, view.gather_dtype, view.keep))]
+        assert sent and all(".lora_A." in n or ".lora_B." in n for n in sent)
+        assert [len(s) for s in engine._standby.values()] == [len(sent)]  # only the adapters were staged
+        temperature = cfg.actor_rollout_ref.rollout.temperature
+        batch = trainer.step_batch(sampled_group(engine, "actor-lora", "0:0", [1, 30, 31, 32], temperature)
+                                   + sampled_group(engine, "actor-lora", "0:1", [1, 40, 41], temperature))
+        assert {t.versions.tolist()[0] for t in batch.trajectories} == {1}
+        trainer.train_step(batch.batch)
+        assert trainer.check_engines(batch)["actor/logprob_abs_diff_same_version_max"] < 1e-4

@@ -18,6 +18,11 @@ batch lock (a pointer swap per parameter, microseconds). A stream that fails
 fit) raises before the swap: the served weights and version are untouched.
 The standby copy (one model in the serve dtype) is allocated at the first
 update and reused, so an update adds only the receive window to the process.
+
+LoRA: built with ``lora=(rank, alpha, target_modules)`` (the learner's
+settings), the engine wraps its model with peft's adapters (B = 0, so version
+0 is the base model) and takes updates that hold only the adapter tensors
+(``lora_A``/``lora_B``, peft names): only they are staged and swapped.
 """
 
 from __future__ import annotations
@@ -32,15 +37,26 @@ from actors.engines.base import Engine, Generation, SamplingSettings
 
 
 class HFEngine(Engine):
-    def __init__(self, model_path: str, device: str = "cpu", max_batch: int = 256, seed: int = 0, dtype: torch.dtype | None = None):
-        """``dtype``: what the engine serves (None = bf16 on a GPU, fp32 on CPU)."""
+    def __init__(
+        self, model_path: str, device: str = "cpu", max_batch: int = 256, seed: int = 0, dtype: torch.dtype | None = None,
+        lora: tuple[int, int, list[str] | str] | None = None,
+    ):
+        """``dtype``: what the engine serves (None = bf16 on a GPU, fp32 on CPU); ``lora``:
+        ``(rank, alpha, target_modules)`` to serve LoRA adapters on top of the base model."""
         from transformers import AutoModelForCausalLM
 
         self.device = torch.device(device)
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.dtype = dtype
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        if lora is not None and lora[0] > 0:
+            from peft import LoraConfig, get_peft_model
+
+            rank, alpha, targets = lora
+            model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none"))
+        self.lora = lora if lora is not None and lora[0] > 0 else None
+        self.model = model.to(self.device).eval()
         self.pad_id = self.model.config.pad_token_id or 0
         self.max_batch = max_batch
         self.version = 0
@@ -51,7 +67,7 @@ class HFEngine(Engine):
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.batches = 0
-        self._standby: dict[str, torch.Tensor] | None = None
+        self._standby: dict[frozenset, dict[str, torch.Tensor]] = {}
         self.loading = threading.Lock()  # one update at a time
 
     async def generate(self, prompt_ids: list[int], settings: SamplingSettings) -> Generation:
@@ -101,23 +117,33 @@ class HFEngine(Engine):
         ``adopt`` changes nothing: every tensor is copied into the standby copy as it arrives."""
         with self.loading:
             slots = self._slots()
-            standby = self._standby_copy()
+            standby = None
             seen: set[str] = set()
             for name, t in named_tensors:
+                if standby is None:  # the first tensor says which update this is: the whole model or the adapters
+                    adapters = self.lora is not None and _is_adapter(name)
+                    standby = self._standby_copy(adapters)
+                elif self.lora is not None and _is_adapter(name) != adapters:
+                    raise ValueError(f"weights v{version}: {name} mixes adapter and base tensors in one update")
                 canonical = slots.get(name)
                 if canonical is None:
                     raise ValueError(f"weights v{version}: tensor {name!r} is not a parameter of the served model")
-                dst = standby[canonical]
+                dst = standby.get(canonical)
+                if dst is None:
+                    raise ValueError(f"weights v{version}: tensor {name!r} is not part of this update's parameters")
                 if tuple(t.shape) != tuple(dst.shape):
                     raise ValueError(f"weights v{version}: {name} has shape {list(t.shape)}, the model's is {list(dst.shape)}")
                 dst.copy_(t)
                 seen.add(canonical)
+            if standby is None:
+                raise ValueError(f"weights v{version}: the update holds no tensors")
             missing = set(standby) - seen
             if missing:
                 raise ValueError(f"weights v{version} are incomplete: missing {sorted(missing)[:5]} ({len(missing)} tensors)")
             params = self._params()
             with self._lock:  # no batch runs during the swap
-                for canonical, p in params.items():
+                for canonical in standby:
+                    p = params[canonical]
                     p.data, standby[canonical] = standby[canonical], p.data
                 self.version = version
 
@@ -136,10 +162,17 @@ class HFEngine(Engine):
         first: dict[int, str] = {}
         return {name: first.setdefault(id(t), name) for name, t in self.model.state_dict(keep_vars=True).items()}
 
-    def _standby_copy(self) -> dict[str, torch.Tensor]:
-        if self._standby is None:
-            self._standby = {name: torch.empty_like(p.data) for name, p in self._params().items()}
-        return self._standby
+    def _standby_copy(self, adapters: bool) -> dict[str, torch.Tensor]:
+        """The standby tensors of an update of the whole model or (``adapters``) of the adapters."""
+        params = {n: p for n, p in self._params().items() if not adapters or _is_adapter(n)}
+        key = frozenset(params)
+        if key not in self._standby:
+            self._standby[key] = {name: torch.empty_like(p.data) for name, p in params.items()}
+        return self._standby[key]
+
+
+def _is_adapter(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
