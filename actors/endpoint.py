@@ -59,6 +59,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from actors.engines.base import Engine, SamplingSettings
 from actors.rollout import EpisodeLimits, encode
 from envs.agents.hf import parse_tool_call_json
@@ -373,13 +375,14 @@ class _ToolCallParser:
 # --------------------------------------------------------------------------- server
 
 
-def _error(e: RequestRefused):
+def _json(obj: Any, status: int = 200):
     from aiohttp import web
 
-    return web.json_response(
-        {"error": {"message": str(e), "type": "invalid_request_error", "code": e.code, "param": None}},
-        status=e.status,
-    )
+    return web.Response(body=msgspec.json.encode(obj), status=status, content_type="application/json")
+
+
+def _error(e: RequestRefused):
+    return _json({"error": {"message": str(e), "type": "invalid_request_error", "code": e.code, "param": None}}, status=e.status)
 
 
 class Endpoint:
@@ -454,8 +457,8 @@ class Endpoint:
 
     async def _body(self, request) -> dict:
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            body = msgspec.json.decode(await request.read())
+        except msgspec.DecodeError as e:
             raise RequestRefused(f"the request body is not JSON: {e}", "invalid_json") from None
         if not isinstance(body, dict):
             raise RequestRefused("the request body must be a JSON object", "invalid_json")
@@ -466,17 +469,13 @@ class Endpoint:
         return body
 
     async def _models(self, request):
-        from aiohttp import web
-
         try:
             self._session(request)
         except RequestRefused as e:
             return _error(e)
-        return web.json_response({"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "relay"}]})
+        return _json({"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "relay"}]})
 
     async def _chat(self, request):
-        from aiohttp import web
-
         self.counters["requests"] += 1
         try:
             session = self._session(request)
@@ -493,11 +492,9 @@ class Endpoint:
         out = self._envelope("chat.completion", turn, choice, body)
         if body.get("stream"):
             return await self._stream(request, out, message, finish)
-        return web.json_response(out)
+        return _json(out)
 
     async def _completions(self, request):
-        from aiohttp import web
-
         self.counters["requests"] += 1
         try:
             session = self._session(request)
@@ -509,7 +506,7 @@ class Endpoint:
             self.counters["refused"] += 1
             return _error(e)
         choice = {"index": 0, "text": turn.text, "finish_reason": turn.finish_reason, "logprobs": None}
-        return web.json_response(self._envelope("text_completion", turn, choice, body))
+        return _json(self._envelope("text_completion", turn, choice, body))
 
     def _envelope(self, obj: str, turn: Turn, choice: dict, body: dict) -> dict:
         if body.get("return_token_ids"):

@@ -27,7 +27,7 @@ import json
 import shlex
 import threading
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from envs.base import ToolResult
