@@ -44,12 +44,13 @@ def dump_record(index: int, chain: int, row: dict, ep, score: dict, tokenizer, p
     }
 
 
-async def _evaluate(engine, parts, rows: list[dict], num_chains: int, temperature: float, dump=None, prompt_key: str = "question") -> dict:
+async def _evaluate(engine, parts, rows: list[dict], num_chains: int, temperature: float, dump=None, prompt_key: str = "question",
+                    rollout=run_episode) -> dict:
     s = parts.sampling
     sampling = SamplingSettings(max_tokens=s.max_tokens, temperature=temperature, top_p=s.top_p, top_k=s.top_k, stop_token_ids=s.stop_token_ids)
 
     async def one(row):
-        ep = await run_episode(engine, parts.agent, parts.tokenizer, parts.toolbox, row, parts.limits, sampling)
+        ep = await rollout(engine, parts.agent, parts.tokenizer, parts.toolbox, row, parts.limits, sampling)
         return ep, parts.scorer(ep, row)
 
     results = await asyncio.gather(*(one(r) for r in rows for _ in range(num_chains)))
@@ -85,10 +86,18 @@ def evaluate(cfg: RelayConfig, model_path: str, rows: list[dict], num_chains: in
     engine = build_engine(cfg, model_path, seed=cfg.trainer.seed)
     temp = cfg.actor_rollout_ref.rollout.val_temperature if temperature is None else temperature
 
+    from actors.external import make_episode_runner
+    from envs.tools.mcp import close_mcp_servers
+
+    runner = make_episode_runner(cfg, parts.tokenizer, engine)  # agent_type=external: through the endpoint
+
     async def go():
         try:
-            return await _evaluate(engine, parts, rows, num_chains, temp, dump=dump, prompt_key=cfg.data.prompt_key)
+            return await _evaluate(engine, parts, rows, num_chains, temp, dump=dump, prompt_key=cfg.data.prompt_key,
+                                   rollout=runner.run_episode)
         finally:
+            await runner.close()
+            await close_mcp_servers()
             await engine.close()
 
     return asyncio.run(go())

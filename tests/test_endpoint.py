@@ -359,3 +359,17 @@ def test_external_runner_results_and_limits(tok, tmp_path, name):
         assert ep.truncated and ep.finish_reason == "max_turns" and ep.num_turns == 3 and scores["reward"] == 0.0
     elif name == "slow":
         assert ep.truncated and ep.finish_reason == "timeout" and ep.num_turns == 1
+
+
+def test_relay_eval_runs_external_agents_through_the_endpoint(tiny_model_dir, tmp_path):
+    from actors.evaluate import evaluate
+    from configs.schema import RelayConfig
+
+    path = tmp_path / "agent.py"
+    path.write_text("async def run(row, client):\n"
+                    "    await client.chat.completions.create(model='m', messages=[{'role': 'user', 'content': row['question']}], max_tokens=4)\n"
+                    "    return 1.0\n")
+    cfg = RelayConfig.model_validate({"agent": {"agent_type": "external", "entrypoint": f"{path}:run", "tools": []},
+                                      "actor_rollout_ref": {"model": {"path": tiny_model_dir}}})
+    out = evaluate(cfg, tiny_model_dir, [{"question": "1+1?", "answer": "2"}] * 2)
+    assert out["accuracy"] == 1.0 and out["turns_mean"] == 1.0  # the harness's reward: it ran, not the hf loop
