@@ -24,8 +24,10 @@ chat template puts after the last sampled turn (``envs.templates.
 observation_delta``), tokenized on their own and appended with loss mask 0;
 earlier ids, sampled ones included, are never re-tokenized. A request that
 does not extend (the harness rewrote or trimmed history, changed the tools,
-switched between chat and text completions) starts a new *segment*: a fresh
-prompt rendered from its messages. The episode is then split into separate
+switched between chat and text completions), or that the chat template
+renders differently once the new messages are added (templates that drop
+earlier turns' reasoning), starts a new *segment*: a fresh prompt rendered
+from its messages. The episode is then split into separate
 training sequences, and ``Session.splits`` counts the splits. Comparison is on
 meaning, not object identity: message content (``None``, a string or a list of
 text parts), tool calls (name and parsed arguments; ids ignored) and tool
@@ -245,9 +247,14 @@ class Session:
         seg = self.segments[-1] if self.segments else None
         tkey = _tools_key(tools)
         n = len(seg.history) if seg is not None else 0
+        delta = None
         if seg is not None and seg.kind == "chat" and seg.tools_key == tkey and len(history) > n and history[:n] == seg.history:
             new = [for_template(m) for m in messages[n:]]
-            delta = observation_delta(render, seg.rendered, new, self.stop_string)
+            try:
+                delta = observation_delta(render, seg.rendered, new, self.stop_string)
+            except ValueError as e:  # the template renders earlier turns differently now (e.g. drops old reasoning)
+                log.info("session %s: cannot append to the rendered history (%s); starting a new sequence", self.key[:8], e)
+        if delta is not None:
             if not seg.ended_with_stop:  # the turn was cut by length: the template closes it
                 delta = self.stop_string + delta
             rendered, obs, fresh = seg.rendered + new, encode(self.tokenizer, delta), False

@@ -373,3 +373,27 @@ def test_relay_eval_runs_external_agents_through_the_endpoint(tiny_model_dir, tm
                                       "actor_rollout_ref": {"model": {"path": tiny_model_dir}}})
     out = evaluate(cfg, tiny_model_dir, [{"question": "1+1?", "answer": "2"}] * 2)
     assert out["accuracy"] == 1.0 and out["turns_mean"] == 1.0  # the harness's reward: it ran, not the hf loop
+
+
+def test_a_template_that_rerenders_history_splits_instead_of_failing(tiny_model_dir):
+    """Templates that render earlier assistant turns differently once more messages follow (as
+    reasoning models' templates drop old <think> blocks) cannot be appended to: a new sequence."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['role'] == 'assistant' and not loop.last %}[earlier answer]{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+    async def agent(client, session):
+        messages = [{"role": "user", "content": "hi"}]
+        r = await client.chat.completions.create(model="m", messages=messages)
+        messages += [{"role": "assistant", "content": r.choices[0].message.content}, {"role": "user", "content": "and?"}]
+        r = await client.chat.completions.create(model="m", messages=messages)
+        return r.choices[0].message.content
+
+    _, session, answer = serve(tok, ["hello", "bye"], agent)
+    assert answer == "bye" and session.splits == 1
+    assert "[earlier answer]" in tok.decode(session.segments[1].prompt_ids)
