@@ -397,3 +397,20 @@ def test_a_template_that_rerenders_history_splits_instead_of_failing(tiny_model_
     _, session, answer = serve(tok, ["hello", "bye"], agent)
     assert answer == "bye" and session.splits == 1
     assert "[earlier answer]" in tok.decode(session.segments[1].prompt_ids)
+
+
+def test_streamed_tool_calls_reach_the_client(tok):
+    async def agent(client, session):
+        stream = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "12*3?"}], tools=[CALC], stream=True)
+        calls, finish = {}, None
+        async for chunk in stream:
+            for d in chunk.choices[0].delta.tool_calls or []:
+                c = calls.setdefault(d.index, {"name": "", "arguments": ""})
+                c["name"] += d.function.name or ""
+                c["arguments"] += d.function.arguments or ""
+            finish = chunk.choices[0].finish_reason or finish
+        return calls, finish
+
+    _, session, (calls, finish) = serve(tok, [call("12*3")], agent)
+    assert finish == "tool_calls" and calls[0]["name"] == "calculator"
+    assert json.loads(calls[0]["arguments"]) == {"expression": "12*3"}
