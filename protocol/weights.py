@@ -334,7 +334,13 @@ class ZmqReceiver:
 
     async def fetch(self, have_version: int, timeout_s: float) -> tuple[int, NamedTensors] | None:
         c = self.client
-        await c._lock.acquire()
+        try:
+            await asyncio.wait_for(c._lock.acquire(), timeout_s)
+        except asyncio.TimeoutError:
+            raise TransportTimeout(
+                f"the control connection to {c.control_ep} stayed busy for {timeout_s:.0f}s (an earlier request "
+                f"or weights stream holds it)"
+            ) from None
         try:
             sock = c._socket()
             await c._send(sock, m.WeightsRequest(actor_id=self.actor_id, have_version=have_version))
@@ -365,6 +371,21 @@ class _ZmqStream:
         self.client, self.sock, self.first, self.bufs = client, sock, first, bufs
         self.timeout_s, self.loop = timeout_s, loop
         self.buckets_received = 0
+        self._released = False
+
+    def _release(self, complete: bool) -> None:
+        """Give the DEALER back (reset first unless every chunk was read), once."""
+        if self._released:
+            return
+        self._released = True
+        if self.loop.is_closed():
+            return
+        if not complete:  # chunks may still be on their way: never read them as a later reply
+            self.loop.call_soon_threadsafe(self.client._reset)
+        self.loop.call_soon_threadsafe(self.client._lock.release)
+
+    def __del__(self):  # a stream dropped without being read (its consumer failed first)
+        self._release(complete=False)
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         done = False
@@ -397,9 +418,7 @@ class _ZmqStream:
                 del tensors
             done = True
         finally:
-            if not done:  # chunks may still be on their way: never read them as a later reply
-                self.loop.call_soon_threadsafe(self.client._reset)
-            self.loop.call_soon_threadsafe(self.client._lock.release)
+            self._release(complete=done)
 
 
 # ----------------------------------------------------------------- filesystem

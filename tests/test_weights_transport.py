@@ -460,3 +460,32 @@ def test_lora_adapters_alone_reach_a_peft_hf_engine_which_then_matches_the_learn
         assert {t.versions.tolist()[0] for t in batch.trajectories} == {1}
         trainer.train_step(batch.batch)
         assert trainer.check_engines(batch)["actor/logprob_abs_diff_same_version_max"] < 1e-4
+
+
+def test_a_zmq_stream_dropped_unread_gives_the_connection_back(tmp_path):
+    """An engine that fails before reading the stream (it never iterates it) must not leave the
+    actor's control connection locked: the next request goes through."""
+    from launcher.local import free_port
+
+    port = free_port(pairs=2)
+    server = LearnerServer(FakeLearner(), "127.0.0.1", port)
+    pub = make_publisher("zmq", server=server, bucket_bytes=CHUNK, weights_dir=None, host="127.0.0.1",
+                         n_actors=1, backend="gloo", timeout_s=30)
+    client = ActorClient("127.0.0.1", port)
+    try:
+        pub.publish(1, sample_arrays(1))
+
+        async def go():
+            rx = make_receiver("zmq", None, client=client, actor_id="a", weights_dir=None, timeout_s=30)
+            version, stream = await rx.fetch(0, timeout_s=30)
+            del stream  # dropped unread
+            await asyncio.sleep(0.1)
+            again = await rx.fetch(0, timeout_s=10)  # a fresh DEALER, the whole version again
+            return version, await asyncio.to_thread(lambda: [(n, t.clone()) for n, t in again[1]])
+
+        version, tensors = asyncio.run(go())
+        assert version == 1
+        assert_bit_exact(tensors, sample_arrays(1))
+    finally:
+        client.close()
+        server.close()
