@@ -9,6 +9,8 @@ Routes (aiohttp, in the actor's event loop, bound to ``127.0.0.1``)::
 
     POST /s/<key>/v1/chat/completions     messages, tools (function calling), max_tokens
     POST /s/<key>/v1/completions          prompt (text or token ids), max_tokens
+    POST /s/<key>/v1/responses            the Responses API (input items, function tools,
+                                          previous_response_id), served as chat; no streaming
     GET  /s/<key>/v1/models
     (or /v1/... with ``Authorization: Bearer <key>``)
 
@@ -148,6 +150,51 @@ def _tools_key(tools: list | None) -> str:
     return json.dumps(tools or [], sort_keys=True)
 
 
+def responses_tools(tools: list | None) -> list[dict] | None:
+    """Responses-API function tools (flat) as chat-completions tools; other tool types are refused."""
+    out = []
+    for t in tools or []:
+        if not isinstance(t, dict) or t.get("type") != "function":
+            raise RequestRefused(f"only function tools are served, got {t!r:.120}", "unsupported_tool")
+        fn = t.get("function", t)
+        out.append({"type": "function", "function": {k: fn[k] for k in ("name", "description", "parameters") if k in fn}})
+    return out or None
+
+
+def responses_to_messages(body: dict) -> list[dict]:
+    """A Responses-API request's ``instructions`` and ``input`` as chat messages: message items as
+    messages (``developer`` as ``system``), ``function_call`` items as the preceding assistant
+    message's tool calls, ``function_call_output`` items as tool messages; reasoning items dropped."""
+    messages: list[dict] = []
+    if body.get("instructions"):
+        messages.append({"role": "system", "content": body["instructions"]})
+    items = body.get("input")
+    if isinstance(items, str):
+        return messages + [{"role": "user", "content": items}]
+    if not isinstance(items, list) or not items:
+        raise RequestRefused("'input' must be a string or a non-empty list of items", "invalid_input")
+    for item in items:
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "message":
+            role = "system" if item.get("role") == "developer" else item.get("role")
+            messages.append({"role": role, "content": _text(item.get("content"))})
+        elif kind == "function_call":
+            call = {"id": item.get("call_id"), "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")}}
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "function_call_output":
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": _text(item.get("output"))})
+        elif kind == "reasoning":
+            continue
+        else:
+            raise RequestRefused(f"unsupported input item {item!r:.120}", "unsupported_input")
+    return messages
+
+
 # --------------------------------------------------------------------------- token tracking
 
 
@@ -224,6 +271,18 @@ class Session:
         self.closed = False
         self._parser = _ToolCallParser()
         self._renders: dict[str, Any] = {}
+        self._responses: dict[str, list[dict]] = {}
+
+    def remember_response(self, rid: str, messages: list[dict]) -> None:
+        """Keep a Responses-API answer's whole history, for a later ``previous_response_id``."""
+        self._responses[rid] = messages
+
+    def responses_history(self, previous_response_id: str | None) -> list[dict]:
+        if not previous_response_id:
+            return []
+        if previous_response_id not in self._responses:
+            raise RequestRefused(f"no response {previous_response_id!r} in this episode", "unknown_previous_response", 404)
+        return list(self._responses[previous_response_id])
 
     @property
     def splits(self) -> int:
@@ -423,6 +482,7 @@ class Endpoint:
             for prefix in ("/s/{key}/v1", "/v1"):
                 app.router.add_post(prefix + "/chat/completions", self._chat)
                 app.router.add_post(prefix + "/completions", self._completions)
+                app.router.add_post(prefix + "/responses", self._responses)
                 app.router.add_get(prefix + "/models", self._models)
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
@@ -514,6 +574,46 @@ class Endpoint:
             return _error(e)
         choice = {"index": 0, "text": turn.text, "finish_reason": turn.finish_reason, "logprobs": None}
         return _json(self._envelope("text_completion", turn, choice, body))
+
+    async def _responses(self, request):
+        self.counters["requests"] += 1
+        try:
+            session = self._session(request)
+            body = await self._body(request)
+            if body.get("stream"):
+                raise RequestRefused("the Responses API is served without streaming (stream: false)", "unsupported_stream")
+            session.requests += 1
+            async with session.lock:
+                messages = session.responses_history(body.get("previous_response_id")) + responses_to_messages(body)
+                tools = responses_tools(body.get("tools"))
+                turn, message = await session.chat(messages, tools, body.get("max_output_tokens"))
+                rid = f"resp_{secrets.token_hex(12)}"
+                session.remember_response(rid, messages + [message])
+        except RequestRefused as e:
+            self.counters["refused"] += 1
+            return _error(e)
+        output: list[dict[str, Any]] = []
+        if message.get("content"):
+            output.append({"type": "message", "id": f"msg_{secrets.token_hex(8)}", "status": "completed", "role": "assistant",
+                           "content": [{"type": "output_text", "text": message["content"], "annotations": []}]})
+        for c in message.get("tool_calls", []):
+            output.append({"type": "function_call", "id": f"fc_{secrets.token_hex(8)}", "call_id": c["id"], "status": "completed",
+                           "name": c["function"]["name"], "arguments": c["function"]["arguments"]})
+        if not output:  # an empty turn is still a message
+            output.append({"type": "message", "id": f"msg_{secrets.token_hex(8)}", "status": "completed", "role": "assistant",
+                           "content": [{"type": "output_text", "text": "", "annotations": []}]})
+        out = {
+            "id": rid, "object": "response", "created_at": int(time.time()), "model": body.get("model") or self.model_name,
+            "status": "completed" if turn.finish_reason == "stop" else "incomplete",
+            "incomplete_details": None if turn.finish_reason == "stop" else {"reason": "max_output_tokens"},
+            "output": output, "tools": body.get("tools") or [], "tool_choice": body.get("tool_choice", "auto"),
+            "parallel_tool_calls": True, "error": None, "instructions": body.get("instructions"), "metadata": {},
+            "previous_response_id": body.get("previous_response_id"),
+            "usage": {"input_tokens": len(turn.prompt_ids), "output_tokens": len(turn.token_ids),
+                      "total_tokens": len(turn.prompt_ids) + len(turn.token_ids),
+                      "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}},
+        }
+        return _json(out)
 
     def _envelope(self, obj: str, turn: Turn, choice: dict, body: dict) -> dict:
         if body.get("return_token_ids"):

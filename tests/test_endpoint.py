@@ -414,3 +414,33 @@ def test_streamed_tool_calls_reach_the_client(tok):
     _, session, (calls, finish) = serve(tok, [call("12*3")], agent)
     assert finish == "tool_calls" and calls[0]["name"] == "calculator"
     assert json.loads(calls[0]["arguments"]) == {"expression": "12*3"}
+
+
+RESP_CALC = {"type": "function", "name": "calculator", "description": "Evaluate arithmetic.",
+             "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}
+
+
+@pytest.mark.parametrize("chained", [False, True], ids=["full-input", "previous_response_id"])
+def test_responses_api_with_function_calls_is_token_exact(tok, chained):
+    """The Responses API (what the OpenAI Agents SDK calls by default): items in, items out."""
+    async def agent(client, session):
+        items = [{"role": "user", "content": "What is 12*3+4?"}]
+        r = await client.responses.create(model="m", instructions="Use the tool.", input=items, tools=[RESP_CALC])
+        for _ in range(2):
+            calls = [o for o in r.output if o.type == "function_call"]
+            assert calls and calls[0].name == "calculator"
+            result = str(eval(json.loads(calls[0].arguments)["expression"]))
+            outputs = [{"type": "function_call_output", "call_id": calls[0].call_id, "output": result}]
+            if chained:
+                r = await client.responses.create(model="m", previous_response_id=r.id, input=outputs, tools=[RESP_CALC])
+            else:
+                items = items + [o.model_dump(exclude_none=True) for o in r.output] + outputs
+                r = await client.responses.create(model="m", instructions="Use the tool.", input=items, tools=[RESP_CALC])
+        return r.output_text
+
+    engine, session, answer = serve(tok, [call("12*3"), call("36+4"), "40"], agent)
+    assert answer == "40" and session.splits == 0
+    seg = session.segments[0]
+    assert [ids for k, ids in runs(seg.loss_mask, seg.response_ids) if k == 1] == engine.returned
+    text = tok.decode(seg.prompt_ids + seg.response_ids, skip_special_tokens=False)
+    assert text.startswith("<|im_start|>system\nUse the tool.") and "<tool_response>\n36\n</tool_response>" in text
