@@ -1,9 +1,10 @@
 """An OpenAI-compatible endpoint on the actor's engine that records exact tokens.
 
-Any agent harness that speaks the OpenAI API (a hand-written ``openai`` loop,
-the OpenAI Agents SDK, LangGraph, a ``verifiers`` environment) can play
-Relay episodes: each episode gets a session, and every request made with the
-session's key is served by the actor's engine and recorded token for token.
+Any agent harness that speaks the OpenAI API (a hand-written ``openai`` loop, a
+framework built on the ``openai`` client, a program in another process on the
+same host given the base URL) can play Relay episodes: each episode gets a
+session, and every request made with the session's key is served by the
+actor's engine and recorded token for token.
 
 Routes (aiohttp, in the actor's event loop, bound to ``127.0.0.1``)::
 
@@ -29,8 +30,8 @@ does not extend (the harness rewrote or trimmed history, changed the tools,
 switched between chat and text completions), or that the chat template
 renders differently once the new messages are added (templates that drop
 earlier turns' reasoning), starts a new *segment*: a fresh prompt rendered
-from its messages. The episode is then split into separate
-training sequences, and ``Session.splits`` counts the splits. Comparison is on
+from its messages. The episode is then split into separate training
+sequences, and ``Session.splits`` counts the splits. Comparison is on
 meaning, not object identity: message content (``None``, a string or a list of
 text parts), tool calls (name and parsed arguments; ids ignored) and tool
 results.
