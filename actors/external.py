@@ -4,10 +4,14 @@
 (or ``package.module:run``) names an async function::
 
     async def run(row: dict, client: openai.AsyncOpenAI) -> str | float | dict | None
+    async def run(row: dict, client: openai.AsyncOpenAI, tools: RelayTools) -> ...
 
 It gets a copy of the dataset row and a client bound to the episode's session
 on the actor's endpoint (``actors/endpoint.py``; any ``model`` name is
-accepted), runs whatever harness it likes and returns
+accepted), and, when it has a ``tools`` parameter, the configured
+``agent.tools`` (``RelayTools``: ``schemas`` and ``call``, with Relay's tool
+limits; MCP servers' tools included). It runs whatever harness it likes and
+returns
 
 * the final answer (``str`` or ``None``): the configured ``agent.reward_name``
   scores it as for Relay's own agents;
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -51,6 +56,39 @@ class ExternalEpisode(Episode):
     segments: list[Segment] = field(default_factory=list)
     splits: int = 0
     """Times the harness's history did not extend the session's (``len(segments) - 1``)."""
+
+
+class RelayTools:
+    """The configured ``agent.tools`` (MCP servers' included) for an entrypoint that asks for them
+    (``async def run(row, client, tools)``): OpenAI ``schemas`` to send, and ``call`` with the same
+    timeout, output limit and error observations as Relay's own agents get."""
+
+    def __init__(self, toolbox: Any):
+        self.toolbox = toolbox
+        self.calls: list[str] = []
+        self.errors = 0
+
+    @property
+    def schemas(self) -> list[dict[str, Any]]:
+        return [t.schema for t in self.toolbox.tools.values()] if self.toolbox is not None else []
+
+    async def call(self, name: str, arguments: dict[str, Any] | str) -> str:
+        """The observation text (``Error: ...`` for a failure, as the model should see it)."""
+        from envs.base import ToolCall
+
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as e:
+                self.calls.append(name)
+                self.errors += 1
+                return f"Error: arguments are not valid JSON ({e.msg})"
+        if self.toolbox is None:
+            raise RuntimeError("no tools: this runner was given no toolbox")
+        result = await self.toolbox.call(ToolCall(name=name, arguments=arguments))
+        self.calls.append(name)
+        self.errors += int(result.error)
+        return result.text
 
 
 def load_entrypoint(spec: str) -> Callable[..., Any]:
@@ -114,6 +152,7 @@ class ExternalRunner:
         self.endpoint = endpoint
         self.spec = entrypoint
         self.fn = load_entrypoint(entrypoint)
+        self.wants_tools = "tools" in inspect.signature(self.fn).parameters
         self.timeout_s = timeout_s
         self.episodes = 0
         self.splits = 0
@@ -126,6 +165,7 @@ class ExternalRunner:
 
         await self.endpoint.start()
         session = self.endpoint.open_session(limits, settings)
+        tools = RelayTools(toolbox)
         if self._http is None:  # one connection pool for every episode's client (a client each costs ~ms)
             self._http = openai.DefaultAsyncHttpxClient(timeout=self.timeout_s)
         # no retries: a retried request repeats an earlier history, which would read as a rewrite
@@ -133,7 +173,8 @@ class ExternalRunner:
                                     http_client=self._http)
         try:
             try:
-                result = await asyncio.wait_for(self.fn(dict(row), client), timeout=self.timeout_s)
+                args = (dict(row), client, tools) if self.wants_tools else (dict(row), client)
+                result = await asyncio.wait_for(self.fn(*args), timeout=self.timeout_s)
             except asyncio.TimeoutError:
                 if not session.segments:
                     raise TimeoutError(f"external agent '{self.spec}' made no model request in {self.timeout_s:g} s") from None
@@ -151,6 +192,8 @@ class ExternalRunner:
             raise RuntimeError(f"external agent '{self.spec}' returned without asking the model anything")
         answer, reward = scores_from(result, self.spec)
         ep = episode_from(session, answer, reward)
+        if tools.calls:  # the harness ran Relay's tools: those are the episode's tool calls
+            ep.tool_calls, ep.tool_errors = list(tools.calls), tools.errors
         self.episodes += 1
         self.splits += ep.splits
         if ep.splits:

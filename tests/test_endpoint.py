@@ -444,3 +444,43 @@ def test_responses_api_with_function_calls_is_token_exact(tok, chained):
     assert [ids for k, ids in runs(seg.loss_mask, seg.response_ids) if k == 1] == engine.returned
     text = tok.decode(seg.prompt_ids + seg.response_ids, skip_special_tokens=False)
     assert text.startswith("<|im_start|>system\nUse the tool.") and "<tool_response>\n36\n</tool_response>" in text
+
+
+def test_an_entrypoint_can_use_relays_configured_tools(tok, tmp_path):
+    """``run(row, client, tools)``: the configured tools' schemas and calls with Relay's limits."""
+    from actors.external import ExternalRunner
+    from actors.rollout import ToolBox
+    from envs.tools import get_tool
+
+    path = tmp_path / "agent.py"
+    path.write_text(
+        "OBS = []\n"
+        "async def run(row, client, tools):\n"
+        "    messages = [{'role': 'user', 'content': row['question']}]\n"
+        "    while True:\n"
+        "        r = await client.chat.completions.create(model='m', messages=messages, tools=tools.schemas)\n"
+        "        msg = r.choices[0].message\n"
+        "        messages.append(msg.model_dump(exclude_none=True))\n"
+        "        if not msg.tool_calls:\n"
+        "            return msg.content\n"
+        "        for c in msg.tool_calls:\n"
+        "            OBS.append(await tools.call(c.function.name, c.function.arguments))\n"
+        "            messages.append({'role': 'tool', 'tool_call_id': c.id, 'content': OBS[-1]})\n"
+    )
+    stop = tok.convert_tokens_to_ids("<|im_end|>")
+    bad = "<tool_call>" + json.dumps({"name": "nope", "arguments": {}}) + "</tool_call>"
+    engine = RecordingEngine(tok, [call("12*3"), bad, "36"], stop)
+    runner = ExternalRunner(Endpoint(engine, tok, None), f"{path}:run", timeout_s=30)
+    toolbox = ToolBox([get_tool("calculator")], 10, 64, None)
+
+    async def go():
+        try:
+            return await runner.run_episode(engine, None, tok, toolbox, {"question": "12*3?"}, limits(),
+                                            SamplingSettings(max_tokens=64, stop_token_ids=(stop,)))
+        finally:
+            await runner.close()
+
+    ep = asyncio.run(go())
+    obs = runner.fn.__globals__["OBS"]
+    assert obs[0] == "36" and obs[1].startswith("Error: unknown tool 'nope'")
+    assert ep.tool_calls == ["calculator", "nope"] and ep.tool_errors == 1 and ep.final_answer == "36"
