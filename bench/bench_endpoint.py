@@ -149,9 +149,10 @@ async def main_async(args) -> None:
     rows = [{"question": f"What is {100 + i} * {10 + i}?", "answer": "0", "turns": args.turns} for i in range(args.episodes)]
 
     times = {"own": [], "endpoint": []}
+    batches = {"own": 0, "endpoint": 0}  # transformers engine: how many batches the same work took
     for rnd in range(args.rounds + 1):  # round 0 warms both up
         for side in ("own", "endpoint") if rnd % 2 == 0 else ("endpoint", "own"):
-            t0 = time.perf_counter()
+            t0, b0 = time.perf_counter(), getattr(engine.inner, "batches", 0)
             if side == "own":
                 eps = await own_loop(engine, tok, tools, rows, limits, settings, args.turns)
             else:
@@ -166,6 +167,7 @@ async def main_async(args) -> None:
                 assert [e.prompt_ids for e in eps] == own_prompts, "the two sides rendered different prompts"
             if rnd > 0:
                 times[side].append(tokens / dt)
+                batches[side] += getattr(engine.inner, "batches", 0) - b0
     await runner.close()
     await engine.close()
     if args.client == "http":
@@ -175,8 +177,8 @@ async def main_async(args) -> None:
     own = sum(times["own"]) / len(times["own"])
     ep = sum(times["endpoint"]) / len(times["endpoint"])
     print(f"{args.engine}, {args.model}, {args.client} client: {args.episodes} episodes x {args.turns} turns x {args.max_tokens} tokens, {args.rounds} rounds each")
-    print(f"  own loop  {own:8.0f} sampled tok/s")
-    print(f"  endpoint  {ep:8.0f} sampled tok/s   ratio {ep / own:.3f}")
+    print(f"  own loop  {own:8.0f} sampled tok/s   {batches['own']} engine batches")
+    print(f"  endpoint  {ep:8.0f} sampled tok/s   {batches['endpoint']} engine batches   ratio {ep / own:.3f}")
     print(f"RESULT endpoint engine={args.engine} model={args.model} client={args.client} max_tokens={args.max_tokens} episodes={args.episodes} turns={args.turns} own_tok_s={own:.0f} "
           f"endpoint_tok_s={ep:.0f} ratio={ep / own:.3f}", flush=True)
 
