@@ -261,6 +261,7 @@ def publish_to_actor(trainer, model_dir: Path, args) -> None:
     import msgspec
     import torch
     import zmq
+    from torch.distributed.tensor import DTensor
 
     from learner.model import stream_full_tensors
     from protocol.weights import tensor_bytes
@@ -305,7 +306,9 @@ def publish_to_actor(trainer, model_dir: Path, args) -> None:
             r = reply()
             dt = time.perf_counter() - t0
             assert r[1] == trainer.version, r
-            want = float(trainer.model.model.norm.weight.detach().full_tensor().to(torch.bfloat16).float().sum())
+            norm = trainer.model.model.norm.weight.detach()
+            norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP2, or a plain module at world size 1
+            want = float(norm.to(torch.bfloat16).float().sum())
             assert abs(r[2] - want) < 1e-3 * max(1.0, abs(want)), (r[2], want)  # the actor serves what was trained
             if rep:
                 times.append(dt)
