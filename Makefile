@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.relay-installed
 # Full test run (fast + slow end-to-end); `make test-fast` skips the slow ones.
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast test-slow demo bench vllm clean
+.PHONY: setup test test-fast test-slow demo bench bench-peer vllm clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml scripts/install_vllm.sh
 	  echo "no GPU: installing the CPU build of torch 2.13.0"; \
 	  $(PY) -m pip install -q torch==2.13.0 $$( [ -d /opt/wheels ] && echo --find-links /opt/wheels ); \
 	fi
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,envs]"
 	@bash scripts/install_vllm.sh $(VENV) || echo "WARNING: vLLM could not be installed; the vLLM engine and its tests are unavailable (make vllm to retry)"
 	touch $(STAMP)
 
@@ -42,7 +42,19 @@ demo: setup
 vllm: setup
 	bash scripts/install_vllm.sh $(VENV)
 
-bench: setup
+# The peer (TRL's GRPOTrainer) lives in its own environment: TRL is never a dependency of Relay.
+PEER := .venv-peer
+$(PEER)/.installed:
+	test -x $(PEER)/bin/python || $(PYTHON) -m venv $(PEER)
+	$(PEER)/bin/pip install -q --upgrade pip
+	$(PEER)/bin/pip install -q torch==2.13.0 $$( [ -d /opt/wheels ] && ! command -v nvidia-smi >/dev/null 2>&1 && echo --find-links /opt/wheels )
+	$(PEER)/bin/pip install -q "trl==1.16.0" datasets
+	touch $@
+
+bench-peer: setup $(PEER)/.installed
+	$(PY) bench/bench_peer.py
+
+bench: setup $(PEER)/.installed
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
