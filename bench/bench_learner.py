@@ -1,6 +1,6 @@
 """Learner training throughput: our ``Trainer.train_step`` vs a bare training loop.
 
-    python bench/bench_learner.py [--rows 8] [--len 128] [--steps 6] [--prompt-frac 0.25]
+    python bench/bench_learner.py [--rows 8] [--len 128] [--steps 6] [--prompt-frac 0.25] [--ragged]
 
 One in-process learner (gloo, world size 1, CPU fp32 here) on a small random
 Qwen2 (vocab 4096, hidden 256, 4 layers). Both sides train the *same*
@@ -53,13 +53,16 @@ def build_model(out: Path) -> str:
     return str(out)
 
 
-def trajectories(rows: int, length: int, chains: int, prompt_frac: float = 0.25) -> list[m.Trajectory]:
-    """``rows`` two-turn episodes of ``length`` tokens (``prompt_frac`` of them prompt, an observation inside)."""
+def trajectories(rows: int, length: int, chains: int, prompt_frac: float = 0.25, ragged: bool = False) -> list[m.Trajectory]:
+    """``rows`` two-turn episodes of ``length`` tokens (``prompt_frac`` of them prompt, an observation
+    inside); ``ragged``: the responses of rows 1, 2, 3 (mod 4) are 1/4, 1/2, 3/4 shorter (padding)."""
     rng = np.random.default_rng(0)
     out = []
     for i in range(rows):
         p = max(1, int(length * prompt_frac))
         r = length - p
+        if ragged:
+            r = max(4, r - (i % 4) * r // 4)
         obs = r // 5
         mask = [1] * ((r - obs) // 2) + [0] * obs + [1] * (r - obs - (r - obs) // 2)
         out.append(
@@ -93,7 +96,9 @@ def bare_step(trainer, batch) -> None:
         trainer.optimizer.step()
 
 
-def measure(model_dir: str, run_dir: Path, rows: int, length: int, steps: int, minis: int, prompt_frac: float) -> tuple[float, float]:
+def measure(
+    model_dir: str, run_dir: Path, rows: int, length: int, steps: int, minis: int, prompt_frac: float, ragged: bool = False
+) -> tuple[float, float]:
     from configs.loader import load_config
     from launcher.local import free_port
     from learner.trainer import Trainer
@@ -113,7 +118,7 @@ def measure(model_dir: str, run_dir: Path, rows: int, length: int, steps: int, m
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
     trainer = Trainer(cfg, [{"question": "q"}] * 8)
     trainer.setup()
-    batch = trainer.step_batch(trajectories(rows, length, chains, prompt_frac)).batch
+    batch = trainer.step_batch(trajectories(rows, length, chains, prompt_frac, ragged)).batch
     tokens = float(batch.attention_mask.sum())
     ours, bare = [], []
     try:
@@ -137,6 +142,7 @@ def main() -> int:
     ap.add_argument("--len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ragged", action="store_true", help="responses of unequal length (padding in every micro-batch)")
     ap.add_argument("--prompt-frac", type=float, default=0.25, help="prompt share of each row's tokens (issue 14's job: ~0.72)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -146,7 +152,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(Path(tmp) / "model")
         for minis, label in [(1, "1 mini-batch (no recompute)"), (2, "2 mini-batches (+ proximal log-prob pass)")]:
-            ours, bare, ratio = measure(model_dir, Path(tmp) / f"run{minis}", args.rows, args.len, args.steps, minis, args.prompt_frac)
+            ours, bare, ratio = measure(model_dir, Path(tmp) / f"run{minis}", args.rows, args.len, args.steps, minis, args.prompt_frac, args.ragged)
             print(
                 f"learner train_step vs bare fwd+bwd+AdamW, {label}: {ours:,.0f} vs {bare:,.0f} tokens/s "
                 f"-> ratio {ratio:.2f}" + (" (target >= 0.9)" if minis == 1 else ""),

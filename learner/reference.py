@@ -70,24 +70,41 @@ class ResponseLogits:
         return self.spread(algos.entropy_from_logits(self.logits))
 
 
-def next_token_logits(model, mb: TrainBatch, temperature: float, where: torch.Tensor | None = None) -> ResponseLogits:
+def next_token_logits(
+    model, mb: TrainBatch, temperature: float, where: torch.Tensor | None = None, packed: bool = False
+) -> ResponseLogits:
     """Logits predicting the next token at ``where`` ([n, L-1] bool; default the sampled
     positions, ``mb.loss_mask > 0``).
 
     The decoder runs on every position; its final hidden states are gathered at
     ``where`` (a forward hook on the decoder, so the LM head still runs inside the
-    model's own forward, as FSDP expects) and only those [K, H] go through the LM head."""
+    model's own forward, as FSDP expects) and only those [K, H] go through the LM head.
+
+    ``packed``: the rows' real tokens are concatenated into one row without padding,
+    positions restarting at 0 for each sequence and no attention mask, from which
+    transformers builds the per-sequence (block-diagonal causal) mask: a 4-D mask for
+    SDPA on CPU, varlen flash-attention on GPU. Tested equal to the padded forward on
+    one rank; not yet used by the trainer (``model.use_remove_padding`` is not wired:
+    with it on, a 2-rank run and its 1-rank replay diverged, unexplained)."""
     where = mb.loss_mask > 0 if where is None else where
     at = torch.nn.functional.pad(where, (0, 1))  # [n, L]: the last column predicts nothing
+    pos = (mb.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    if packed:
+        real = mb.attention_mask > 0
+        inputs = dict(input_ids=mb.input_ids[real].unsqueeze(0), position_ids=pos[real].unsqueeze(0), attention_mask=None)
+        pick = at[real]  # [S]: the gathered positions in the packed row (same row-major order)
+    else:
+        inputs = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=pos)
+        pick = at.flatten()
 
     def gather(module, args, output):
-        output.last_hidden_state = output.last_hidden_state[at].unsqueeze(0)  # [1, K, H]
+        hidden = output.last_hidden_state
+        output.last_hidden_state = hidden.reshape(-1, hidden.shape[-1])[pick].unsqueeze(0)  # [1, K, H]
         return output
 
-    pos = (mb.attention_mask.cumsum(-1) - 1).clamp(min=0)
     hook = model.get_decoder().register_forward_hook(gather)
     try:
-        out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=pos)
+        out = model(**inputs)
     finally:
         hook.remove()
     logits = out.logits[0].float() / (temperature if temperature > 0 else 1.0)

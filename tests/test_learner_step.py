@@ -410,3 +410,34 @@ def test_host_reads_per_step_do_not_grow_with_micro_batches(tmp_path, tiny_model
             reads[micro] = counter.count
         assert math.isfinite(stats["actor/pg_loss"]) and stats["actor/grad_norm"] > 0
     assert reads[1] == reads[4], reads
+
+
+def test_packed_sequences_give_the_logprobs_of_padded_rows(tmp_path, tiny_model_dir):
+    """Packing (``next_token_logits(packed=True)``; not yet wired to use_remove_padding): rows of
+    unequal length packed into one row (positions restarting per
+    sequence, transformers' per-sequence causal mask) give the same log-probs and entropies as the
+    padded batch, to 1e-5, at every real position; no sequence attends to another (changing one
+    row's tokens leaves the others' log-probs alone)."""
+    import msgspec
+
+    from learner.reference import next_token_logits
+    from protocol import messages as m
+
+    cfg = learner_config(tiny_model_dir, tmp_path)
+    trajs = make_trajs()
+    trajs[0] = msgspec.structs.replace(trajs[0], prompt_ids=m.pack(list(range(20, 31)), "int32"))
+    trajs[3] = msgspec.structs.replace(trajs[3], prompt_ids=m.pack([7, 8], "int32"))
+    with trainer_world_1(cfg) as trainer, torch.no_grad():
+        mb = trainer.step_batch(trajs).batch
+        assert (mb.attention_mask == 0).any()
+        every = mb.attention_mask[:, 1:] > 0  # every real next token
+        padded = next_token_logits(trainer.model, mb, 1.0, every)
+        packed = next_token_logits(trainer.model, mb, 1.0, every, packed=True)
+        torch.testing.assert_close(packed.logprobs(), padded.logprobs(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(packed.entropy(), padded.entropy(), rtol=0, atol=1e-5)
+        other = mb.select(list(range(len(mb))))
+        other.input_ids[1, : int(other.attention_mask[1].sum())] = 42  # a different row 1
+        changed_row = next_token_logits(trainer.model, other, 1.0, every, packed=True).logprobs()
+        keep = torch.ones(len(mb), dtype=torch.bool)
+        keep[1] = False
+        torch.testing.assert_close(changed_row[keep], packed.logprobs()[keep], rtol=0, atol=1e-5)
