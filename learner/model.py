@@ -175,12 +175,12 @@ def gather_to_rank0(value: DTensor, dtype: torch.dtype) -> torch.Tensor | None:
             dist.send(local.to(dtype).contiguous(), dst=root, group=group)
         return None
     out = torch.empty((rows, *value.shape[1:]), dtype=dtype, device=local.device)
-    out[: local.shape[0]].copy_(local)  # the cast, straight into the output
     works = []
-    for r in range(1, world):
+    for r in range(1, world):  # posted first: the other ranks' rows arrive while rank 0 casts its own
         start, n = r * chunk, max(0, min(chunk, rows - r * chunk))
         if n:
             works.append(dist.irecv(out[start : start + n], src=dist.get_global_rank(group, r), group=group))
+    out[: local.shape[0]].copy_(local)  # the cast, straight into the output
     for w in works:
         w.wait()
     return out
