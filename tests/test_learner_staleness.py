@@ -33,13 +33,13 @@ def test_coordinator_drops_counts_and_requeues_groups_older_than_max_staleness()
     c.advance(1)
     complete(c, old[2:], version=0)  # sampled by v0, trained at v1 at the earliest: age 1, allowed
     batch, info = c.take_batch(timeout_s=1)
-    assert [sid for sid, _ in batch] == ["0:0", "0:1"] and info == {"groups_dropped_stale": 0, "groups_failed_total": 0}
+    assert [sid for sid, _ in batch] == ["0:0", "0:1"] and info == {"groups_dropped_stale": 0, "groups_failed_total": 0, "groups_refused_total": 0, "groups_zero_variance_dropped": 0}
     c.advance(3)  # the learner moved on twice: "0:2"/"0:3" are now 3 versions old
     fresh = grant(c, version=3, n=2)
     complete(c, fresh, version=3)
     batch, info = c.take_batch(timeout_s=1)
     assert [sid for sid, _ in batch] == fresh
-    assert info == {"groups_dropped_stale": 2, "groups_failed_total": 0}
+    assert info == {"groups_dropped_stale": 2, "groups_failed_total": 0, "groups_refused_total": 0, "groups_zero_variance_dropped": 0}
     assert c.counters["groups_dropped_stale"] == 2
     assert list(c.stream.requeue) == ["0:2", "0:3"]  # nothing lost: granted again next
     assert grant(c, version=3, n=2) == ["0:2", "0:3"]
