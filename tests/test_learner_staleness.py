@@ -46,7 +46,8 @@ def test_coordinator_drops_counts_and_requeues_groups_older_than_max_staleness()
 
 
 def test_stale_drop_is_counted_in_the_step_metrics(tmp_path, tiny_model_dir):
-    cfg = learner_config(tiny_model_dir, tmp_path, "algorithm.max_staleness=1", "data.shuffle=false")
+    # synthetic trajectories with made-up log-probs: the engine log-prob guard reports only
+    cfg = learner_config(tiny_model_dir, tmp_path, "algorithm.max_staleness=1", "data.shuffle=false", "actor_rollout_ref.rollout.max_logprob_diff=null")
     with trainer_world_1(cfg) as trainer:
         c = trainer.coordinator
         c.on_request("p", m.Register(actor_id="a0", host="h", pid=1, engine="x"))
