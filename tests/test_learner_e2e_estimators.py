@@ -21,7 +21,7 @@ def warm_start(tmp_path_factory, tiny_model_dir):
     train, test = arithmetic.write_splits(root / "data", n_train=200, n_test=8)
     out = root / "sft"
     cmd = [sys.executable, "-m", "launcher.cli", "sft", "-c", "demo", f"actor_rollout_ref.model.path={tiny_model_dir}",
-           f"data.train_files=[{train}]", "--out", str(out), "--steps", "600", "--batch-size", "32"]
+           f"data.train_files=[{train}]", f"data.val_files=[{test}]", "--out", str(out), "--steps", "600", "--batch-size", "32"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return train, test, out

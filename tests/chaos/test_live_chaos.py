@@ -30,7 +30,7 @@ def start_train(tmp_path, model_dir, steps, *extra):
         "data.shuffle=false", "data.train_batch_size=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
         "agent.num_chains=2", "agent.max_tokens_per_turn=8", "actor_rollout_ref.rollout.response_length=32",
         "actor_rollout_ref.rollout.max_concurrent_episodes=4",
-        "trainer.val_before_train=false", "trainer.test_freq=-1", f"trainer.save_freq={steps}", *extra,
+        "trainer.val_before_train=false", "trainer.test_freq=-1", f"trainer.save_freq={steps}", "trainer.n_gpus_per_node=2", "actor_rollout_ref.rollout.num_actors=2", *extra,
     ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), run, port
 
@@ -118,6 +118,7 @@ def test_a_thousand_malformed_frames_mid_run_are_counted_and_training_finishes(t
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(timeout=60)
     assert proc.returncode == 0, err[-3000:]
     assert replies == n_control and unanswered  # each signed bad request got an Error reply; unsigned ones nothing
     steps = steps_done(run)
@@ -153,6 +154,7 @@ def test_an_actor_paused_past_its_peer_timeout_comes_back_and_nothing_is_trained
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(timeout=60)
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["restarts"] == []  # it came back on its own, not by a restart
@@ -172,6 +174,7 @@ def test_a_killed_actor_is_restarted_and_the_run_completes(tmp_path, tiny_model_
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(timeout=60)
     assert proc.returncode == 0, err[-3000:]
     assert "actor-1 died (killed by SIGKILL); restarting it" in err
     summary = json.loads((run / "summary.json").read_text())
@@ -204,6 +207,7 @@ def test_a_stalled_learner_rank_is_named_by_the_watchdog_with_the_stacks_of_the_
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(timeout=60)
     assert proc.returncode == 1, err[-3000:]
     assert "STALL: no step or validation finished" in err
     assert "stuck: learner-1 (stopped" in err

@@ -248,11 +248,12 @@ def test_cancelling_the_call_leaves_no_process_or_cgroup():
     code = "import os, time\nfor _ in range(3):\n    if os.fork() == 0:\n        time.sleep(600)\ntime.sleep(600)"
 
     async def main() -> tuple[dict, set, object]:
+        before = set(_descendants(os.getpid()))  # children of this test process from earlier tests are not the sandbox's
         task = asyncio.create_task(run_python(code, SandboxLimits(wall_s=300)))
         deadline = time.monotonic() + 60
         tree: dict[int, tuple[int, int]] = {}
         while time.monotonic() < deadline:
-            tree = _descendants(os.getpid())
+            tree = {pid: v for pid, v in _descendants(os.getpid()).items() if pid not in before}
             if sum(1 for _, uid in tree.values() if uid >= UID_BASE) >= 4:
                 break
             await asyncio.sleep(0.05)
