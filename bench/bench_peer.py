@@ -60,6 +60,8 @@ OVERRIDES = [
     "actor_rollout_ref.actor.clip_ratio=0.2", "actor_rollout_ref.actor.loss_agg_mode=token-mean",
     "trainer.val_before_train=false", "trainer.test_freq=-1", "trainer.save_freq=-1", "trainer.logger=[jsonl]",
     "data.shuffle=false",
+    # Relay's default shape, fitted to the machine (the demo preset itself asks for 2 + 2)
+    "trainer.n_gpus_per_node=null", "actor_rollout_ref.rollout.num_actors=null",
 ]
 
 

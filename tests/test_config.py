@@ -62,7 +62,8 @@ def test_preset_by_name_and_contents():
     assert demo.agent.tools == ["calculator"] and demo.algorithm.adv_estimator == "grpo"
     assert demo.data.train_files == ["runs/demo/data/train.jsonl"]
     assert demo.data.val_files == ["runs/demo/data/test.jsonl"]
-    assert demo.trainer.n_gpus_per_node is None and demo.actor_rollout_ref.rollout.num_actors is None  # fitted to the machine
+    assert demo.trainer.n_gpus_per_node == 2 and demo.actor_rollout_ref.rollout.num_actors == 2
+    assert load_config([]).trainer.n_gpus_per_node is None  # without a preset: fitted to the machine
 
     quick = load_config(["experiment/quick_test"])
     assert quick.trainer.total_training_steps == 10
