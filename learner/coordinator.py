@@ -276,7 +276,7 @@ class Coordinator:
     def on_trajectory(self, traj: m.Trajectory) -> None:
         """Take one trajectory. Raises ``ProtocolError`` (the server counts it as a bad message) for one
         whose ids or versions cannot be real: ids outside the vocabulary, versions not yet published."""
-        m.check_trajectory(traj, vocab_size=self.vocab_size, max_version=self.version)
+        m.check_trajectory_bounds(traj, self.vocab_size, self.version)  # decode ran check_trajectory
         with self.lock:
             if traj.validation:
                 self._on_validation(traj)

@@ -358,14 +358,11 @@ TRAJECTORY_DTYPES = {"prompt_ids": "int32", "response_ids": "int32", "loss_mask"
 """The element type of each of a ``Trajectory``'s arrays (what ``actors.actor.to_trajectory`` packs)."""
 
 
-def check_trajectory(t: Trajectory, vocab_size: int | None = None, max_version: int | None = None) -> None:
-    """Structural checks of a trajectory; a violation is a ``ProtocolError`` naming it.
-
-    Always: each array has its dtype, the response arrays line up, the prompt is not empty, the
-    mask is 0/1, ids are non-negative, sampled tokens carry a version >= 0 (others -1 or more), log-probs are finite and <= 0. With ``vocab_size``: every id is below it (an id past the
-    embedding would crash training). With ``max_version``: no token claims a policy version the
-    learner has not published yet.
-    """
+def check_trajectory(t: Trajectory) -> None:
+    """Structural checks of a trajectory (``decode`` runs them); a violation is a ``ProtocolError``
+    naming it: each array has its dtype, the response arrays line up, the prompt is not empty, the
+    mask is 0/1, ids are non-negative, sampled tokens carry a version >= 0 (others -1 or more),
+    log-probs are finite and <= 0, rewards are finite."""
     where = f"trajectory {t.sample_id[:64]}#{t.chain}"
     for name, dtype in TRAJECTORY_DTYPES.items():
         if getattr(t, name).dtype != dtype:
@@ -385,16 +382,26 @@ def check_trajectory(t: Trajectory, vocab_size: int | None = None, max_version: 
         ids = getattr(t, name).numpy()
         if ids.size and ids.min() < 0:
             raise ProtocolError(f"{where}: negative token id in {name}")
-        if vocab_size is not None and ids.size and ids.max() >= vocab_size:
-            raise ProtocolError(f"{where}: token id {int(ids.max())} in {name} is outside the vocabulary ({vocab_size})")
     versions = t.versions.numpy()
     sampled = mask == 1
     if versions.size and (versions.min() < -1 or np.any(versions[sampled] < 0)):
         raise ProtocolError(f"{where}: sampled tokens need a version >= 0, other tokens >= -1")
-    if max_version is not None and versions.size and versions.max() > max_version:
-        raise ProtocolError(f"{where}: version {int(versions.max())} is newer than the learner's v{max_version}")
     lp = t.logprobs.numpy()
     if lp.size and (not np.all(np.isfinite(lp)) or np.any(lp[sampled] > 1e-4)):
         raise ProtocolError(f"{where}: sampling log-probs must be finite and <= 0")
     if not all(math.isfinite(x) for x in (t.reward, *t.reward_components.values(), *t.turn_rewards)):
         raise ProtocolError(f"{where}: rewards must be finite")
+
+
+def check_trajectory_bounds(t: Trajectory, vocab_size: int | None, max_version: int) -> None:
+    """The checks that need the run (after ``check_trajectory``): every id below ``vocab_size`` (an
+    id past the embedding would crash training), no version newer than ``max_version`` (not yet
+    published)."""
+    where = f"trajectory {t.sample_id[:64]}#{t.chain}"
+    for name in ("prompt_ids", "response_ids"):
+        ids = getattr(t, name).numpy()
+        if vocab_size is not None and ids.size and ids.max() >= vocab_size:
+            raise ProtocolError(f"{where}: token id {int(ids.max())} in {name} is outside the vocabulary ({vocab_size})")
+    versions = t.versions.numpy()
+    if versions.size and versions.max() > max_version:
+        raise ProtocolError(f"{where}: version {int(versions.max())} is newer than the learner's v{max_version}")

@@ -53,11 +53,11 @@ def test_tensor_meta_must_fit_its_bytes():
 
 def test_trajectory_ids_outside_the_vocabulary_and_unpublished_versions_are_refused():
     t = real_messages()[-1]
-    m.check_trajectory(t, vocab_size=100, max_version=4)
+    m.check_trajectory_bounds(t, vocab_size=100, max_version=4)
     with pytest.raises(m.ProtocolError, match="outside the vocabulary"):
-        m.check_trajectory(t, vocab_size=89, max_version=4)  # prompt holds id 89
+        m.check_trajectory_bounds(t, vocab_size=89, max_version=4)  # prompt holds id 89
     with pytest.raises(m.ProtocolError, match="newer than"):
-        m.check_trajectory(t, vocab_size=100, max_version=3)
+        m.check_trajectory_bounds(t, vocab_size=100, max_version=3)
 
 
 def test_sampled_tokens_need_a_version_and_rewards_must_be_finite():
