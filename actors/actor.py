@@ -80,7 +80,8 @@ class Scorer:
         return self.reward_fn(ep.final_answer, info, **row)
 
 
-def to_trajectory(actor_id: str, item: m.WorkItem, chain: int, ep: Episode, scores: dict[str, float], greedy: bool = False) -> m.Trajectory:
+def to_trajectory(actor_id: str, item: m.WorkItem, chain: int, ep: Episode, scores: dict[str, float], greedy: bool = False,
+                  segment: int = 0, num_segments: int = 1) -> m.Trajectory:
     tools: dict[str, int] = {}
     for name in ep.tool_calls:
         tools[name] = tools.get(name, 0) + 1
@@ -108,6 +109,8 @@ def to_trajectory(actor_id: str, item: m.WorkItem, chain: int, ep: Episode, scor
         greedy=greedy,
         validation=item.validation,
         final_answer=ep.final_answer or "",
+        segment=segment,
+        num_segments=num_segments,
     )
 
 
@@ -266,9 +269,10 @@ class Actor:
         self.in_flight += 1
         try:
             jobs = [self.episode(item, chain, greedy=chain == item.group_size) for chain in range(n)]
-            for traj in await asyncio.gather(*jobs):
-                await self.client.push(traj, timeout_s=self.s.push_timeout_s)
-                self.trajectories_sent += 1
+            for trajs in await asyncio.gather(*jobs):
+                for traj in trajs:  # a chain's training sequences (one, unless an external agent's history was rewritten)
+                    await self.client.push(traj, timeout_s=self.s.push_timeout_s)
+                    self.trajectories_sent += 1
         except (PromptTooLong, RewardError) as e:  # bad input or a hung reward: tell the learner, serve the other groups
             log.error("%s: cannot roll out %s: %s", self.s.actor_id, item.sample_id, e)
             await self.call(
@@ -290,7 +294,7 @@ class Actor:
         finally:
             self.in_flight -= 1
 
-    async def episode(self, item: m.WorkItem, chain: int, greedy: bool) -> m.Trajectory:
+    async def episode(self, item: m.WorkItem, chain: int, greedy: bool) -> list[m.Trajectory]:
         sampling = self.s.sampling
         if greedy:
             sampling = SamplingSettings(max_tokens=sampling.max_tokens, temperature=0.0, stop_token_ids=sampling.stop_token_ids)
@@ -298,4 +302,7 @@ class Actor:
             sampling = dataclasses.replace(sampling, temperature=self.s.val_temperature)
         ep = await self.rollout(self.engine, self.agent, self.tokenizer, self.toolbox, item.row, self.s.limits, sampling)
         scores = await run_reward(self.scorer.reward_fn, lambda: self.scorer(ep, item.row), sample=f"{item.sample_id} chain {chain}")
-        return to_trajectory(self.s.actor_id, item, chain, ep, scores, greedy=greedy)
+        seqs = ep.sequences()
+        first = len(seqs) - 1 if item.validation else 0  # validation scores the episode: its last sequence is enough
+        return [to_trajectory(self.s.actor_id, item, chain, s, scores, greedy=greedy, segment=k, num_segments=len(seqs))
+                for k, s in enumerate(seqs) if k >= first]

@@ -19,12 +19,12 @@ returns
 * a dict with ``reward`` (and other numbers, kept as reward components) and
   optionally ``final_answer``.
 
-The episode's training sequence is the session's last segment (the one that
-produced the answer). When the harness rewrote history, the earlier segments
-are kept on the ``ExternalEpisode`` and counted (``splits``; the actor logs
-the total), but not sent: the learner takes one trajectory per chain of a
-group. Sending them needs a segment index on ``Trajectory`` and a coordinator
-that completes a chain when all its segments arrived (see docs/environments.md).
+The episode's training sequences are the session's segments: one, or one
+more per time the harness rewrote history (``splits``; the actor logs the
+total). Each becomes a ``Trajectory`` of its own (``segment`` of
+``num_segments``, ``ExternalEpisode.sequences``) carrying the episode's
+reward, stats and final answer; the learner completes a chain when all its
+segments arrived and computes advantages over chains (``learner.batch.over_chains``).
 
 Limits: the episode runs for at most ``agent.episode_timeout_s``; requests past
 ``agent.max_turns`` or the token budget are refused (HTTP 400) and the episode
@@ -36,6 +36,7 @@ in the harness stops the actor, naming it).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import json
 import logging
@@ -51,11 +52,26 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ExternalEpisode(Episode):
-    """An episode played through the endpoint: the last segment, plus the record of the others."""
+    """An episode played through the endpoint: its fields are the last segment's (the one that
+    produced the answer) and the whole episode's stats; ``segments`` are all its training sequences."""
 
     segments: list[Segment] = field(default_factory=list)
     splits: int = 0
     """Times the harness's history did not extend the session's (``len(segments) - 1``)."""
+
+    def sequences(self) -> list[Episode]:
+        """One episode per segment, in order, each with that segment's ids, mask, log-probs,
+        versions, turn ends and messages, and the whole episode's answer, reward and stats."""
+        if len(self.segments) <= 1:
+            return [self]
+        return [
+            dataclasses.replace(
+                self, prompt_ids=list(seg.prompt_ids), response_ids=list(seg.response_ids), loss_mask=list(seg.loss_mask),
+                logprobs=list(seg.logprobs), versions=list(seg.versions), turn_ends=list(seg.turn_ends),
+                messages=list(seg.history), segments=[],
+            )
+            for seg in self.segments
+        ]
 
 
 class RelayTools:

@@ -66,6 +66,11 @@ class Episode:
     def response_text(self, tokenizer) -> str:
         return tokenizer.decode(self.response_ids, skip_special_tokens=False)
 
+    def sequences(self) -> list["Episode"]:
+        """The episode's training sequences, in order: itself (an external agent's episode whose
+        history was rewritten has several: ``actors.external.ExternalEpisode``)."""
+        return [self]
+
 
 class ToolBox:
     """The tools of one agent, called with the configured limits."""

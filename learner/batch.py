@@ -6,6 +6,14 @@ positions, observation tokens and padding have ``loss_mask`` 0; the sampled
 tokens have 1. Rewards sit on the last sampled token of the response (the
 outcome reward) and, when an environment gives per-turn rewards, on the last
 sampled token of each assistant turn.
+
+A chain's episode may come as several trajectories (``Trajectory.segment`` of
+``num_segments``: an external agent's harness rewrote its history, see
+``actors/endpoint.py``). Each is a row of its own; the outcome reward sits on
+the last sampled token of the chain's last segment, and ``over_chains`` runs
+the advantage estimator on the chain's segments laid end to end, so group
+statistics count chains, not segments, and every segment gets its chain's
+advantage.
 """
 
 from __future__ import annotations
@@ -45,6 +53,11 @@ class TrainBatch:
     overlong: torch.Tensor
     """[N] bool: the episode was cut by the token budget or a turn's token limit (``finish_reason``
     ``token_budget`` / ``length``)."""
+    chain_index: torch.Tensor
+    """[N] long: rows of the same episode (one chain of one prompt) share an index; a chain split
+    into several training sequences has several rows."""
+    segment_index: torch.Tensor
+    """[N] long: the row's place in its chain's episode (``Trajectory.segment``); 0 for a chain of one row."""
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -100,6 +113,7 @@ def collate(
     blp = np.zeros((n, L - 1), dtype=np.float32)
     rew = np.zeros((n, L - 1), dtype=np.float32)
     ver = np.full((n, L - 1), -1, dtype=np.int64)
+    chain_of: dict[tuple[str, int, bool], int] = {}
     for i, t in enumerate(trajs):
         p, r = t.prompt_ids.numpy(), t.response_ids.numpy()
         P, R = len(p), len(r)
@@ -117,7 +131,9 @@ def collate(
             turn_ends = _turn_ends(m)
             for end, tr in zip(turn_ends, t.turn_rewards):
                 rew[i, P - 1 + end] += tr
-        rew[i, P - 1 + sampled[-1]] += t.reward
+        if t.segment == t.num_segments - 1:  # the chain's outcome, once, at the end of its episode
+            rew[i, P - 1 + sampled[-1]] += t.reward
+        chain_of.setdefault((t.sample_id, t.chain, t.greedy), len(chain_of))
     return TrainBatch(
         input_ids=torch.from_numpy(ids),
         attention_mask=torch.from_numpy(attn),
@@ -130,7 +146,55 @@ def collate(
         baseline_rewards=torch.tensor([baselines.get(t.sample_id, float("nan")) for t in trajs], dtype=torch.float32),
         response_lengths=torch.tensor([len(t.response_ids) for t in trajs], dtype=torch.long),
         overlong=torch.tensor([t.stats.truncated and t.stats.finish_reason in OVERLONG_REASONS for t in trajs]),
+        chain_index=torch.tensor([chain_of[(t.sample_id, t.chain, t.greedy)] for t in trajs], dtype=torch.long),
+        segment_index=torch.tensor([t.segment for t in trajs], dtype=torch.long),
     )
+
+
+def over_chains(adv_fn, inputs, cfg, chain_index: torch.Tensor, segment_index: torch.Tensor):
+    """``adv_fn(inputs, cfg)`` with one row per chain instead of one per training sequence.
+
+    The rows of a chain (``chain_index``) are laid end to end in ``segment_index`` order: every
+    [N,T] tensor becomes [C, K*T] (C chains, K the most segments of any chain, missing segments
+    masked out), the per-row ``group_index`` and ``baseline_rewards`` become per-chain. The
+    estimator then sees each episode as one sequence: group statistics (GRPO, RLOO, ...) count
+    chains, an outcome advantage is broadcast over every segment of its chain, and token-level
+    estimators (GAE, REINFORCE++) carry returns across a split, the positions between a segment's
+    end and the next one's first sampled token being masked out like observations. The
+    advantages and returns are cut back into the rows, [N,T].
+
+    Args:
+        adv_fn: an estimator, ``fn(AdvantageInputs, AdvantageConfig) -> (adv[B,T], returns[B,T])``.
+        inputs: ``learner.algos.AdvantageInputs`` over the N rows.
+        chain_index: [N] long, rows of one chain share an index (any ids).
+        segment_index: [N] long, each row's segment within its chain (0..K-1, unique per chain).
+    """
+    from learner.algos import AdvantageInputs
+
+    n, t = inputs.token_rewards.shape
+    chains, row_chain = torch.unique(chain_index, return_inverse=True)
+    if len(chains) == n:  # no chain was split: nothing to lay out
+        return adv_fn(inputs, cfg)
+    c, k = len(chains), int(segment_index.max()) + 1
+    seg = segment_index.to(row_chain.device)
+
+    def grid(x: torch.Tensor) -> torch.Tensor:  # [N,T] -> [C, K*T]
+        out = x.new_zeros((c, k, t))
+        out[row_chain, seg] = x
+        return out.view(c, k * t)
+
+    def per_chain(x: torch.Tensor) -> torch.Tensor:  # [N] -> [C] (every row of a chain holds the same value)
+        out = x.new_zeros(c)
+        out[row_chain] = x
+        return out
+
+    laid = AdvantageInputs(
+        grid(inputs.token_rewards), grid(inputs.response_mask), per_chain(inputs.group_index),
+        values=None if inputs.values is None else grid(inputs.values),
+        baseline_rewards=None if inputs.baseline_rewards is None else per_chain(inputs.baseline_rewards),
+    )
+    adv, returns = adv_fn(laid, cfg)
+    return adv.view(c, k, t)[row_chain, seg], returns.view(c, k, t)[row_chain, seg]
 
 
 def _turn_ends(mask: np.ndarray) -> list[int]:

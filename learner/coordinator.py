@@ -21,7 +21,10 @@ or that is dropped as stale goes back to the front of the data queue, and
 
 Whole groups, dynamic sampling
 ------------------------------
-A group is checked when its last chain arrives, before it counts for a batch:
+A group is complete when each of its chains arrived whole: a chain whose episode was split
+into several training sequences (``Trajectory.segment`` of ``num_segments``, an external
+agent's rewritten history) is whole once every segment arrived. A group is checked when its
+last chain arrives, before it counts for a batch:
 a group with a chain whose ids, mask, versions and log-probs do not line up
 (``learner.batch.check_alignment``) is requeued whole (``groups_refused``),
 at most ``max_group_refusals`` times per sample, then dropped like a failed
@@ -291,9 +294,15 @@ class Coordinator:
                 log.warning("trajectory for %s from %s, but %s holds it; dropped", traj.sample_id[:64], traj.actor_id[:64], owner)
                 return
             need = self.group_size + (1 if self.greedy_baseline else 0)
-            if not 0 <= traj.chain < need or any(t.chain == traj.chain for t in self.partial.get(traj.sample_id, ())):
+            held = self.partial.get(traj.sample_id, ())
+            if not 0 <= traj.chain < need or any((t.chain, t.segment) == (traj.chain, traj.segment) for t in held):
                 self.counters["trajectories_duplicate"] += 1
                 log.warning("trajectory %s#%d from %s: chain out of range or already received; dropped", traj.sample_id[:64], traj.chain, owner)
+                return
+            if any(t.chain == traj.chain and t.num_segments != traj.num_segments for t in held):
+                self.counters["trajectories_bad_segments"] += 1
+                log.warning("trajectory %s#%d from %s: %d segments, its chain's others say otherwise; dropped",
+                            traj.sample_id[:64], traj.chain, owner, traj.num_segments)
                 return
             info = self.actors.get(traj.actor_id)
             if info is not None:
@@ -301,7 +310,7 @@ class Coordinator:
                 info.versions_seen.update(int(v) for v in set(traj.versions.numpy().tolist()) if v >= 0)
             group = self.partial.setdefault(traj.sample_id, [])
             group.append(traj)
-            if len(group) == need:
+            if complete_chains(group) == need:
                 del self.partial[traj.sample_id]
                 del self.outstanding[traj.sample_id]
                 if owner in self.actors:
@@ -556,3 +565,11 @@ class Coordinator:
                 }
                 for a in self.actors.values()
             }
+
+
+def complete_chains(group: list[m.Trajectory]) -> int:
+    """How many chains of ``group`` have all their segments (a chain split into ``num_segments``
+    training sequences is complete once each ``segment`` index arrived; duplicates are refused
+    before they get here)."""
+    arrived = collections.Counter(t.chain for t in group)
+    return sum(1 for t in group if t.segment == 0 and arrived[t.chain] == t.num_segments)

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from configs.schema import RelayConfig
 from learner import algos
-from learner.batch import TrainBatch, TrajectoryMismatch, check_alignment, collate
+from learner.batch import TrainBatch, TrajectoryMismatch, check_alignment, collate, over_chains
 from learner.checkpoint import Checkpointer, trainable_parts
 from learner.coordinator import Coordinator, DataStream
 from learner.critic import build_critic
@@ -214,7 +214,7 @@ class Trainer:
                 self.ledger.flush()
                 stats.update(wait_info)
                 stats.update(self.server.counters())
-                stats.update(reward_metrics(sb.trajectories, sb.batch))
+                stats.update(reward_metrics([t for t in sb.trajectories if t.segment == t.num_segments - 1], sb.batch))  # per episode
                 stats.update(
                     {
                         "time/wait_s": t1 - t0,
@@ -302,12 +302,13 @@ class Trainer:
             token_rewards, gather_rows(old_logprobs, n), gather_rows(ref_logprobs, n), full.loss_mask
         )
         stats |= shaping_stats | kl_stats
-        adv, returns = self.adv_fn(
+        adv, returns = over_chains(  # a chain split into several sequences is one episode here
+            self.adv_fn,
             algos.AdvantageInputs(
                 token_rewards, full.loss_mask, full.group_index,
                 values=gather_rows(values, n), baseline_rewards=full.baseline_rewards,
             ),
-            self.adv_cfg,
+            self.adv_cfg, full.chain_index, full.segment_index,
         )
 
         stats |= self.critic.update(full.loss_mask, shard, values, returns[mine])

@@ -293,6 +293,13 @@ class Trajectory(_Msg, tag="trajectory"):
     greedy: bool = False
     validation: bool = False
     final_answer: str = ""
+    segment: int = 0
+    """Which training sequence of the chain's episode this is (0-based). An episode is split into
+    several when an external agent's harness rewrote its history (``actors/endpoint.py``); each
+    sequence is its own trajectory, carrying the chain's reward, reward components, stats and
+    final answer. The learner lays a chain's sequences end to end for its advantages."""
+    num_segments: int = 1
+    """How many training sequences the chain's episode has; the chain is complete once all arrived."""
 
     @property
     def min_version(self) -> int:
@@ -362,7 +369,7 @@ def check_trajectory(t: Trajectory) -> None:
     """Structural checks of a trajectory (``decode`` runs them); a violation is a ``ProtocolError``
     naming it: each array has its dtype, the response arrays line up, the prompt is not empty, the
     mask is 0/1, ids are non-negative, sampled tokens carry a version >= 0 (others -1 or more),
-    log-probs are finite and <= 0, rewards are finite."""
+    log-probs are finite and <= 0, rewards are finite, the segment index is within its count."""
     where = f"trajectory {t.sample_id[:64]}#{t.chain}"
     for name, dtype in TRAJECTORY_DTYPES.items():
         if getattr(t, name).dtype != dtype:
@@ -375,6 +382,8 @@ def check_trajectory(t: Trajectory) -> None:
         raise ProtocolError(f"{where}: empty prompt")
     if t.chain < 0:
         raise ProtocolError(f"{where}: negative chain index")
+    if not 0 <= t.segment < t.num_segments:
+        raise ProtocolError(f"{where}: segment {t.segment} of {t.num_segments} (needs 0 <= segment < num_segments)")
     mask = t.loss_mask.numpy()
     if mask.size and (mask.max() > 1):
         raise ProtocolError(f"{where}: loss_mask is not 0/1")

@@ -230,6 +230,59 @@ def test_external_runner_scores_and_the_learner_gets_the_sampled_ids(tok, tmp_pa
     assert trained.tolist() == np.concatenate([np.array(r) for r in engine.returned]).tolist()
 
 
+def test_a_split_episode_sends_every_segment_and_each_is_trained_on_its_sampled_ids(tok, tmp_path):
+    """A harness that rewrites its history: each segment is a trajectory (segment k of 2, the
+    episode's reward on both), every sampled id of both reaches the batch, and both rows get the
+    chain's advantage."""
+    import msgspec
+
+    from actors.actor import Scorer, to_trajectory
+    from actors.external import ExternalRunner
+    from envs.rewards import get_reward
+    from learner import algos
+    from learner.batch import collate, over_chains
+    from protocol import messages as m
+
+    agent_file = tmp_path / "agent.py"
+    agent_file.write_text(
+        "async def run(row, client):\n"
+        "    messages = [{'role': 'user', 'content': row['question']}]\n"
+        "    r = await client.chat.completions.create(model='relay', messages=messages)\n"
+        "    messages += [r.choices[0].message.model_dump(exclude_none=True), {'role': 'user', 'content': 'Sure?'}]\n"
+        "    await client.chat.completions.create(model='relay', messages=messages)\n"
+        "    summary = [{'role': 'user', 'content': row['question'] + ' You said 40. Final answer?'}]\n"
+        "    r = await client.chat.completions.create(model='relay', messages=summary)\n"
+        "    return r.choices[0].message.content\n"
+    )
+    stop = tok.convert_tokens_to_ids("<|im_end|>")
+    engine = RecordingEngine(tok, ["40", "Yes, 40.", "40"], stop)
+    runner = ExternalRunner(Endpoint(engine, tok, None), f"{agent_file}:run", timeout_s=60)
+    settings = SamplingSettings(max_tokens=64, stop_token_ids=(stop,))
+    row = {"question": "What is 12*3+4?", "answer": "40"}
+
+    async def go():
+        try:
+            return await runner.run_episode(engine, None, tok, None, row, limits(), settings)
+        finally:
+            await runner.close()
+
+    ep = asyncio.run(go())
+    assert ep.splits == 1 and runner.splits == 1
+    seqs = ep.sequences()
+    assert [s.prompt_ids for s in seqs] == [engine.prompts[0], engine.prompts[2]]
+    scores = Scorer(get_reward("math_reward_string_equal"), tok)(ep, row)
+    item = m.WorkItem(sample_id="s0", row=row, group_size=2)
+    wire = [m.decode(m.encode(to_trajectory("actor-0", item, 0, s, scores, segment=k, num_segments=2))) for k, s in enumerate(seqs)]
+    assert [(t.segment, t.num_segments, t.reward, t.final_answer) for t in wire] == [(0, 2, 1.0, "40"), (1, 2, 1.0, "40")]
+    other = msgspec.structs.replace(wire[1], chain=1, reward=0.0, segment=0, num_segments=1)  # a second chain, unsplit
+    batch = collate(wire + [other], {"s0": 0}, pad_id=0)
+    trained = [batch.input_ids[i].numpy()[1:][batch.loss_mask[i].numpy().astype(bool)].tolist() for i in range(2)]
+    assert trained == [engine.returned[0] + engine.returned[1], engine.returned[2]]  # token for token, both segments
+    inputs = algos.AdvantageInputs(batch.token_rewards, batch.loss_mask, batch.group_index)
+    adv, _ = over_chains(algos.rloo, inputs, algos.AdvantageConfig(), batch.chain_index, batch.segment_index)
+    assert [set(adv[i][batch.loss_mask[i] > 0].tolist()) for i in range(3)] == [{1.0}, {1.0}, {-1.0}]
+
+
 class FailsOnce(RecordingEngine):
     """Raises on its second request, then serves the script."""
 

@@ -4,9 +4,10 @@ The agent (written below into the test's directory) is a plain ``openai``
 client loop with function calling and a calculator tool; it asks for the
 engine's ids (``return_token_ids``) and records them. After 3 steps, every
 trajectory the learner trained on (``trainer.dump_batches``) is checked token
-by token against those records. Half the rows take a history-rewriting path
-(the harness restarts from a summary), which splits the episode; the actor
-logs the count.
+by token against those records. Half the episodes take a history-rewriting
+path (the harness restarts from a summary), which splits the episode in two
+training sequences: both must reach the learner, as two trajectories of one
+chain, each equal to what the engine sampled; the actor logs the count.
 """
 
 import json
@@ -14,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -64,15 +66,27 @@ async def run(row, client):
 
 
 def episodes_from(records):
-    """Recorded requests grouped into sequences: (prompt ids, [sampled ids per turn])."""
+    """Recorded requests grouped into sequences: (episode, prompt ids, [sampled ids per turn])."""
     out, current = [], {}
     for rec in records:  # concurrent episodes interleave: each record names its episode
         if rec["new_sequence"]:
-            current[rec["episode"]] = (rec["prompt"], [rec["sampled"]])
+            current[rec["episode"]] = (rec["episode"], rec["prompt"], [rec["sampled"]])
             out.append(current[rec["episode"]])
         else:
-            current[rec["episode"]][1].append(rec["sampled"])
+            current[rec["episode"]][2].append(rec["sampled"])
     return out
+
+
+def sampled_runs(t):
+    """A trajectory's prompt and the runs of its sampled ids (mask 1), in order."""
+    mask, ids = t.loss_mask.numpy(), t.response_ids.numpy()
+    runs, start = [], 0
+    for i in range(1, len(mask) + 1):
+        if i == len(mask) or mask[i] != mask[start]:
+            if mask[start] == 1:
+                runs.append(ids[start:i].tolist())
+            start = i
+    return t.prompt_ids.numpy().tolist(), runs
 
 
 @pytest.mark.slow
@@ -100,35 +114,41 @@ def test_external_agent_trains_through_the_endpoint_token_exact(tmp_path, tiny_m
     steps = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2, 3]
 
-    sequences = []
+    episode_of, sequences_of = {}, Counter()  # a recorded sequence -> its episode; sequences per episode
     for path in records.glob("*.jsonl"):
-        sequences += episodes_from([json.loads(l) for l in path.read_text().splitlines()])
-    batches = load_batches(run / "batches")
-    trained = [t for b in batches for t in b]
-    assert len(trained) == 3 * 2 * 4
+        for episode, prompt, sampled in episodes_from([json.loads(l) for l in path.read_text().splitlines()]):
+            episode_of[json.dumps([prompt, sampled])] = episode
+            sequences_of[episode] += 1
+    chains = {}  # (step, sample, chain) -> its trajectories, by segment
+    for step, batch in enumerate(load_batches(run / "batches")):
+        for t in batch:
+            chains.setdefault((step, t.sample_id, t.chain), []).append(t)
+    assert len(chains) == 3 * 2 * 4  # every chain of every group, each whole
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    kinds = {"rewritten": 0, "extended": 0}
-    for t in trained:
-        prompt, mask, ids = t.prompt_ids.numpy().tolist(), t.loss_mask.numpy(), t.response_ids.numpy()
-        sampled, start = [], 0
-        for i in range(1, len(mask) + 1):
-            if i == len(mask) or mask[i] != mask[start]:
-                if mask[start] == 1:
-                    sampled.append(ids[start:i].tolist())
-                start = i
-        # the sequence the engine sampled, token for token: same prompt, same sampled runs in order
-        assert (prompt, sampled) in sequences, (t.sample_id, t.chain)
-        if "Your last answer" in tok.decode(prompt):
-            kinds["rewritten"] += 1
+    kinds = {"split": 0, "whole": 0}
+    for where, segs in chains.items():
+        segs.sort(key=lambda t: t.segment)
+        assert [(t.segment, t.num_segments) for t in segs] == [(k, len(segs)) for k in range(len(segs))], where
+        assert len({(t.reward, t.final_answer) for t in segs}) == 1  # every segment carries the episode's outcome
+        # each segment is a sequence the engine sampled, token for token: same prompt, same sampled runs in order
+        keys = [json.dumps(sampled_runs(t)) for t in segs]
+        assert all(k in episode_of for k in keys), where
+        [episode] = {episode_of[k] for k in keys}  # one episode's sequences ...
+        assert sequences_of[episode] == len(segs), where  # ... all of them
+        prompt, runs = sampled_runs(segs[0])
+        assert len(runs) == 2 and "Your last answer" not in tok.decode(prompt)  # the second request extended the first
+        if len(segs) == 2:
+            assert "Your last answer" in tok.decode(segs[1].prompt_ids.numpy().tolist())  # the rewritten history
+            kinds["split"] += 1
         else:
-            assert len(sampled) == 2  # both turns in one sequence: the second request extended the first
-            kinds["extended"] += 1
-    assert kinds["rewritten"] > 0 and kinds["extended"] > 0, kinds
+            assert len(segs) == 1
+            kinds["whole"] += 1
+    assert kinds["split"] > 0 and kinds["whole"] > 0, kinds
 
     log = (run / "logs" / "actor-0.log").read_text()
     counts = re.findall(r"(\d+) episodes, (\d+) splits", log)
     assert counts, log[-2000:]
     episodes, splits = map(int, counts[-1])
-    assert episodes >= len(trained) and kinds["rewritten"] <= splits <= episodes
+    assert episodes >= len(chains) and kinds["split"] <= splits <= episodes
