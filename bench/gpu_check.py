@@ -236,9 +236,11 @@ def actor_main(model_dir: str, port: int, side_port: int, raw_port: int, device:
                 frames = pull.recv_multipart(copy=False)
                 side.send(msgspec.msgpack.encode(["done", sum(f.buffer.nbytes for f in frames)]))
                 continue
-            got = await rx.fetch(engine.version, timeout_s=300)
-            if got is None:
-                raise RuntimeError(f"gpu_check actor: nothing newer than v{engine.version}")
+            deadline = time.monotonic() + 300
+            while (got := await rx.fetch(engine.version, timeout_s=300)) is None:  # asked before the stream opened
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"gpu_check actor: nothing newer than v{engine.version} within 300s")
+                await asyncio.sleep(0.01)
             version, stream = got
             await asyncio.to_thread(engine.load_weights, ((n, as_tensor(a)) for n, a in stream), version)
             if device == "cuda":
@@ -301,8 +303,8 @@ def publish_to_actor(trainer, model_dir: Path, args) -> None:
             sync(trainer.device)
             trainer.version += 1
             t0 = time.perf_counter()
-            trainer.publish()  # gather the bf16 stream into the zmq publisher, announce
-            side.send(msgspec.msgpack.encode(["fetch"]))
+            side.send(msgspec.msgpack.encode(["fetch"]))  # the actor asks (again) until the stream opens
+            trainer.publish()  # stream the bf16 buckets to the actor while gathering, announce
             r = reply()
             dt = time.perf_counter() - t0
             assert r[1] == trainer.version, r

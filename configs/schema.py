@@ -591,6 +591,17 @@ class TransportConfig(Section):
     """Weights are gathered from the FSDP shards, checksummed and sent (zmq message, filesystem
     shard) in buckets of this many MiB (a larger tensor is a bucket alone); the filesystem
     transport holds one bucket on learner rank 0 whatever the model size."""
+    weights_window: int = Field(2, ge=0)
+    """``weights=zmq``: buckets learner rank 0 may hold while it streams a version. Each bucket is
+    sent to the actors as soon as it is gathered (the version is announced when its stream
+    opens) and freed once every actor behind it has received it, so rank 0 holds about
+    ``weights_window`` buckets (or the largest tensor) whatever the model size. 0 = gather the
+    whole version first and keep it until the next publish (one copy of the model in the serve
+    dtype; actors may fetch at any time)."""
+    weights_subscribe_s: float = Field(10.0, gt=0)
+    """``weights=zmq`` streaming: how long a new version's stream waits for an actor that has not
+    asked for it yet before streaming past it; that actor gets the version sent again when it
+    asks (the learner re-publishes while it waits for data) or takes the next one."""
 
 
 # --------------------------------------------------------------------------- root

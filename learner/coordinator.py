@@ -416,8 +416,12 @@ class Coordinator:
 
     # ------------------------------------------------------------ training thread
 
-    def take_batch(self, timeout_s: float, alive: callable = lambda: None) -> tuple[list[tuple[str, list[m.Trajectory]]], dict]:
-        """Wait for ``batch_groups`` fresh complete groups; drop (and requeue) stale ones."""
+    def take_batch(
+        self, timeout_s: float, alive: callable = lambda: None, interrupt: callable = lambda: False
+    ) -> tuple[list[tuple[str, list[m.Trajectory]]], dict] | None:
+        """Wait for ``batch_groups`` fresh complete groups; drop (and requeue) stale ones.
+        ``None`` (nothing taken) if ``interrupt()`` turns true while waiting (checked at least
+        once a second): the caller has something to do first."""
         deadline = time.monotonic() + timeout_s
         batch: list[tuple[str, list[m.Trajectory]]] = []
         stale_dropped = 0
@@ -438,6 +442,10 @@ class Coordinator:
                     dropped, self._zero_variance_this_step = self._zero_variance_this_step, 0
                     break
                 alive()
+                if interrupt():
+                    self.complete.extendleft(reversed(batch))
+                    self.consumed -= len(batch)
+                    return None
                 left = deadline - time.monotonic()
                 if left <= 0:
                     # give back what we took so nothing is lost
@@ -538,6 +546,11 @@ class Coordinator:
             self.stream.pos = state["pos"]
             self.stream.skip = set(consumed_ids)
             self.stream.requeue = collections.deque(sid for sid in state["requeue"] if sid not in consumed_ids)
+
+    def actors_to_update(self, version: int) -> set[str]:
+        """Live actors serving a version older than ``version`` (they will fetch it)."""
+        with self.lock:
+            return {aid for aid, info in self.actors.items() if info.version < version}
 
     def advance(self, version: int) -> None:
         with self.lock:

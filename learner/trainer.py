@@ -179,6 +179,8 @@ class Trainer:
                 cfg.transport.weights, server=self.server, bucket_bytes=cfg.transport.weights_bucket_mb << 20,
                 weights_dir=cfg.transport.weights_dir, host=cfg.transport.host,
                 n_actors=cfg.actor_rollout_ref.rollout.num_actors, backend=backend, timeout_s=cfg.transport.recv_timeout_s,
+                window=cfg.transport.weights_window, subscribe_s=cfg.transport.weights_subscribe_s,
+                stall_s=cfg.transport.peer_timeout_s,
             )
             self.server.write_endpoint(self.run_dir / "learner.json", cfg.transport.host)  # where local actors find us
             self.coordinator.notify = self.server.wake  # actors long-polling for work hear of a new version at once
@@ -240,23 +242,37 @@ class Trainer:
 
     def next_batch(self) -> tuple[StepBatch, dict]:
         """Rank 0 collects a batch from the actors and broadcasts it to every rank."""
-        payload = b""
-        info: dict = {}
-        if self.rank == 0:
-            trajs: list[m.Trajectory] = []
-            refused = {"groups_refused": 0, "trajectories_refused": 0}
-            while not trajs:  # a batch whose every group was refused: take the next one
-                groups, info = self.coordinator.take_batch(self.cfg.transport.recv_timeout_s, alive=self.server.check)
-                trajs, n_groups, n_trajs = whole_groups(groups)
-                refused["groups_refused"] += n_groups
-                refused["trajectories_refused"] += n_trajs
-            info |= refused
-            payload = msgspec.msgpack.encode([m.encode(t) for t in trajs])
-        payload = broadcast_bytes(payload, self.device)
+        while True:
+            payload, info = self._collect_batch() if self.rank == 0 else (b"", {})
+            payload = broadcast_bytes(payload, self.device)
+            if payload != REPUBLISH:
+                break
+            # an actor missed the streamed version (it asked after its first bucket was released)
+            # and the learner is idle: send the version again, every rank gathering
+            log.info("re-publishing v%d for actors that asked after its stream had passed", self.version)
+            self.publish()
         self.batch_dump.write(self.version + 1, payload)
         sb = self.step_batch([m.decode(b) for b in msgspec.msgpack.decode(payload)])
         info["staleness"] = [self.version - t.min_version for t in sb.trajectories]
         return sb, info
+
+    def _collect_batch(self) -> tuple[bytes, dict]:
+        """Rank 0: wait for the next batch and return it encoded with its wait metrics, or
+        ``REPUBLISH`` if an actor needs the current version sent again first."""
+        trajs: list[m.Trajectory] = []
+        refused = {"groups_refused": 0, "trajectories_refused": 0}
+        info: dict = {}
+        while not trajs:  # a batch whose every group was refused: take the next one
+            got = self.coordinator.take_batch(
+                self.cfg.transport.recv_timeout_s, alive=self.server.check, interrupt=self.server.weights_wanted
+            )
+            if got is None:
+                return REPUBLISH, {}
+            groups, info = got
+            trajs, n_groups, n_trajs = whole_groups(groups)
+            refused["groups_refused"] += n_groups
+            refused["trajectories_refused"] += n_trajs
+        return msgspec.msgpack.encode([m.encode(t) for t in trajs]), info | refused
 
     def step_batch(self, trajs: list[m.Trajectory]) -> StepBatch:
         """The trainable batch of the broadcast trajectories. Greedy rollouts (ReMax) are not
@@ -417,8 +433,9 @@ class Trainer:
         view = self.weights_for_actors
         named = view(stream_full_tensors(self.model, view.gather_dtype, view.keep)) if self.version > 0 else iter(())
         if self.rank == 0:
-            self.weights.publish(self.version, named)  # complete before it is announced
-            self.coordinator.advance(self.version)
+            # announced when actors may ask: zmq as the stream opens (each bucket is sent while the
+            # next is gathered), the other transports once the version is complete
+            self.weights.publish(self.version, named, announce=lambda: self.coordinator.advance(self.version))
         else:
             drain(named)
 
@@ -487,6 +504,11 @@ def on_host(stats: dict[str, list]) -> dict[str, list[float]]:
     tensors = [v.full_tensor() if isinstance(v, DTensor) else v for vs in stats.values() for v in vs if isinstance(v, torch.Tensor)]
     values = iter(torch.stack([t.detach().reshape(()).double() for t in tensors]).tolist() if tensors else [])
     return {k: [next(values) if isinstance(v, torch.Tensor) else float(v) for v in vs] for k, vs in stats.items()}
+
+
+REPUBLISH = b"relay:republish"
+"""What rank 0 broadcasts instead of a batch when every rank must publish the current version again
+(never a msgpack-encoded batch, which starts with an array header)."""
 
 
 def broadcast_bytes(payload: bytes, device: torch.device) -> bytes:

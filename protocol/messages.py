@@ -173,6 +173,10 @@ class WeightsRequest(_Msg, tag="weights_request"):
 
     actor_id: str
     have_version: int
+    wait_s: float = 0.0
+    """If the newest version cannot be sent from its start (its stream already released its
+    first bucket), the learner may hold this request up to this long for the next opening
+    instead of answering ``NoWeights`` at once."""
 
 
 class TensorMeta(msgspec.Struct, frozen=True):
@@ -198,7 +202,9 @@ class WeightsChunk(_Msg, tag="weights_chunk"):
     """Learner -> actor: one chunk of a weights update; buffers follow as frames.
 
     An update is ``num_chunks`` chunks of the same ``version``; the actor
-    applies it only once every chunk arrived and every checksum matched.
+    applies it only once every chunk arrived and every checksum matched. A
+    streamed update (sent while the learner still gathers it) has ``num_chunks``
+    0 until its last chunk, an empty one whose ``num_chunks`` is the total.
     """
 
     version: int

@@ -220,6 +220,10 @@ class LearnerHandler(Protocol):
 
     def on_tick(self, now: float) -> None: ...
 
+    def actors_to_update(self, version: int) -> set[str]:
+        """The live actors that serve a version older than ``version`` (a streamed version's
+        buckets are kept until each of them was sent them)."""
+
 
 class LearnerServer:
     """Rank 0's sockets, owned by one IO thread (ZeroMQ sockets are not thread-safe)."""
@@ -252,7 +256,14 @@ class LearnerServer:
         self.port = self._bind(bind_host, port)
         control_ep, data_ep = endpoints(bind_host, self.port)
         self.tick_s = tick_s
-        self._weights: WeightsSnapshot | None = None
+        self._weights = None
+        """The newest version: a complete ``WeightsSnapshot``/``BucketSnapshot`` served to any later
+        request, or a ``StreamingVersion`` sent to its subscribers as it is gathered."""
+        self._streaming = None  # the StreamingVersion the IO thread is sending (IO thread only)
+        self._subs: dict[bytes, str] = {}
+        """Peers subscribed to ``_streaming`` -> their actor id (IO thread only)."""
+        self._waiting: dict[bytes, tuple[str, int, float]] = {}
+        """Weights requests held for the next opening: peer -> (actor id, have_version, deadline)."""
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.bad_messages = 0
@@ -314,26 +325,106 @@ class LearnerServer:
         """Start answering registrations (held until now)."""
         self._ready.set()
 
-    def publish(self, snapshot: WeightsSnapshot) -> None:
-        """Make ``snapshot`` the weights served to every later ``WeightsRequest``."""
+    def publish(self, snapshot) -> None:
+        """Make ``snapshot`` the weights served to every later ``WeightsRequest`` (``None``: none).
+        A streaming one (``protocol.weights.StreamingVersion``) is sent to each subscriber as its
+        buckets are added; requests held for the next opening subscribe to it at once."""
         with self._lock:
             self._weights = snapshot
+        if getattr(snapshot, "streaming", False):
+            self.wake()
+
+    def actors_to_update(self, version: int) -> set[str]:
+        """The handler's actors behind ``version`` (none if the handler cannot say)."""
+        ask = getattr(self.handler, "actors_to_update", None)
+        return set(ask(version)) if ask is not None else set()
+
+    def weights_wanted(self) -> bool:
+        """An actor waits for the newest version, which can no longer be sent to it from its start
+        (a streamed version released its first bucket): the learner should publish it again."""
+        with self._lock:
+            snap = self._weights
+        return bool(self._waiting) and getattr(snap, "streaming", False) and not snap.can_start()
 
     @property
     def weights_version(self) -> int:
         with self._lock:
             return self._weights.version if self._weights else -1
 
-    def _send_weights(self, ident: bytes, have_version: int) -> None:
+    def _send_weights(self, ident: bytes, msg: m.WeightsRequest) -> None:
         with self._lock:
             snap = self._weights
+        have_version = msg.have_version
         if snap is None or snap.version <= have_version:
             self._reply(ident, m.NoWeights(learner_version=snap.version if snap else -1))
+            return
+        if getattr(snap, "streaming", False):
+            self._pump_weights()  # a newly opened stream: take it over before subscribing
+            for other, actor in list(self._subs.items()):  # the same actor on a new connection
+                if actor == msg.actor_id and other != ident:
+                    del self._subs[other]
+            if snap.can_start():
+                self._subs[ident] = msg.actor_id
+                snap.subscribe(msg.actor_id)
+                self._pump_weights()
+            elif msg.wait_s > 0:
+                self._waiting[ident] = (msg.actor_id, have_version, time.monotonic() + min(msg.wait_s, 30.0))
+            else:
+                self._reply(ident, m.NoWeights(learner_version=snap.version))
             return
         for i in range(len(snap)):
             header, bufs = snap.chunk(i)
             self.control.send_multipart([ident, self.mac.tag(REPLY, header), header, *bufs], copy=False)
         self.weights_bytes_sent += snap.nbytes
+
+    def _pump_weights(self) -> None:
+        """Send every subscriber the streamed chunks it has not had yet; release what everyone
+        has; answer held requests whose wait is over (IO thread)."""
+        with self._lock:
+            snap = self._weights
+        stream = snap if getattr(snap, "streaming", False) else None
+        if stream is not self._streaming:  # a new version opened (or none): subscribers start over
+            if self._streaming is not None:
+                self._send_stream(self._streaming)  # what the old one's subscribers still lack (it is complete)
+            self._streaming, self._subs = stream, {}
+            if stream is not None:
+                for ident, (actor, have, _) in list(self._waiting.items()):
+                    if have < stream.version and stream.can_start():
+                        del self._waiting[ident]
+                        self._subs[ident] = actor
+                        stream.subscribe(actor)
+        if stream is not None:
+            self._send_stream(stream)
+        if self._waiting:
+            now = time.monotonic()
+            for ident, (actor, have, deadline) in list(self._waiting.items()):
+                if now >= deadline:
+                    del self._waiting[ident]
+                    self._reply(ident, m.NoWeights(learner_version=snap.version if snap is not None else -1))
+
+    def _send_stream(self, stream) -> None:
+        for ident, actor in list(self._subs.items()):
+            i = stream.progress.get(actor, 0)
+            while i < stream.n:
+                got = stream.chunk(i)
+                if got is None:  # cannot happen while it is subscribed; never send a gap
+                    break
+                header, bufs = got
+                try:
+                    tracker = self.control.send_multipart(
+                        [ident, self.mac.tag(REPLY, header), header, *bufs], copy=False, track=bool(bufs)
+                    )
+                except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY)
+                    log.warning("could not send weights v%d to %s: %s", stream.version, actor, e)
+                    del self._subs[ident]
+                    stream.drop(actor)
+                    break
+                stream.sent(actor, i, tracker if bufs else None)
+                self.weights_bytes_sent += sum(memoryview(b).nbytes for b in bufs)
+                i += 1
+            if stream.complete and stream.progress.get(actor, 0) >= stream.n:
+                self._subs.pop(ident, None)
+        stream.collect()
 
     def _run(self) -> None:
         poller = zmq.Poller()
@@ -342,7 +433,8 @@ class LearnerServer:
         poller.register(self._wake_rx, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                events = dict(poller.poll(int(self.tick_s * 1000)))
+                busy = self._streaming is not None and not self._streaming.done() or self._waiting
+                events = dict(poller.poll(2 if busy else int(self.tick_s * 1000)))
                 if self.data in events:
                     for _ in range(256):
                         try:
@@ -365,6 +457,8 @@ class LearnerServer:
                             break
                 if self._parked:
                     self._revisit_parked()
+                if self._weights is not self._streaming or busy:
+                    self._pump_weights()
                 if self._held and self._ready.is_set():
                     held, self._held = self._held, []
                     for ident, frames in held:
@@ -439,7 +533,7 @@ class LearnerServer:
                 reply = m.Error(message=str(e))
         if reply is None and isinstance(msg, m.WeightsRequest):
             try:
-                self._send_weights(ident, msg.have_version)
+                self._send_weights(ident, msg)
             except zmq.ZMQError as e:
                 log.warning("could not send weights to %s: %s", peer, e)
         elif reply is not None:

@@ -83,7 +83,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -239,9 +239,11 @@ def verified_tensors(header: m.WeightsChunk, bufs: list, where: str) -> list[tup
 class WeightsPublisher(Protocol):
     """Learner rank 0's side."""
 
-    def publish(self, version: int, named: NamedTensors) -> None:
+    def publish(self, version: int, named: NamedTensors, announce: Callable[[], None] = lambda: None) -> None:
         """Make ``version`` available to actors, consuming ``named`` once (lazily: a bucket is
-        sent or written as soon as it is full). Returns once the version may be announced."""
+        sent or written as soon as it is full). Calls ``announce()`` once actors may ask for the
+        version (zmq streaming: when the stream opens, before the first bucket is gathered; the
+        others: once it is complete), and returns once every bucket was handed on."""
 
     def weights_group_for(self, actor_id: str) -> m.WeightsGroup | None:
         """What ``Welcome.weights_group`` tells ``actor_id`` (``None`` unless collective)."""
@@ -272,8 +274,9 @@ class WeightsReceiver(Protocol):
 
 
 class BucketSnapshot:
-    """One version's buckets as the ``LearnerServer`` serves them (``WeightsSnapshot``'s interface):
-    chunk ``i`` is bucket ``i``, its tensors sent zero-copy."""
+    """One complete version's buckets as the ``LearnerServer`` serves them to any later request
+    (``WeightsSnapshot``'s interface; ``transport.weights_window=0``): chunk ``i`` is bucket ``i``,
+    its tensors sent zero-copy."""
 
     def __init__(self, version: int, buckets: list[Bucket]):
         self.version = version
@@ -296,20 +299,195 @@ class BucketSnapshot:
         return self._headers[i], b.buffers()
 
 
-class ZmqPublisher:
-    """Serves the newest version's buckets on the learner's control socket."""
+class StreamingVersion:
+    """One version while learner rank 0 gathers it: each bucket goes to every subscribed actor as
+    soon as it is sealed and is released once every actor that needs it was sent it and ZeroMQ
+    is done with its bytes, so rank 0 holds a window of buckets, not the version.
 
-    def __init__(self, server: LearnerServer, bucket_bytes: int):
+    Shared by the publisher (``add``, ``finish``, ``wait_room``: the trainer's thread) and the
+    ``LearnerServer``'s IO thread (``subscribe``, ``sent``, ``drop``, ``collect``), under one
+    condition variable. Chunks carry ``num_chunks=0`` (not known yet) except the last, an empty
+    end-of-version chunk whose ``num_chunks`` is the total.
+
+    Who must be sent a chunk before it is released: the actors the coordinator expects to update
+    (``expect``, registered and behind this version) plus any actor that subscribed. An expected
+    actor that has not asked within ``subscribe_s`` of the opening is streamed past (logged); it,
+    and any actor that asks after chunk 0 was released, waits at the server for the next opening
+    (``LearnerServer.weights_wanted``: the trainer re-publishes when it is idle). A subscriber
+    that stops taking bytes for ``stall_s`` lifts the bound for the rest of this version (logged):
+    the learner never blocks on one actor for longer than that."""
+
+    streaming = True
+
+    def __init__(self, version: int, window: int, expect: set[str], subscribe_s: float, stall_s: float):
+        self.version = version
+        self.window = max(1, window)
+        self.subscribe_s, self.stall_s = subscribe_s, stall_s
+        self.cond = threading.Condition()
+        self.held: dict[int, tuple[bytes, list[memoryview], int]] = {}
+        """chunk -> (header, buffers, bytes), until released."""
+        self.n = 0
+        """Chunks added so far (the end chunk included)."""
+        self.complete = False
+        self.released = 0
+        """Chunks ``[0, released)`` were sent to everyone who needs them and freed."""
+        self.expected = set(expect)
+        self.progress: dict[str, int] = {}
+        """Subscribed actor -> chunks handed to ZeroMQ for it."""
+        self._trackers: dict[int, list] = {}
+        self.opened = time.monotonic()
+        self.nbytes = 0
+        self.peak_held_bytes = 0
+        self.bounded = True
+        self.streamed_past: list[str] = []
+
+    # -- the publisher's side
+
+    def add(self, bucket: Bucket) -> None:
+        header = m.encode(
+            m.WeightsChunk(version=self.version, chunk=self.n, num_chunks=0, tensors=bucket.metas,
+                           checksum=bucket.checksum, checksum_algo=CHECKSUM)
+        )
+        with self.cond:
+            self.held[self.n] = (header, bucket.buffers(), bucket.nbytes)
+            self.n += 1
+            self.nbytes += bucket.nbytes
+            self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes())
+
+    def finish(self) -> None:
+        """Add the end-of-version chunk (no tensors; ``num_chunks`` = the total)."""
+        header = m.encode(
+            m.WeightsChunk(version=self.version, chunk=self.n, num_chunks=self.n + 1, tensors=[],
+                           checksum=checksum([]), checksum_algo=CHECKSUM)
+        )
+        with self.cond:
+            self.held[self.n] = (header, [], 0)
+            self.n += 1
+            self.complete = True
+            self._collect_locked()
+
+    def wait_room(self) -> None:
+        """Block until fewer than ``window`` buckets are held (the next may be gathered), or no
+        subscriber has taken a chunk for ``stall_s`` (then stop bounding this version)."""
+        last, released = time.monotonic(), -1
+        with self.cond:
+            while self.bounded and self._held_buckets() >= self.window:
+                self._collect_locked()
+                if self.released != released:
+                    last, released = time.monotonic(), self.released
+                elif time.monotonic() - last > self.stall_s:
+                    behind = sorted(a for a in self.expected if self.progress.get(a, 0) <= self.released)
+                    log.warning(
+                        "weights v%d: %s took no chunk for %.0fs; rank 0 keeps the rest of this version for them "
+                        "(memory no longer bounded by transport.weights_window until the next version)",
+                        self.version, ", ".join(behind) or "ZeroMQ", self.stall_s,
+                    )
+                    self.bounded = False
+                    break
+                self.cond.wait(0.002)
+
+    # -- the IO thread's side
+
+    def chunk(self, i: int) -> tuple[bytes, list[memoryview]] | None:
+        with self.cond:
+            got = self.held.get(i)
+        return None if got is None else (got[0], got[1])
+
+    def can_start(self) -> bool:
+        """Chunk 0 is still held: a new subscriber can be sent the whole version."""
+        with self.cond:
+            return self.released == 0
+
+    def subscribe(self, actor: str) -> None:
+        with self.cond:
+            self.expected.add(actor)
+            self.progress[actor] = 0
+
+    def sent(self, actor: str, i: int, tracker) -> None:
+        with self.cond:
+            self.progress[actor] = i + 1
+            if tracker is not None:
+                self._trackers.setdefault(i, []).append(tracker)
+
+    def drop(self, actor: str) -> None:
+        """``actor`` is gone (its peer vanished): nothing waits for it."""
+        with self.cond:
+            self.expected.discard(actor)
+            self.progress.pop(actor, None)
+            self.cond.notify_all()
+
+    def collect(self) -> None:
+        with self.cond:
+            self._collect_locked()
+
+    def _collect_locked(self) -> None:
+        if time.monotonic() - self.opened > self.subscribe_s:
+            for a in sorted(self.expected - set(self.progress)):
+                self.expected.discard(a)
+                self.streamed_past.append(a)
+                log.info("weights v%d: %s did not ask within %.0fs of the announcement; streaming past it "
+                         "(it gets the version when it asks)", self.version, a, self.subscribe_s)
+        before = self.released
+        while self.released < self.n:
+            i = self.released
+            if any(self.progress.get(a, 0) <= i for a in self.expected):
+                break
+            if not all(t.done for t in self._trackers.get(i, ())):
+                break
+            self.held.pop(i, None)
+            self._trackers.pop(i, None)
+            self.released += 1
+        if self.released != before:
+            self.cond.notify_all()
+
+    def _held_buckets(self) -> int:
+        return sum(1 for _, _, nb in self.held.values() if nb)
+
+    def held_bytes(self) -> int:
+        return sum(nb for _, _, nb in self.held.values())
+
+    def done(self) -> bool:
+        """Every chunk was added and released (nothing more to send to anyone)."""
+        with self.cond:
+            return self.complete and self.released == self.n
+
+
+class ZmqPublisher:
+    """Streams each version's buckets on the learner's control socket as they are gathered.
+
+    ``window`` > 0 (``transport.weights_window``): a ``StreamingVersion``; the version is
+    announced when the stream opens, so actors receive bucket ``i`` while rank 0 gathers bucket
+    ``i + 1``, and rank 0 holds at most ``window`` buckets. ``window`` = 0: the whole version is
+    gathered into a ``BucketSnapshot`` first and kept until the next publish (one copy of the
+    model in the serve dtype), announced once complete; actors may then fetch at any time."""
+
+    def __init__(self, server: LearnerServer, bucket_bytes: int, window: int = 2, subscribe_s: float = 10.0,
+                 stall_s: float = 60.0):
         self.server = server
         self.bucket_bytes = bucket_bytes
-        self.snapshot: BucketSnapshot | None = None
+        self.window, self.subscribe_s, self.stall_s = window, subscribe_s, stall_s
+        self.snapshot: BucketSnapshot | StreamingVersion | None = None
 
-    def publish(self, version: int, named: NamedTensors) -> None:
+    def publish(self, version: int, named: NamedTensors, announce=lambda: None) -> None:
         self.server.publish(None)  # drop the previous version before gathering this one (one copy held, not two)
         self.snapshot = None
-        snap = BucketSnapshot(version, list(buckets_of(named, self.bucket_bytes)))
-        self.snapshot = snap
-        self.server.publish(snap)
+        if self.window <= 0:
+            snap = BucketSnapshot(version, list(buckets_of(named, self.bucket_bytes)))
+            self.snapshot = snap
+            self.server.publish(snap)
+            announce()
+            return
+        stream = StreamingVersion(version, self.window, self.server.actors_to_update(version), self.subscribe_s, self.stall_s)
+        self.snapshot = stream
+        self.server.publish(stream)
+        announce()  # actors ask now and are sent each bucket as it is sealed
+        for bucket in buckets_of(named, self.bucket_bytes):
+            stream.add(bucket)
+            del bucket
+            self.server.wake()
+            stream.wait_room()
+        stream.finish()
+        self.server.wake()
 
     def weights_group_for(self, actor_id: str) -> None:
         return None
@@ -343,7 +521,10 @@ class ZmqReceiver:
             ) from None
         try:
             sock = c._socket()
-            await c._send(sock, m.WeightsRequest(actor_id=self.actor_id, have_version=have_version))
+            # a version whose stream already passed its first bucket: the server holds the request
+            # until the version (or a newer one) opens again
+            wait_s = min(30.0, timeout_s / 2)
+            await c._send(sock, m.WeightsRequest(actor_id=self.actor_id, have_version=have_version, wait_s=wait_s))
             frames = await c._recv(sock, timeout_s, "weights")
             first = m.decode(frames[0].bytes)
             if isinstance(first, m.NoWeights):
@@ -398,10 +579,11 @@ class _ZmqStream:
                 raise RuntimeError("consume a zmq weights stream from a worker thread (asyncio.to_thread), not its event loop")
             header, bufs = self.first, self.bufs
             self.first = self.bufs = None  # each bucket's frames are released once consumed
-            v, n = header.version, header.num_chunks
-            for i in range(n):
+            v, n = header.version, header.num_chunks  # n = 0: streamed, the total comes with the end chunk
+            i = 0
+            while True:
                 if i > 0:
-                    what = f"weights v{v} chunk {i}/{n}"
+                    what = f"weights v{v} chunk {i}/{n or '?'}"
                     fut = asyncio.run_coroutine_threadsafe(self.client._recv(self.sock, self.timeout_s, what), self.loop)
                     try:
                         frames = fut.result(self.timeout_s + 30)
@@ -411,11 +593,18 @@ class _ZmqStream:
                     if not isinstance(header, m.WeightsChunk) or header.version != v or header.chunk != i:
                         raise WeightsRejected(f"weights chunks out of order: got {header!r:.80}, want v{v}#{i}; refusing it")
                     bufs = [f.buffer for f in frames[1:]]
-                tensors = verified_tensors(header, bufs, f"weights v{v} chunk {i}/{n}")
+                    if n and header.num_chunks != n:
+                        raise WeightsRejected(f"weights v{v} chunk {i}: says {header.num_chunks} chunks, chunk 0 said {n}; refusing it")
+                    n = n or header.num_chunks
+                tensors = verified_tensors(header, bufs, f"weights v{v} chunk {i}/{n or '?'}")
                 bufs = None
-                self.buckets_received += 1
+                if tensors:
+                    self.buckets_received += 1
                 yield from tensors
                 del tensors
+                i += 1
+                if n and i >= n:
+                    break
             done = True
         finally:
             self._release(complete=done)
@@ -486,7 +675,7 @@ class FilesystemPublisher:
         for stale in self.dir.glob(".tmp-*"):  # left by a crashed learner: never visible to readers
             shutil.rmtree(stale, ignore_errors=True)
 
-    def publish(self, version: int, named: NamedTensors) -> None:
+    def publish(self, version: int, named: NamedTensors, announce: Callable[[], None] = lambda: None) -> None:
         tmp = self.dir / f".tmp-v{version}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -503,6 +692,7 @@ class FilesystemPublisher:
             final.rename(self.dir / f".gc-v{version}-{time.monotonic_ns()}")
         tmp.rename(final)
         self._collect()
+        announce()
 
     def _collect(self) -> None:
         versions = sorted(int(mt.group(1)) for p in self.dir.iterdir() if (mt := _VERSION_DIR.fullmatch(p.name)))
@@ -740,7 +930,7 @@ class CollectivePublisher:
                 self.ranks[actor_id] = len(self.ranks) + 1
             return m.WeightsGroup(host=self.host, port=self.port, rank=self.ranks[actor_id], world_size=self.world_size, backend=self.backend)
 
-    def publish(self, version: int, named: NamedTensors) -> None:
+    def publish(self, version: int, named: NamedTensors, announce: Callable[[], None] = lambda: None) -> None:
         self.check()
         tensors = [] if version == 0 else [(n, as_tensor(t)) for n, t in named]  # gathered now, sent by the thread
         with self._cond:
@@ -748,6 +938,7 @@ class CollectivePublisher:
                 self._pending = (version, tensors)
                 self._cond.notify_all()
         self.store.set("latest", str(version))
+        announce()
 
     def check(self) -> None:
         """Raise if the broadcast thread failed."""
@@ -942,10 +1133,14 @@ def make_publisher(
     n_actors: int,
     backend: str,
     timeout_s: float,
+    window: int = 2,
+    subscribe_s: float = 10.0,
+    stall_s: float = 60.0,
 ) -> WeightsPublisher:
-    """The learner's publisher for ``transport.weights=kind``; collective ones hook ``server``'s Welcome."""
+    """The learner's publisher for ``transport.weights=kind``; collective ones hook ``server``'s Welcome.
+    ``window``, ``subscribe_s``, ``stall_s``: the zmq stream's (``StreamingVersion``)."""
     if kind == "zmq":
-        return ZmqPublisher(server, bucket_bytes)
+        return ZmqPublisher(server, bucket_bytes, window, subscribe_s, stall_s)
     if kind == "filesystem":
         if weights_dir is None:
             raise ValueError("transport.weights=filesystem needs transport.weights_dir")

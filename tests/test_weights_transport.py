@@ -109,7 +109,7 @@ def test_transport_moves_arrays_to_two_actor_processes_bit_exactly(kind, tmp_pat
     server = LearnerServer(handler, "127.0.0.1", port)
     pub = make_publisher(
         kind, server=server, bucket_bytes=CHUNK, weights_dir=tmp_path / "weights", host="127.0.0.1",
-        n_actors=2, backend="gloo", timeout_s=60,
+        n_actors=2, backend="gloo", timeout_s=60, window=0,  # zmq: the whole version kept (actors start later)
     )
     want = sample_arrays(1)
     try:
@@ -382,7 +382,7 @@ def test_a_corrupted_bucket_is_refused_and_the_actor_keeps_serving_its_version(t
     handler = FakeLearner()
     server = LearnerServer(handler, "127.0.0.1", port)
     pub = make_publisher("zmq", server=server, bucket_bytes=CHUNK, weights_dir=None, host="127.0.0.1",
-                         n_actors=1, backend="gloo", timeout_s=30)
+                         n_actors=1, backend="gloo", timeout_s=30, window=0)  # kept whole: the test corrupts it
     client = ActorClient("127.0.0.1", port)
     settings = ActorSettings(actor_id="actor-0", group_concurrency=1, sampling=SamplingSettings(max_tokens=4), limits=None,
                              weight_update_mode="between_episodes", heartbeat_interval_s=1, request_timeout_s=30,
@@ -431,7 +431,7 @@ def test_lora_adapters_alone_reach_a_peft_hf_engine_which_then_matches_the_learn
     from tests.test_logprob_guard import sampled_group
 
     lora = ["actor_rollout_ref.model.lora_rank=4", "actor_rollout_ref.model.lora_alpha=8", "actor_rollout_ref.actor.optim.lr=5e-2"]
-    cfg = learner_config(tiny_model_dir, tmp_path, *lora)
+    cfg = learner_config(tiny_model_dir, tmp_path, *lora, "transport.weights_window=0")  # kept: the actor registers after publish
     engine = HFEngine(tiny_model_dir, seed=0, lora=(4, 8, "all-linear"))
     with trainer_world_1(cfg) as trainer:
         view = trainer.weights_for_actors
@@ -470,7 +470,7 @@ def test_a_zmq_stream_dropped_unread_gives_the_connection_back(tmp_path):
     port = free_port(pairs=2)
     server = LearnerServer(FakeLearner(), "127.0.0.1", port)
     pub = make_publisher("zmq", server=server, bucket_bytes=CHUNK, weights_dir=None, host="127.0.0.1",
-                         n_actors=1, backend="gloo", timeout_s=30)
+                         n_actors=1, backend="gloo", timeout_s=30, window=0)
     client = ActorClient("127.0.0.1", port)
     try:
         pub.publish(1, sample_arrays(1))
