@@ -138,7 +138,8 @@ class NoEffect:
     error: str = ""
 
 
-_NO_DYNAMIC_BSZ = "no effect: Relay micro-batches by trajectory count (ppo_micro_batch_size_per_gpu), not by a token budget"
+_NO_DYNAMIC_BSZ = ("no effect: the critic's passes hold critic.ppo_micro_batch_size_per_gpu trajectories "
+                   "(the policy's and the log-prob passes follow their use_dynamic_bsz)")
 
 NO_EFFECT: dict[str, NoEffect] = {
     "actor_rollout_ref.actor.strategy": NoEffect(
@@ -147,12 +148,6 @@ NO_EFFECT: dict[str, NoEffect] = {
     "critic.strategy": NoEffect(
         "no effect: Relay's learner always trains with its own FSDP setup", quiet=("fsdp",),
         allowed=("fsdp", "fsdp2"), error="Relay's learner trains with FSDP only"),
-    "actor_rollout_ref.actor.use_dynamic_bsz": NoEffect(_NO_DYNAMIC_BSZ, quiet=(False,)),
-    "actor_rollout_ref.actor.ppo_max_token_len_per_gpu": NoEffect(_NO_DYNAMIC_BSZ),
-    "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz": NoEffect(_NO_DYNAMIC_BSZ, quiet=(False,)),
-    "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu": NoEffect(_NO_DYNAMIC_BSZ),
-    "actor_rollout_ref.ref.log_prob_use_dynamic_bsz": NoEffect(_NO_DYNAMIC_BSZ, quiet=(False,)),
-    "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu": NoEffect(_NO_DYNAMIC_BSZ),
     "critic.use_dynamic_bsz": NoEffect(_NO_DYNAMIC_BSZ, quiet=(False,)),
     "critic.ppo_max_token_len_per_gpu": NoEffect(_NO_DYNAMIC_BSZ),
     "critic.forward_max_token_len_per_gpu": NoEffect(_NO_DYNAMIC_BSZ),
@@ -712,6 +707,8 @@ def derive(cfg: RelayConfig) -> RelayConfig:
     - ``actor_rollout_ref.actor.loss_agg_horizon``: ``rollout.response_length`` when None;
     - ``critic.model.path``: the policy's ``actor_rollout_ref.model.path`` when None;
     - ``critic.ppo_mini_batch_size``/``ppo_micro_batch_size_per_gpu``: the actor's when None;
+    - ``rollout.log_prob_use_dynamic_bsz``/``log_prob_max_token_len_per_gpu`` and the ``ref.`` ones:
+      the actor's ``use_dynamic_bsz``/``ppo_max_token_len_per_gpu`` when None (as verl's defaults);
     - ``transport.weights_dir``: ``<run dir>/weights`` when None;
     - ``agent.reward_name``: ``<path>:<name>`` when ``custom_reward_function.path`` is set;
     - ``actor_rollout_ref.rollout.val_temperature``: 0 when ``val_do_sample`` is false.
@@ -734,6 +731,11 @@ def derive(cfg: RelayConfig) -> RelayConfig:
     for size in ("ppo_mini_batch_size", "ppo_micro_batch_size_per_gpu"):
         if critic[size] is None:
             critic[size] = actor[size]
+    for section in (d["actor_rollout_ref"]["rollout"], d["actor_rollout_ref"]["ref"]):
+        if section["log_prob_use_dynamic_bsz"] is None:
+            section["log_prob_use_dynamic_bsz"] = actor["use_dynamic_bsz"]
+        if section["log_prob_max_token_len_per_gpu"] is None:
+            section["log_prob_max_token_len_per_gpu"] = actor["ppo_max_token_len_per_gpu"]
     if d["transport"]["weights_dir"] is None:
         d["transport"]["weights_dir"] = f"{run_dir}/weights"
     custom = d["custom_reward_function"]

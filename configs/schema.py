@@ -358,6 +358,14 @@ class ActorConfig(Section):
     ``data.train_batch_size``."""
     ppo_micro_batch_size_per_gpu: int = Field(8, ge=1)
     """Trajectories per forward/backward pass on one learner process (gradient accumulation)."""
+    use_dynamic_bsz: bool = False
+    """Form each forward/backward pass by a token budget (``ppo_max_token_len_per_gpu``) instead
+    of ``ppo_micro_batch_size_per_gpu`` trajectories (verl's dynamic batch size): many short
+    episodes share a pass, a long one gets a pass alone. The gradient is the same either way."""
+    ppo_max_token_len_per_gpu: int = Field(16384, ge=1)
+    """``use_dynamic_bsz``: most tokens in one pass on one learner process, counted as the pass
+    runs them (its trajectories, longest first, times the longest one's prompt plus response
+    tokens); a trajectory longer than this is a pass alone."""
     ppo_epochs: int = Field(1, ge=1)
     """Passes over each learner batch."""
     grad_clip: float = Field(1.0, gt=0)
@@ -454,6 +462,12 @@ class RolloutConfig(Section):
     """KV-cache size of vLLM on CPU, in GiB."""
     log_prob_micro_batch_size_per_gpu: int = Field(16, ge=1)
     """Trajectories per forward pass when the learner recomputes old log-probs."""
+    log_prob_use_dynamic_bsz: bool | None = None
+    """Form those passes by a token budget (``log_prob_max_token_len_per_gpu``) instead of
+    ``log_prob_micro_batch_size_per_gpu`` trajectories; None = ``actor.use_dynamic_bsz``."""
+    log_prob_max_token_len_per_gpu: int | None = Field(None, ge=1)
+    """Token budget of one such pass (counted as ``actor.ppo_max_token_len_per_gpu``); None =
+    ``actor.ppo_max_token_len_per_gpu``."""
     weight_update_mode: Literal["between_episodes", "in_flight"] = "between_episodes"
     """``between_episodes``: new weights are loaded once running episodes finish;
     ``in_flight``: loaded between turns, so one episode may span policy versions."""
@@ -490,6 +504,12 @@ class RefConfig(Section):
     """FSDP memory options of the reference model."""
     log_prob_micro_batch_size_per_gpu: int = Field(16, ge=1)
     """Trajectories per forward pass when computing reference log-probs."""
+    log_prob_use_dynamic_bsz: bool | None = None
+    """Form those passes by a token budget (``log_prob_max_token_len_per_gpu``) instead of
+    ``log_prob_micro_batch_size_per_gpu`` trajectories; None = ``actor.use_dynamic_bsz``."""
+    log_prob_max_token_len_per_gpu: int | None = Field(None, ge=1)
+    """Token budget of one such pass (counted as ``actor.ppo_max_token_len_per_gpu``); None =
+    ``actor.ppo_max_token_len_per_gpu``."""
 
 
 class ActorRolloutRefConfig(Section):

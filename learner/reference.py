@@ -38,7 +38,7 @@ from configs.schema import RelayConfig
 from learner import algos
 from learner.batch import TrainBatch
 from learner.model import fsdp_shard
-from learner.sharding import map_chunks
+from learner.sharding import MicroBatching, map_chunks, micro_batching
 
 
 @dataclass
@@ -117,7 +117,7 @@ class NoReference:
 
 
 class Reference:
-    def __init__(self, model, temperature: float, micro: int, world: int, precompute: bool = True):
+    def __init__(self, model, temperature: float, micro: int | MicroBatching, world: int, precompute: bool = True):
         self.model = model
         self.precompute = precompute
         """Whether a KL term needs the whole shard's reference log-probs (not ``full`` KL loss alone)."""
@@ -132,8 +132,9 @@ class Reference:
 
     @torch.no_grad()
     def logprobs(self, shard: TrainBatch, n: int) -> torch.Tensor | None:
-        """[n_r, L-1] reference log-probs of this rank's shard, ``ref.log_prob_micro_batch_size_per_gpu``
-        rows per pass; ``n`` rows in the whole batch. None when no KL term reads them."""
+        """[n_r, L-1] reference log-probs of this rank's shard, in passes of
+        ``ref.log_prob_micro_batch_size_per_gpu`` rows or of a token budget (``micro``); ``n``
+        rows in the whole batch. None when no KL term reads them."""
         if not self.precompute:
             return None
         return map_chunks(
@@ -231,7 +232,9 @@ def build_kl_terms(cfg: RelayConfig, device: torch.device, world: int):
     model = fsdp_shard(model, device, param_offload=arc.ref.fsdp_config.param_offload)
     model.eval()
     precompute = alg.use_kl_in_reward or (arc.actor.use_kl_loss and arc.actor.kl_loss_type != "full")
-    reference = Reference(model, arc.rollout.temperature, arc.ref.log_prob_micro_batch_size_per_gpu, world, precompute)
+    micro = micro_batching(arc.ref.log_prob_micro_batch_size_per_gpu, arc.ref.log_prob_use_dynamic_bsz,
+                           arc.ref.log_prob_max_token_len_per_gpu)
+    reference = Reference(model, arc.rollout.temperature, micro, world, precompute)
     kl_loss = (
         KLLoss(kl_tokens(arc.actor.kl_loss_type, reference), arc.actor.kl_loss_coef, arc.actor.loss_agg_mode,
                arc.actor.loss_agg_horizon)

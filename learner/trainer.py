@@ -45,7 +45,7 @@ from learner.model import drain, export_hf, load_policy, stream_full_tensors
 from learner.optim import build_optimizer, lr_lambda, optimizer_offload  # noqa: F401  (lr_lambda re-exported)
 from learner.reference import ResponseLogits, build_kl_terms, next_token_logits
 from learner.replay import BatchDump, NoBatchDump
-from learner.sharding import gather_rows, map_chunks, plan_minibatches, shard_rows
+from learner.sharding import gather_rows, map_chunks, micro_batching, plan_minibatches, shard_rows
 from learner.validation import Validator
 from protocol import messages as m
 from protocol.transport import LearnerServer, message_size_limit
@@ -306,7 +306,7 @@ class Trainer:
             algos.EpisodeFacts(full.overlong, full.rewards, full.group_index), self.cfg.algorithm.loss_filters
         )
         policy_mask = full.loss_mask * keep.unsqueeze(-1).to(full.loss_mask.dtype)
-        plan = self.policy_plan(policy_mask)
+        plan = self.policy_plan(policy_mask, batch.attention_mask.sum(-1))
         single_update = actor.ppo_epochs == 1 and len(plan) == 1 and not self.cfg.algorithm.use_kl_in_reward
 
         old_logprobs = None if single_update else self.logprobs(shard, n)
@@ -351,7 +351,7 @@ class Trainer:
             for mini in plan:
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro in mini:
-                    mb, mt = shard.select(micro.idx), t.select(micro.idx)
+                    mb, mt = micro.take(shard), micro.take(t)  # its rows, cut to the longest of them
                     logits = self.forward(mb)  # at the sampled positions only
                     logprobs = logits.logprobs()
                     old = logprobs.detach() if mt.old_logprobs is None else mt.old_logprobs
@@ -402,13 +402,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ plumbing
 
-    def policy_plan(self, batch_mask: torch.Tensor):
-        """This rank's policy mini/micro-batches and their loss scales (``learner.sharding.plan_minibatches``)."""
+    def policy_plan(self, batch_mask: torch.Tensor, lengths: torch.Tensor):
+        """This rank's policy mini/micro-batches and their loss scales (``learner.sharding.plan_minibatches``);
+        ``lengths``: [N] real tokens of each row of the batch (host)."""
         actor = self.cfg.actor_rollout_ref.actor
         rows_per_mini = max(1, actor.ppo_mini_batch_size * self.cfg.agent.num_chains // self.world)
+        micro = micro_batching(actor.ppo_micro_batch_size_per_gpu, actor.use_dynamic_bsz, actor.ppo_max_token_len_per_gpu)
         return plan_minibatches(
-            batch_mask, self.rank, self.world, rows_per_mini, actor.ppo_micro_batch_size_per_gpu,
-            actor.loss_agg_mode, actor.loss_agg_horizon,
+            batch_mask, self.rank, self.world, rows_per_mini, micro, actor.loss_agg_mode, actor.loss_agg_horizon, lengths,
         )
 
     def local_agg(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -423,7 +424,10 @@ class Trainer:
     @torch.no_grad()
     def logprobs(self, shard: TrainBatch, n: int) -> torch.Tensor:
         """Proximal-policy log-probs [n_r, L-1] of the shard before this step's updates."""
-        size = self.cfg.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu
+        rollout = self.cfg.actor_rollout_ref.rollout
+        size = micro_batching(
+            rollout.log_prob_micro_batch_size_per_gpu, rollout.log_prob_use_dynamic_bsz, rollout.log_prob_max_token_len_per_gpu
+        )
         return map_chunks(
             lambda mb: self.forward(mb).logprobs(), shard, n, self.world, size
         )

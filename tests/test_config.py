@@ -528,6 +528,12 @@ VERL_IMPLEMENTED = {
     "data.truncation='error'": ("data.truncation", "error"),
     "data.filter_overlong_prompts=True": ("data.filter_overlong_prompts", True),
     "custom_reward_function.path=rewards/my_score.py": ("agent.reward_name", "rewards/my_score.py:compute_score"),
+    "actor_rollout_ref.actor.use_dynamic_bsz=True": ("actor_rollout_ref.actor.use_dynamic_bsz", True),
+    "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=24000": ("actor_rollout_ref.actor.ppo_max_token_len_per_gpu", 24000),
+    "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True": ("actor_rollout_ref.rollout.log_prob_use_dynamic_bsz", True),
+    "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=8000": ("actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu", 8000),
+    "actor_rollout_ref.ref.log_prob_use_dynamic_bsz=True": ("actor_rollout_ref.ref.log_prob_use_dynamic_bsz", True),
+    "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu=8000": ("actor_rollout_ref.ref.log_prob_max_token_len_per_gpu", 8000),
 }
 
 
@@ -548,9 +554,22 @@ def test_val_do_sample_false_is_greedy_and_custom_reward_name():
     assert derive(cfg) == cfg
 
 
+def test_log_prob_token_budgets_follow_the_actor_unless_set():
+    """As verl's defaults (``${actor.use_dynamic_bsz}``, ``${actor.ppo_max_token_len_per_gpu}``)."""
+    cfg = load_config([], ["actor_rollout_ref.actor.use_dynamic_bsz=True", "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=6000",
+                           "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu=9000"])
+    arr = cfg.actor_rollout_ref
+    assert (arr.rollout.log_prob_use_dynamic_bsz, arr.rollout.log_prob_max_token_len_per_gpu) == (True, 6000)
+    assert (arr.ref.log_prob_use_dynamic_bsz, arr.ref.log_prob_max_token_len_per_gpu) == (True, 9000)
+    off = load_config([], ["actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True"]).actor_rollout_ref
+    assert (off.actor.use_dynamic_bsz, off.rollout.log_prob_use_dynamic_bsz, off.ref.log_prob_use_dynamic_bsz) == (False, True, False)
+    assert off.rollout.log_prob_max_token_len_per_gpu == off.actor.ppo_max_token_len_per_gpu == 16384
+    assert derive(cfg) == cfg
+
+
 VERL_NO_EFFECT = [
-    "actor_rollout_ref.actor.use_dynamic_bsz=True",
-    "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=24000",
+    "critic.use_dynamic_bsz=True",
+    "critic.ppo_max_token_len_per_gpu=24000",
     "actor_rollout_ref.rollout.free_cache_engine=True",
     "actor_rollout_ref.rollout.mode=async",
     "actor_rollout_ref.actor.strategy=fsdp2",
@@ -572,7 +591,7 @@ def test_verl_keys_without_effect_are_accepted_with_one_note_each():
 def test_verl_values_matching_relay_say_nothing():
     _, notes = load_config_with_notes([], [
         "actor_rollout_ref.actor.strategy=fsdp", "reward_model.enable=False",
-        "actor_rollout_ref.actor.use_dynamic_bsz=False", "actor_rollout_ref.actor.ulysses_sequence_parallel_size=1",
+        "critic.use_dynamic_bsz=False", "actor_rollout_ref.actor.ulysses_sequence_parallel_size=1",
     ])
     assert notes == []
 
