@@ -308,3 +308,198 @@ def test_help_shows_list_values_and_keys_lists_aliases():
     assert keys.returncode == 0
     assert "data.max_prompt_length = 512" in keys.stdout
     assert "generation.max_prompt_length -> data.max_prompt_length" in keys.stdout
+
+
+# --------------------------------------------------------------------------- the fast tokenizer
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 17 * 23?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Déjà vu: ünïcode, emoji 🙂, tabs\tand\nnewlines"}],
+    [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "<tool_call>{\"name\": \"calculator\"}</tool_call>"},
+     {"role": "tool", "content": "4"}, {"role": "user", "content": "<|im_start|> inside text <|im_end|>"}],
+    [{"role": "user", "content": "Hello\n\n\n   world\t\t! DON'T you'LL 12345 ¾ cafe\u0301 caf\u00e9 ﬁ"}],
+]
+TOOLS = [{"type": "function", "function": {"name": "calculator", "description": "Evaluate <arithmetic> & more",
+                                             "parameters": {"type": "object", "properties": {"expr": {"type": "string"}}}}}]
+
+
+def test_fast_tokenizer_renders_and_counts_as_transformers(tiny_model_dir):
+    """The tiny model's own template and every named template of envs.templates, with and without
+    tools and the generation prompt: the same text and the same ids as transformers'
+    apply_chat_template, and the same ids for plain text."""
+    from transformers import AutoTokenizer
+
+    from envs.templates import CHAT_TEMPLATES
+    from launcher.fast_tokenizer import load_fast_tokenizer
+
+    slow, fast = AutoTokenizer.from_pretrained(tiny_model_dir), load_fast_tokenizer(tiny_model_dir)
+    assert fast is not None and fast.chat_template == slow.chat_template and fast.eos_token == slow.eos_token
+    checked = 0
+    for template in [None, *CHAT_TEMPLATES.values()]:
+        for messages in CONVERSATIONS:
+            for tools in (None, TOOLS):
+                for gen in (True, False):
+                    kw = dict(tools=tools, chat_template=template, add_generation_prompt=gen)
+                    text = slow.apply_chat_template(messages, tokenize=False, **kw)
+                    assert fast.apply_chat_template(messages, tokenize=False, **kw) == text
+                    want = slow(text, add_special_tokens=False)["input_ids"]
+                    assert fast.apply_chat_template(messages, tokenize=True, **kw) == want
+                    assert fast([text, text[::-1]], add_special_tokens=False)["input_ids"] == \
+                        slow([text, text[::-1]], add_special_tokens=False)["input_ids"]
+                    checked += 1
+    assert checked == (1 + len(CHAT_TEMPLATES)) * len(CONVERSATIONS) * 4
+
+
+@pytest.mark.parametrize("agent", ["hf", "react", "code"])
+def test_launcher_prompt_lengths_equal_the_learners(tmp_path, tiny_model_dir, agent):
+    """The launcher's count (fast tokenizer) equals the learner's (transformers) for every agent
+    type on AgentFly rows and verl chat-list rows with a system message."""
+    from launcher.preflight import _length_counter
+    from learner.prompts import prompt_lengths
+
+    tools = {"hf": "[calculator]", "react": "[calculator,answer]", "code": "[code_interpreter]"}[agent]
+    cfg = config(tmp_path, tiny_model_dir, f"agent.agent_type={agent}", f"agent.tools={tools}")
+    rows = [{"question": f"What is {i} * {i + 7}? Explain <step> by step." * (i + 1), "answer": "1"} for i in range(5)]
+    rows += [{"question": [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Combien font 2 + 2 ?"}],
+              "answer": "4"}]
+    fast = _length_counter(cfg)(rows)
+    assert fast == prompt_lengths(cfg, rows)
+    assert len(set(fast)) > 1
+
+
+def test_fast_tokenizer_gives_way_to_transformers_when_it_would_differ(tmp_path, tiny_model_dir):
+    """A tokenizer class with its own definition, a special token transformers would add, or
+    legacy files: no fast tokenizer, and the check falls back to transformers' count."""
+    import shutil
+
+    from launcher.fast_tokenizer import load_fast_tokenizer
+    from launcher.preflight import _length_counter
+    from learner.prompts import prompt_lengths
+
+    def variant(name: str, edit=None, extra_file: str | None = None) -> Path:
+        d = tmp_path / name
+        shutil.copytree(tiny_model_dir, d)
+        cfg_file = d / "tokenizer_config.json"
+        tc = json.loads(cfg_file.read_text())
+        if edit:
+            edit(tc)
+        cfg_file.write_text(json.dumps(tc))
+        if extra_file:
+            (d / extra_file).write_text("{}")
+        return d
+
+    def llama(d: Path) -> Path:
+        model = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**model, "model_type": "llama"}))
+        return d
+
+    cases = [
+        llama(variant("llama", lambda tc: tc.update(tokenizer_class="LlamaTokenizerFast"))),
+        variant("new_special", lambda tc: tc.update(bos_token="<|not-in-the-vocab|>")),
+        variant("legacy", extra_file="special_tokens_map.json"),
+        variant("remote", lambda tc: tc.update(auto_map={"AutoTokenizer": ["x.Tok", None]})),
+    ]
+    for d in cases:
+        assert load_fast_tokenizer(d) is None, d.name
+    rows = [{"question": "What is 3 + 4?", "answer": "7"}]
+    cfg = config(tmp_path, str(cases[0]))
+    assert _length_counter(cfg)(rows) == prompt_lengths(cfg, rows)
+
+
+TRICKY = ["Hello\n\n\n   world\t\t!", "DON'T you'LL 12345 ¾ ⅔", "cafe\u0301 caf\u00e9 ﬁ", "<|im_start|>x<|im_end|>\n\n"]
+
+
+def test_fast_tokenizer_applies_qwen2s_pipeline_as_transformers_does(tmp_path, tiny_model_dir):
+    """The tiny model's type is qwen2, so transformers builds ``Qwen2Tokenizer`` (NFC, Qwen's
+    split regex) on its tokenizer.json's vocabulary rather than using that file's own
+    pre-tokenizer, which tokenizes some texts differently: the fast tokenizer gives transformers'
+    ids, also for a directory saved by ``Qwen2Tokenizer`` itself under a non-qwen2 model type."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from launcher.fast_tokenizer import load_fast_tokenizer
+
+    slow = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert type(slow).__name__ == "Qwen2Tokenizer"
+    raw = Tokenizer.from_file(str(Path(tiny_model_dir) / "tokenizer.json"))
+    want = slow(TRICKY, add_special_tokens=False)["input_ids"]
+    assert [e.ids for e in raw.encode_batch(TRICKY, add_special_tokens=False)] != want  # the file alone differs
+    assert load_fast_tokenizer(tiny_model_dir)(TRICKY, add_special_tokens=False)["input_ids"] == want
+
+    saved = tmp_path / "saved"
+    slow.save_pretrained(saved)
+    model = json.loads((Path(tiny_model_dir) / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**model, "model_type": "llama"}))
+    assert json.loads((saved / "tokenizer_config.json").read_text())["tokenizer_class"] == "Qwen2Tokenizer"
+    slow2, fast2 = AutoTokenizer.from_pretrained(saved), load_fast_tokenizer(saved)
+    assert fast2 is not None and fast2(TRICKY, add_special_tokens=False)["input_ids"] == slow2(TRICKY, add_special_tokens=False)["input_ids"]
+    messages = CONVERSATIONS[2]
+    assert fast2.apply_chat_template(messages, tools=TOOLS, add_generation_prompt=True) == \
+        slow2.apply_chat_template(messages, tools=TOOLS, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+def test_fast_tokenizer_constants_match_transformers():
+    """What launcher/fast_tokenizer.py copies from transformers is what this transformers has."""
+    import inspect
+
+    import transformers.models.auto.tokenization_auto as auto
+    from transformers.models.qwen2 import tokenization_qwen2
+
+    from launcher import fast_tokenizer as ft
+
+    assert ft.QWEN2_PRETOKENIZE_REGEX == tokenization_qwen2.PRETOKENIZE_REGEX
+    defaults = inspect.signature(tokenization_qwen2.Qwen2Tokenizer.__init__).parameters
+    assert ft.QWEN2_DEFAULT_TOKENS == {k: defaults[k].default for k in ("unk_token", "eos_token", "pad_token")}
+    assert defaults["bos_token"].default is None
+    assert ft.QWEN2_MODEL_TYPES == {k for k, v in auto.TOKENIZER_MAPPING_NAMES.items() if v in ft.QWEN2_CLASSES}
+    assert ft.MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS == set(auto.MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS)
+    assert list(ft.MODEL_IDS_TO_TOKENIZERS_BACKEND) == auto.MODEL_IDS_TO_TOKENIZERS_BACKEND
+
+
+def test_the_check_does_not_import_transformers_or_torch(tmp_path, tiny_model_dir):
+    """``relay train --check``'s checks, prompt lengths included, run without importing
+    transformers or torch (their import is what took 5-10 s)."""
+    data = agentfly_data(tmp_path)
+    code = textwrap.dedent(f"""
+        import sys
+        from configs.loader import load_config
+        from launcher.preflight import preflight
+        cfg = load_config(["demo"], ["actor_rollout_ref.model.path={tiny_model_dir}", "data.train_files=[{data}]",
+                                     "data.val_files=[{data}]", "trainer.default_local_dir={tmp_path / 'run'}",
+                                     "data.max_prompt_length=20"])
+        try:
+            preflight(cfg)
+        except Exception as e:
+            print(e)
+        print(sorted(m for m in ("transformers", "torch") if m in sys.modules))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("every train prompt is longer than data.max_prompt_length=20")  # lengths were counted
+    assert lines[-1] == "[]"
+
+
+def test_fast_tokenizer_has_transformers_template_environment(tiny_model_dir):
+    """The template globals and tags transformers gives: {% generation %}, loop controls, tojson
+    without HTML escaping, strftime_now, a special token variable, and raise_exception."""
+    import jinja2
+    from transformers import AutoTokenizer
+
+    from launcher.fast_tokenizer import load_fast_tokenizer
+
+    slow, fast = AutoTokenizer.from_pretrained(tiny_model_dir), load_fast_tokenizer(tiny_model_dir)
+    template = (
+        "{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}"
+        "{% generation %}{{ m['role'] }}: {{ m['content'] }}{% endgeneration %}\n{% endfor %}"
+        "{{ tools | tojson }} {{ pad_token }} {{ strftime_now('%Y') }}"
+        "{% if add_generation_prompt %}{{ eos_token }}{% endif %}"
+    )
+    messages = CONVERSATIONS[2]
+    for gen in (True, False):
+        kw = dict(tools=TOOLS, chat_template=template, add_generation_prompt=gen, tokenize=False)
+        assert fast.apply_chat_template(messages, **kw) == slow.apply_chat_template(messages, **kw)
+    failing = "{{ raise_exception('no system role here') }}"
+    for tok in (slow, fast):
+        with pytest.raises(jinja2.exceptions.TemplateError, match="no system role"):
+            tok.apply_chat_template(messages, chat_template=failing, tokenize=False)
