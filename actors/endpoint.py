@@ -19,6 +19,12 @@ The session key is in the base URL (``Session.base_url``) and is also accepted
 as the API key, so ``AsyncOpenAI(base_url=session.base_url, api_key=session.key)``
 works, whatever the harness does with either.
 
+``Endpoint.handle`` serves a request from its method, path, headers and body;
+the aiohttp routes call it, and so does ``Endpoint.transport()``, an ``httpx``
+transport for clients in the actor's own process (``actors.external`` gives
+the entrypoint's client one): the same code, without the socket and the HTTP
+parsing on both sides.
+
 Token tracking (``Session``). The session keeps the ids of every turn it
 rendered and sampled. A chat request whose messages extend the previous
 request's messages plus the assistant message the endpoint returned (same
@@ -442,14 +448,24 @@ class _ToolCallParser:
 # --------------------------------------------------------------------------- server
 
 
-def _json(obj: Any, status: int = 200):
-    from aiohttp import web
+@dataclass
+class Reply:
+    """One answer to one request, whichever way it came (HTTP, or ``InProcessTransport``)."""
 
-    return web.Response(body=msgspec.json.encode(obj), status=status, content_type="application/json")
+    status: int
+    body: bytes
+    content_type: str = "application/json"
 
 
-def _error(e: RequestRefused):
+def _json(obj: Any, status: int = 200) -> Reply:
+    return Reply(status, msgspec.json.encode(obj))
+
+
+def _error(e: RequestRefused) -> Reply:
     return _json({"error": {"message": str(e), "type": "invalid_request_error", "code": e.code, "param": None}}, status=e.status)
+
+
+_ROUTE = re.compile(r"(?:/s/([^/]+))?/v1/(chat/completions|completions|responses|models)/?")
 
 
 class Endpoint:
@@ -481,10 +497,9 @@ class Endpoint:
                 return
             app = web.Application(client_max_size=64 * 1024 * 1024)
             for prefix in ("/s/{key}/v1", "/v1"):
-                app.router.add_post(prefix + "/chat/completions", self._chat)
-                app.router.add_post(prefix + "/completions", self._completions)
-                app.router.add_post(prefix + "/responses", self._responses)
-                app.router.add_get(prefix + "/models", self._models)
+                for path in ("/chat/completions", "/completions", "/responses"):
+                    app.router.add_post(prefix + path, self._aiohttp)
+                app.router.add_get(prefix + "/models", self._aiohttp)
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             site = web.TCPSite(runner, self.host, self.port)
@@ -513,19 +528,42 @@ class Endpoint:
         self.sessions.pop(session.key, None)
         self.counters["splits"] += session.splits
 
-    def _session(self, request) -> Session:
-        key = request.match_info.get("key")
+    async def handle(self, method: str, path: str, headers: Any, raw: bytes) -> Reply:
+        """Serve one request: ``path`` (``/s/<key>/v1/...`` or ``/v1/...``), ``headers`` (a mapping
+        with ``Authorization`` when the key is not in the path) and the raw body."""
+        route = _ROUTE.fullmatch(path)
+        handler = route and {("POST", "chat/completions"): self._chat, ("POST", "completions"): self._completions,
+                             ("POST", "responses"): self._responses, ("GET", "models"): self._models}.get((method, route[2]))
+        if handler is None:
+            return _error(RequestRefused(f"no route {method} {path[:200]}", "not_found", 404))
+        key = route[1]
         if key is None:
-            auth = request.headers.get("Authorization", "")
+            auth = headers.get("Authorization", "")
             key = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
+        return await handler(key, raw)
+
+    async def _aiohttp(self, request):
+        from aiohttp import web
+
+        reply = await self.handle(request.method, request.path, request.headers, await request.read())
+        headers = {"Cache-Control": "no-cache"} if reply.content_type == "text/event-stream" else None
+        return web.Response(body=reply.body, status=reply.status, content_type=reply.content_type, headers=headers)
+
+    def transport(self) -> Any:
+        """An ``httpx`` transport (of the ``httpx`` the installed ``openai`` uses) that hands each
+        request to ``handle`` in this event loop: the same serving code without the socket and
+        the HTTP parsing on both sides (``actors.external.ExternalRunner`` gives its client one)."""
+        return InProcessTransport.of(self)
+
+    def _session(self, key: str | None) -> Session:
         session = self.sessions.get(key) if key else None
         if session is None:
             raise RequestRefused("no open episode session for this key (base URL /s/<key>/v1 or API key)", "unknown_session", 404)
         return session
 
-    async def _body(self, request) -> dict:
+    async def _body(self, raw: bytes) -> dict:
         try:
-            body = msgspec.json.decode(await request.read())
+            body = msgspec.json.decode(raw)
         except msgspec.DecodeError as e:
             raise RequestRefused(f"the request body is not JSON: {e}", "invalid_json") from None
         if not isinstance(body, dict):
@@ -536,18 +574,18 @@ class Endpoint:
             raise RequestRefused("'stop' strings are not supported; turns end at the chat template's end-of-turn token", "unsupported_stop")
         return body
 
-    async def _models(self, request):
+    async def _models(self, key, raw) -> Reply:
         try:
-            self._session(request)
+            self._session(key)
         except RequestRefused as e:
             return _error(e)
         return _json({"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "relay"}]})
 
-    async def _chat(self, request):
+    async def _chat(self, key, raw) -> Reply:
         self.counters["requests"] += 1
         try:
-            session = self._session(request)
-            body = await self._body(request)
+            session = self._session(key)
+            body = await self._body(raw)
             session.requests += 1
             async with session.lock:
                 turn, message = await session.chat(body.get("messages"), body.get("tools") or None,
@@ -559,14 +597,14 @@ class Endpoint:
         choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
         out = self._envelope("chat.completion", turn, choice, body)
         if body.get("stream"):
-            return await self._stream(request, out, message, finish)
+            return self._stream(out, message, finish)
         return _json(out)
 
-    async def _completions(self, request):
+    async def _completions(self, key, raw) -> Reply:
         self.counters["requests"] += 1
         try:
-            session = self._session(request)
-            body = await self._body(request)
+            session = self._session(key)
+            body = await self._body(raw)
             session.requests += 1
             async with session.lock:
                 turn = await session.complete(body.get("prompt"), body.get("max_tokens"))
@@ -576,11 +614,11 @@ class Endpoint:
         choice = {"index": 0, "text": turn.text, "finish_reason": turn.finish_reason, "logprobs": None}
         return _json(self._envelope("text_completion", turn, choice, body))
 
-    async def _responses(self, request):
+    async def _responses(self, key, raw) -> Reply:
         self.counters["requests"] += 1
         try:
-            session = self._session(request)
-            body = await self._body(request)
+            session = self._session(key)
+            body = await self._body(raw)
             if body.get("stream"):
                 raise RequestRefused("the Responses API is served without streaming (stream: false)", "unsupported_stream")
             session.requests += 1
@@ -632,21 +670,47 @@ class Endpoint:
             out["prompt_token_ids"] = turn.prompt_ids
         return out
 
-    async def _stream(self, request, out: dict, message: dict, finish: str):
+    def _stream(self, out: dict, message: dict, finish: str) -> Reply:
         """The whole turn as one ``chat.completion.chunk``, then the finish chunk and ``[DONE]``."""
-        from aiohttp import web
-
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
         delta: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
         if message.get("tool_calls"):
             delta["tool_calls"] = [dict(c, index=i) for i, c in enumerate(message["tool_calls"])]
         base = {"id": out["id"], "object": "chat.completion.chunk", "created": out["created"], "model": out["model"]}
-        for chunk in (
+        events = [
             dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": None}]),
             dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": finish}], usage=out["usage"]),
-        ):
-            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
+        ]
+        body = b"".join(b"data: " + msgspec.json.encode(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+        return Reply(200, body, "text/event-stream")
+
+
+class InProcessTransport:
+    """Requests of an ``httpx`` client served by an ``Endpoint`` in the same event loop, with no
+    socket: ``handle_async_request`` passes method, path, headers and body to ``Endpoint.handle``
+    and wraps the ``Reply``. Built against the ``httpx`` module the installed ``openai`` uses
+    (``httpx2`` for openai 3, ``httpx`` for openai 2), subclassing its ``AsyncBaseTransport``."""
+
+    _classes: dict[Any, type] = {}
+
+    @classmethod
+    def of(cls, endpoint: Endpoint) -> Any:
+        import importlib
+
+        import openai
+
+        client = next(c for c in openai.DefaultAsyncHttpxClient.__mro__ if c.__name__ == "AsyncClient")
+        httpx = importlib.import_module(client.__module__.split(".")[0])
+        if httpx not in cls._classes:
+
+            class Transport(httpx.AsyncBaseTransport):
+                def __init__(self, endpoint: Endpoint):
+                    self.endpoint = endpoint
+
+                async def handle_async_request(self, request):
+                    reply = await self.endpoint.handle(request.method, request.url.path, request.headers, await request.aread())
+                    return httpx.Response(reply.status, headers={"content-type": reply.content_type}, content=reply.body,
+                                          request=request)
+
+            Transport.__name__ = Transport.__qualname__ = "InProcessTransport"
+            cls._classes[httpx] = Transport
+        return cls._classes[httpx](endpoint)

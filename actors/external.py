@@ -164,8 +164,11 @@ def episode_from(session: Session, final_answer: str | None, reward: dict[str, f
 class ExternalRunner:
     """Plays ``agent_type=external`` episodes on the actor's endpoint (started on first use)."""
 
-    def __init__(self, endpoint: Endpoint, entrypoint: str, timeout_s: float):
+    def __init__(self, endpoint: Endpoint, entrypoint: str, timeout_s: float, in_process: bool = True):
+        """``in_process``: the client the entrypoint gets hands its requests to the endpoint in this
+        event loop (``Endpoint.transport``); False sends them over the endpoint's socket."""
         self.endpoint = endpoint
+        self.in_process = in_process
         self.spec = entrypoint
         self.fn = load_entrypoint(entrypoint)
         self.wants_tools = "tools" in inspect.signature(self.fn).parameters
@@ -182,8 +185,11 @@ class ExternalRunner:
         await self.endpoint.start()
         session = self.endpoint.open_session(limits, settings)
         tools = RelayTools(toolbox)
-        if self._http is None:  # one connection pool for every episode's client (a client each costs ~ms)
-            self._http = openai.DefaultAsyncHttpxClient(timeout=self.timeout_s)
+        if self._http is None:  # one for every episode's client (a client each costs ~ms)
+            # in-process: the endpoint's handler without the socket and HTTP parsing (a harness that
+            # builds its own client from the base URL or the key still reaches the same sessions over HTTP)
+            transport = self.endpoint.transport() if self.in_process else None  # None: httpx's own, over TCP
+            self._http = openai.DefaultAsyncHttpxClient(timeout=self.timeout_s, transport=transport)
         # no retries: a retried request repeats an earlier history, which would read as a rewrite
         client = openai.AsyncOpenAI(base_url=session.base_url, api_key=session.key, max_retries=0, timeout=self.timeout_s,
                                     http_client=self._http)

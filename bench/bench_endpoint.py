@@ -1,6 +1,6 @@
 """An episode through the actor's OpenAI endpoint vs the same episode through Relay's own loop.
 
-    python bench/bench_endpoint.py [--engine hf|vllm] [--model tiny|qwen0.5b] [--client openai|http] [--episodes 32] [--turns 3] [--max-tokens 32]
+    python bench/bench_endpoint.py [--engine hf|vllm] [--model tiny|qwen0.5b] [--client openai|openai-tcp|http] [--episodes 32] [--turns 3] [--max-tokens 32]
 
 Both sides run ``--episodes`` concurrent episodes of ``--turns`` assistant
 turns on the same engine (the embedded tiny model, or ``--model qwen0.5b``: a
@@ -11,10 +11,16 @@ fixed-length turns), then one tool result (``calculator`` -> ``2``) is appended
 and the next turn is sampled. Relay's side is ``actors.rollout.run_episode`` with an ``hf``
 agent that calls the tool on every turn but the last; the endpoint side is an
 external agent (``actors.external.ExternalRunner``) that sends the same
-messages with the ``openai`` client over HTTP (``--client http``: plain aiohttp
-requests, to separate the endpoint's cost from the SDK's). The first prompt of every
+messages with the ``openai`` client the runner gives it (its requests handed to
+the endpoint in-process, ``Endpoint.transport``; ``--client openai-tcp``: the
+same client over the endpoint's socket; ``--client http``: plain aiohttp
+requests over the socket, to separate the endpoint's cost from the SDK's). The first prompt of every
 episode is checked to be the same ids on both sides. Printed: sampled tokens/s
-of each (wall clock, after one warm-up round) and endpoint/own.
+of each (wall clock, after one warm-up round) and endpoint/own (``ratio``),
+and the same ratio in this process's CPU time (``cpu_ratio``: own CPU ms per
+sampled token / the endpoint's, all threads counted; on a shared machine it
+moves less than the wall-clock ratio, but it does not see the time the engine
+waits for the clients).
 """
 
 from __future__ import annotations
@@ -141,23 +147,25 @@ async def main_async(args) -> None:
     engine = FixedTurns(engine, stop)
     agent_path = os.path.join(tmp, "agent.py")
     with open(agent_path, "w") as f:
-        f.write(AGENT_FILE if args.client == "openai" else RAW_AGENT_FILE)
-    runner = ExternalRunner(Endpoint(engine, tok, None), f"{agent_path}:run", timeout_s=600)
+        f.write(RAW_AGENT_FILE if args.client == "http" else AGENT_FILE)
+    runner = ExternalRunner(Endpoint(engine, tok, None), f"{agent_path}:run", timeout_s=600, in_process=args.client == "openai")
     tools = [get_tool("calculator")]
     limits = EpisodeLimits(max_turns=args.turns, max_tokens_per_turn=args.max_tokens, max_response_tokens=1500, max_context=2048)
     settings = SamplingSettings(max_tokens=args.max_tokens, temperature=1.0, stop_token_ids=(stop,))
     rows = [{"question": f"What is {100 + i} * {10 + i}?", "answer": "0", "turns": args.turns} for i in range(args.episodes)]
 
     times = {"own": [], "endpoint": []}
+    cpu = {"own": 0.0, "endpoint": 0.0}  # this process's CPU seconds (every thread: the engine's too)
+    sampled = {"own": 0, "endpoint": 0}
     batches = {"own": 0, "endpoint": 0}  # transformers engine: how many batches the same work took
     for rnd in range(args.rounds + 1):  # round 0 warms both up
         for side in ("own", "endpoint") if rnd % 2 == 0 else ("endpoint", "own"):
-            t0, b0 = time.perf_counter(), getattr(engine.inner, "batches", 0)
+            t0, c0, b0 = time.perf_counter(), time.process_time(), getattr(engine.inner, "batches", 0)
             if side == "own":
                 eps = await own_loop(engine, tok, tools, rows, limits, settings, args.turns)
             else:
                 eps = await endpoint_loop(runner, engine, tok, rows, limits, settings)
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             tokens = sum(e.gen_tokens for e in eps)
             assert tokens == args.episodes * args.turns * args.max_tokens, (side, tokens)
             assert all(e.num_turns == args.turns for e in eps), side
@@ -167,6 +175,8 @@ async def main_async(args) -> None:
                 assert [e.prompt_ids for e in eps] == own_prompts, "the two sides rendered different prompts"
             if rnd > 0:
                 times[side].append(tokens / dt)
+                cpu[side] += dc
+                sampled[side] += tokens
                 batches[side] += getattr(engine.inner, "batches", 0) - b0
     await runner.close()
     await engine.close()
@@ -176,11 +186,12 @@ async def main_async(args) -> None:
         await load_entrypoint(f"{agent_path}:run").__globals__["HTTP"]["s"].close()
     own = sum(times["own"]) / len(times["own"])
     ep = sum(times["endpoint"]) / len(times["endpoint"])
+    own_cpu, ep_cpu = (1000 * cpu[s] / sampled[s] for s in ("own", "endpoint"))  # CPU ms per sampled token
     print(f"{args.engine}, {args.model}, {args.client} client: {args.episodes} episodes x {args.turns} turns x {args.max_tokens} tokens, {args.rounds} rounds each")
-    print(f"  own loop  {own:8.0f} sampled tok/s   {batches['own']} engine batches")
-    print(f"  endpoint  {ep:8.0f} sampled tok/s   {batches['endpoint']} engine batches   ratio {ep / own:.3f}")
+    print(f"  own loop  {own:8.0f} sampled tok/s   {batches['own']} engine batches   {own_cpu:.2f} CPU ms/token")
+    print(f"  endpoint  {ep:8.0f} sampled tok/s   {batches['endpoint']} engine batches   {ep_cpu:.2f} CPU ms/token   ratio {ep / own:.3f}")
     print(f"RESULT endpoint engine={args.engine} model={args.model} client={args.client} max_tokens={args.max_tokens} episodes={args.episodes} turns={args.turns} own_tok_s={own:.0f} "
-          f"endpoint_tok_s={ep:.0f} ratio={ep / own:.3f}", flush=True)
+          f"endpoint_tok_s={ep:.0f} ratio={ep / own:.3f} cpu_ratio={own_cpu / ep_cpu:.3f}", flush=True)
 
 
 def main() -> None:
@@ -192,8 +203,9 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--client", choices=["openai", "http"], default="openai",
-                    help="the external agent's client: the openai SDK, or plain aiohttp requests (the endpoint's own cost)")
+    ap.add_argument("--client", choices=["openai", "openai-tcp", "http"], default="openai",
+                    help="the external agent's client: the openai SDK as ExternalRunner gives it (in-process transport), "
+                         "the SDK over the endpoint's socket, or plain aiohttp requests over the socket")
     asyncio.run(main_async(ap.parse_args()))
 
 

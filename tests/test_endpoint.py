@@ -537,3 +537,46 @@ def test_an_entrypoint_can_use_relays_configured_tools(tok, tmp_path):
     obs = runner.fn.__globals__["OBS"]
     assert obs[0] == "36" and obs[1].startswith("Error: unknown tool 'nope'")
     assert ep.tool_calls == ["calculator", "nope"] and ep.tool_errors == 1 and ep.final_answer == "36"
+
+
+def test_the_in_process_transport_serves_the_same_sessions_as_the_socket(tok):
+    """``Endpoint.transport`` (what ExternalRunner's client uses): the same handler without the
+    socket. A turn sent in-process and the next sent over HTTP extend one segment; streaming,
+    errors and unknown routes come back as over HTTP."""
+    stop = tok.convert_tokens_to_ids("<|im_end|>")
+    engine = RecordingEngine(tok, ["4", "Yes.", "4, yes."], stop)
+
+    async def go():
+        ep = Endpoint(engine, tok, None)
+        await ep.start()
+        session = ep.open_session(limits(), SamplingSettings(max_tokens=64, stop_token_ids=(stop,)))
+        http = openai.DefaultAsyncHttpxClient(transport=ep.transport())
+        inproc = openai.AsyncOpenAI(base_url=session.base_url, api_key=session.key, max_retries=0, http_client=http)
+        tcp = openai.AsyncOpenAI(base_url=session.base_url, api_key=session.key, max_retries=0)
+        try:
+            messages = [{"role": "user", "content": "What is 2+2?"}]
+            r = await inproc.chat.completions.create(model="m", messages=messages)
+            messages += [{"role": "assistant", "content": r.choices[0].message.content}, {"role": "user", "content": "Sure?"}]
+            await tcp.chat.completions.create(model="m", messages=messages)  # over the socket: extends the same segment
+            messages += [{"role": "assistant", "content": "Yes."}, {"role": "user", "content": "Once more?"}]
+            stream = await inproc.chat.completions.create(model="m", messages=messages, stream=True)
+            streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            with pytest.raises(openai.BadRequestError) as refused:
+                await inproc.chat.completions.create(model="m", messages=messages, stop=["x"])
+            lost = openai.AsyncOpenAI(base_url=session.base_url.replace(session.key, "nope"), api_key="nope", max_retries=0, http_client=http)
+            with pytest.raises(openai.NotFoundError):
+                await lost.chat.completions.create(model="m", messages=messages)
+            by_key = openai.AsyncOpenAI(base_url=ep.url + "/v1", api_key=session.key, max_retries=0, http_client=http)
+            models = [m.id for m in (await by_key.models.list()).data]  # the key as the API key, no /s/ in the path
+            missing = await http.get(session.base_url + "/embeddings")
+            return session, (streamed, refused.value.code, models, missing.status_code, missing.json()["error"]["code"])
+        finally:
+            await tcp.close()
+            await http.aclose()
+            await ep.close()
+
+    session, out = asyncio.run(go())
+    assert out == ("4, yes.", "unsupported_stop", ["relay"], 404, "not_found")
+    assert session.splits == 0 and session.segments[0].num_turns == 3
+    sampled = [ids for k, ids in runs(session.segments[0].loss_mask, session.segments[0].response_ids) if k == 1]
+    assert sampled == engine.returned
