@@ -188,7 +188,7 @@ class Trainer:
             self.ledger = open(self.run_dir / "ledger.jsonl", "a")
             self.validator = Validator(cfg, self.coordinator, alive=self.server.check)
         self.batch_dump = BatchDump(self.run_dir / "batches") if cfg.trainer.dump_batches and self.rank == 0 else NoBatchDump()
-        self.publish()
+        self.publish(hold=True)
 
     def _total_steps(self) -> int:
         t = self.cfg.trainer
@@ -432,14 +432,16 @@ class Trainer:
             lambda mb: self.forward(mb).logprobs(), shard, n, self.world, size
         )
 
-    def publish(self) -> None:
-        """Stream the policy to the actors as ``self.version`` (a collective; version 0 is on disk)."""
+    def publish(self, hold: bool = False) -> None:
+        """Stream the policy to the actors as ``self.version`` (a collective; version 0 is on disk).
+        ``hold``: keep the whole version for actors that are not there yet (a resumed run's first
+        publish, before any actor registered, and before validation may wait for them)."""
         view = self.weights_for_actors
         named = view(stream_full_tensors(self.model, view.gather_dtype, view.keep)) if self.version > 0 else iter(())
         if self.rank == 0:
             # announced when actors may ask: zmq as the stream opens (each bucket is sent while the
             # next is gathered), the other transports once the version is complete
-            self.weights.publish(self.version, named, announce=lambda: self.coordinator.advance(self.version))
+            self.weights.publish(self.version, named, announce=lambda: self.coordinator.advance(self.version), hold=hold)
         else:
             drain(named)
 

@@ -335,9 +335,11 @@ class LearnerServer:
             self.wake()
 
     def actors_to_update(self, version: int) -> set[str]:
-        """The handler's actors behind ``version`` (none if the handler cannot say)."""
+        """The handler's actors behind ``version`` (none if the handler cannot say), and the actors
+        whose weights requests are held here for a version older than it."""
         ask = getattr(self.handler, "actors_to_update", None)
-        return set(ask(version)) if ask is not None else set()
+        held = {actor for actor, have, _ in list(self._waiting.values()) if have < version}
+        return (set(ask(version)) if ask is not None else set()) | held
 
     def weights_wanted(self) -> bool:
         """An actor waits for the newest version, which can no longer be sent to it from its start
@@ -607,7 +609,9 @@ class ActorClient:
         if self._dealer is None:
             self._dealer = self.ctx.socket(zmq.DEALER)
             self._dealer.setsockopt(zmq.LINGER, 0)
-            self._dealer.setsockopt(zmq.RCVHWM, 0)
+            # one reply queued ahead of the reader: a weights stream holds the bucket being applied
+            # and the next one, and TCP back-pressure reaches the learner's send window
+            self._dealer.setsockopt(zmq.RCVHWM, 1)
             self._dealer.connect(self.control_ep)
         return self._dealer
 

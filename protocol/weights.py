@@ -23,14 +23,21 @@ update leaves the served version untouched.
 The transports
 --------------
 ``zmq`` (default; one node or many)
-    The version's buckets are handed to the ``LearnerServer`` as one
-    ``BucketSnapshot`` (each bucket one ``WeightsChunk`` message: header with
-    the checksum, then one frame per tensor, sent zero-copy); ``fetch`` sends a
-    ``WeightsRequest`` on the actor's DEALER and reads the chunks one by one as
-    its stream is consumed. Actors pull at their own pace, so the learner keeps
-    the newest version's buckets (one copy, in the serve dtype) until the next
-    publish starts; the previous one is dropped *before* the new one is
-    gathered (a request in between gets ``NoWeights`` and retries later).
+    A version is *streamed* (``StreamingVersion``, ``transport.weights_window`` > 0): the
+    learner announces it when its stream opens, actors ask (``WeightsRequest``, usually
+    within a heartbeat or at once from a long-polling work request), and the ``LearnerServer``
+    sends each bucket to every subscriber as soon as it is sealed (one ``WeightsChunk``
+    message: header with the checksum, then one frame per tensor, zero-copy, tracked) while
+    rank 0 gathers the next. A bucket is freed once every actor behind the version was sent it
+    and ZeroMQ let go of its bytes; rank 0 gathers bucket ``i + 1`` only once fewer than
+    ``window`` buckets are held, so it holds about ``window`` buckets whatever the model size.
+    The last chunk is an empty end marker carrying the total (earlier ones say 0). An actor
+    that asks after the first bucket was freed is held (``WeightsRequest.wait_s``) until the
+    version opens again: the trainer re-publishes while it waits for data
+    (``LearnerServer.weights_wanted``) and every new version subscribes it. With
+    ``window`` = 0 the whole version is gathered into a ``BucketSnapshot`` first and kept
+    until the next publish (one copy in the serve dtype; actors pull at their own pace).
+    ``fetch`` reads the chunks one by one as its stream is consumed.
 
 ``filesystem`` (nodes that share a disk)
     Each bucket is written as one safetensors shard of
@@ -63,7 +70,8 @@ The transports
 
 In every case the actor learns that a new version exists from the control
 channel (``WorkGrant``/``HeartbeatAck.learner_version``), which the learner
-advances only after ``publish`` returned. Version 0 is the model every actor
+advances when ``publish`` calls ``announce``: as the zmq stream opens, or once
+the version is complete for the other transports (and zmq with window 0). Version 0 is the model every actor
 loads from disk: it is announced, never sent (``fetch(have_version=0)`` is
 ``None`` until the learner publishes a newer one).
 """
@@ -239,11 +247,13 @@ def verified_tensors(header: m.WeightsChunk, bufs: list, where: str) -> list[tup
 class WeightsPublisher(Protocol):
     """Learner rank 0's side."""
 
-    def publish(self, version: int, named: NamedTensors, announce: Callable[[], None] = lambda: None) -> None:
+    def publish(self, version: int, named: NamedTensors, announce: Callable[[], None] = lambda: None, hold: bool = False) -> None:
         """Make ``version`` available to actors, consuming ``named`` once (lazily: a bucket is
         sent or written as soon as it is full). Calls ``announce()`` once actors may ask for the
         version (zmq streaming: when the stream opens, before the first bucket is gathered; the
-        others: once it is complete), and returns once every bucket was handed on."""
+        others: once it is complete), and returns once every bucket was handed on. ``hold``:
+        keep the whole version for actors that have not registered yet (zmq streams otherwise;
+        the other transports keep what they keep anyway)."""
 
     def weights_group_for(self, actor_id: str) -> m.WeightsGroup | None:
         """What ``Welcome.weights_group`` tells ``actor_id`` (``None`` unless collective)."""
@@ -468,10 +478,10 @@ class ZmqPublisher:
         self.window, self.subscribe_s, self.stall_s = window, subscribe_s, stall_s
         self.snapshot: BucketSnapshot | StreamingVersion | None = None
 
-    def publish(self, version: int, named: NamedTensors, announce=lambda: None) -> None:
+    def publish(self, version: int, named: NamedTensors, announce=lambda: None, hold: bool = False) -> None:
         self.server.publish(None)  # drop the previous version before gathering this one (one copy held, not two)
         self.snapshot = None
-        if self.window <= 0:
+        if self.window <= 0 or hold:
             snap = BucketSnapshot(version, list(buckets_of(named, self.bucket_bytes)))
             self.snapshot = snap
             self.server.publish(snap)
@@ -593,6 +603,7 @@ class _ZmqStream:
                     if not isinstance(header, m.WeightsChunk) or header.version != v or header.chunk != i:
                         raise WeightsRejected(f"weights chunks out of order: got {header!r:.80}, want v{v}#{i}; refusing it")
                     bufs = [f.buffer for f in frames[1:]]
+                    frames = fut = None  # only ``bufs`` keeps this bucket: it is freed once its tensors are applied
                     if n and header.num_chunks != n:
                         raise WeightsRejected(f"weights v{v} chunk {i}: says {header.num_chunks} chunks, chunk 0 said {n}; refusing it")
                     n = n or header.num_chunks
@@ -675,7 +686,7 @@ class FilesystemPublisher:
         for stale in self.dir.glob(".tmp-*"):  # left by a crashed learner: never visible to readers
             shutil.rmtree(stale, ignore_errors=True)
 
-    def publish(self, version: int, named: NamedTensors, announce: Callable[[], None] = lambda: None) -> None:
+    def publish(self, version: int, named: NamedTensors, announce: Callable[[], None] = lambda: None, hold: bool = False) -> None:
         tmp = self.dir / f".tmp-v{version}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -930,7 +941,7 @@ class CollectivePublisher:
                 self.ranks[actor_id] = len(self.ranks) + 1
             return m.WeightsGroup(host=self.host, port=self.port, rank=self.ranks[actor_id], world_size=self.world_size, backend=self.backend)
 
-    def publish(self, version: int, named: NamedTensors, announce: Callable[[], None] = lambda: None) -> None:
+    def publish(self, version: int, named: NamedTensors, announce: Callable[[], None] = lambda: None, hold: bool = False) -> None:
         self.check()
         tensors = [] if version == 0 else [(n, as_tensor(t)) for n, t in named]  # gathered now, sent by the thread
         with self._cond:
