@@ -181,21 +181,25 @@ def _tokenizer_kind(model_dir: Path, tc: dict[str, Any], model_config: dict[str,
     return "as-is" if hub in AS_IS_CLASSES else "qwen2" if hub in QWEN2_CLASSES else None
 
 
-def _qwen2_pipeline(data: dict[str, Any], add_prefix_space: bool) -> dict[str, Any] | None:
-    """``tokenizer.json`` with ``Qwen2Tokenizer.__init__``'s normalizer, pre-tokenizer, decoder and
-    BPE options (its vocabulary, merges and added tokens kept), or None if it is not a BPE."""
-    model = data.get("model") or {}
-    if model.get("type") != "BPE":
-        return None
-    model.update(dropout=None, unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
-                 byte_fallback=False, ignore_merges=False)
-    data["normalizer"] = {"type": "NFC"}
-    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": QWEN2_PRETOKENIZE_REGEX}, "behavior": "Isolated", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": add_prefix_space, "trim_offsets": True, "use_regex": False},
-    ]}
-    data["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
-    return data
+def _apply_qwen2_pipeline(tokenizer, add_prefix_space: bool) -> bool:
+    """Give ``tokenizer`` (read from tokenizer.json) ``Qwen2Tokenizer.__init__``'s normalizer,
+    pre-tokenizer, decoder and BPE options, keeping its vocabulary, merges and added tokens;
+    False if it is not a BPE."""
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+
+    model = tokenizer.model
+    if type(model).__name__ != "BPE":
+        return False
+    model.dropout, model.unk_token = None, None
+    model.continuing_subword_prefix, model.end_of_word_suffix = "", ""
+    model.fuse_unk = model.byte_fallback = model.ignore_merges = False
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    return True
 
 
 def load_fast_tokenizer(model_dir: str | Path) -> FastTokenizer | None:
@@ -205,10 +209,9 @@ def load_fast_tokenizer(model_dir: str | Path) -> FastTokenizer | None:
     try:
         config = json.loads((d / "tokenizer_config.json").read_text())
         model_config = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
-        data = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if any((d / f).exists() for f in LEGACY_FILES) or "auto_map" in config:
+    if not (d / "tokenizer.json").is_file() or any((d / f).exists() for f in LEGACY_FILES) or "auto_map" in config:
         return None
     if config.get("split_special_tokens") or config.get("fix_mistral_regex") is not None:
         return None
@@ -242,20 +245,20 @@ def load_fast_tokenizer(model_dir: str | Path) -> FastTokenizer | None:
     extra_texts = [_token_text(t) for t in extra]
     if None in extra_texts:
         return None
-    added = {t.get("content") for t in data.get("added_tokens") or []}
+    try:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(d / "tokenizer.json"))
+    except Exception:
+        return None
+    added = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
     declared = {_token_text(t) for t in (config.get("added_tokens_decoder") or {}).values()}
     if declared and declared != added:
         return None  # transformers takes the config's added tokens
     if any(t not in added for t in [*special.values(), *extra_texts]):
         return None  # transformers would add these to the tokenizer
-    if kind == "qwen2" and _qwen2_pipeline(data, bool(config.get("add_prefix_space"))) is None:
-        return None
-    if len((data.get("model") or {}).get("vocab") or ()) > 100000 and "istral" in str(model_config.get("model_type")):
+    if tokenizer.get_vocab_size(with_added_tokens=False) > 100000 and "istral" in str(model_config.get("model_type")):
         return None  # transformers may patch Mistral's regex
-    try:
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_str(json.dumps(data))
-    except Exception:
+    if kind == "qwen2" and not _apply_qwen2_pipeline(tokenizer, bool(config.get("add_prefix_space"))):
         return None
     return FastTokenizer(tokenizer, template, special)
