@@ -123,3 +123,177 @@ def test_bf16_weights_load_into_a_bf16_or_fp32_engine(tiny_model_dir):
     s = SamplingSettings(max_tokens=6, temperature=0.0)
     g = asyncio.run(bf16.generate([1, 5, 6], s))
     assert g.version == 1 and len(g.token_ids) == 6
+
+
+# -- continuous batching ----------------------------------------------------------------------
+
+
+async def steps_reach(engine, n, what, timeout_s=120.0):
+    """Wait until the engine has run ``n`` decode steps."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while engine.steps < n:
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"waited {timeout_s} s for decode step {n} ({what}); the engine ran {engine.steps}")
+        await asyncio.sleep(0.001)
+
+
+OTHERS = [[1, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30], [1, 40], [1, 50, 51, 52, 53, 54, 55]]
+
+
+def run_alone_and_among_others(tiny_model_dir, prompt, settings):
+    """The request alone on a fresh engine; then on another fresh engine, admitted while three others decode."""
+    alone = asyncio.run(HFEngine(tiny_model_dir, seed=0).generate(prompt, settings))
+    engine = HFEngine(tiny_model_dir, seed=7)
+
+    async def among():
+        others = [asyncio.create_task(engine.generate(p, SamplingSettings(max_tokens=40, temperature=1.0))) for p in OTHERS]
+        await steps_reach(engine, 3, "the others decoding")
+        g = await engine.generate(prompt, settings)
+        return g, await asyncio.gather(*others)
+
+    batched, _ = asyncio.run(among())
+    return engine, alone, batched
+
+
+def test_greedy_request_alone_equals_the_same_request_admitted_mid_batch(tiny_model_dir):
+    prompt, s = [1, 5, 6, 7, 8, 9], SamplingSettings(max_tokens=16, temperature=0.0)
+    engine, alone, batched = run_alone_and_among_others(tiny_model_dir, prompt, s)
+    assert engine.batches == 2  # the others' admission, then this one's at a step boundary
+    assert batched.token_ids == alone.token_ids and batched.finish_reason == alone.finish_reason
+    assert torch.allclose(torch.tensor(batched.logprobs), torch.tensor(alone.logprobs), atol=1e-5, rtol=0)
+    ref = full_forward_logprobs(engine.model, prompt, batched.token_ids)
+    assert torch.allclose(torch.tensor(batched.logprobs), ref, atol=1e-5, rtol=0)
+
+
+def test_seeded_sampled_request_alone_equals_the_same_request_admitted_mid_batch(tiny_model_dir):
+    prompt = [1, 5, 6, 7, 8, 9]
+    s = SamplingSettings(max_tokens=24, temperature=1.0, seed=1234)
+    engine, alone, batched = run_alone_and_among_others(tiny_model_dir, prompt, s)
+    assert batched.token_ids == alone.token_ids
+    assert torch.allclose(torch.tensor(batched.logprobs), torch.tensor(alone.logprobs), atol=1e-5, rtol=0)
+    ref = full_forward_logprobs(engine.model, prompt, batched.token_ids)
+    assert torch.allclose(torch.tensor(batched.logprobs), ref, atol=1e-5, rtol=0)
+    other_seed = asyncio.run(HFEngine(tiny_model_dir, seed=0).generate(prompt, SamplingSettings(max_tokens=24, temperature=1.0, seed=99)))
+    assert other_seed.token_ids != alone.token_ids  # the seed, not the engine, chose the tokens
+
+
+def test_a_request_arriving_while_others_decode_is_served_before_they_end(tiny_model_dir):
+    engine = HFEngine(tiny_model_dir, seed=0)
+    order = []
+
+    async def go():
+        async def one(name, prompt, n):
+            g = await engine.generate(prompt, SamplingSettings(max_tokens=n, temperature=1.0))
+            order.append((name, engine.steps))
+            return g
+
+        long = [asyncio.create_task(one(f"long{i}", p, 60)) for i, p in enumerate(OTHERS)]
+        await steps_reach(engine, 2, "the long requests decoding")
+        admitted_at = engine.steps
+        short = await one("short", [1, 9, 9], 4)
+        assert not any(t.done() for t in long)  # served while the long ones still decode
+        await asyncio.gather(*long)
+        return admitted_at, short
+
+    admitted_at, short = asyncio.run(go())
+    assert [name for name, _ in order][0] == "short" and len(short.token_ids) == 4
+    short_done_at = order[0][1]
+    # it joined the running batch: 4 tokens = its prefill + 3 decode steps after its arrival, not after step 60
+    assert short_done_at <= admitted_at + 4 and all(step >= 59 for name, step in order[1:])
+    assert engine.batches == 2
+
+
+def test_the_next_turn_takes_over_the_previous_turns_cached_prefix(tiny_model_dir):
+    s = SamplingSettings(max_tokens=10, temperature=0.0)
+    engine = HFEngine(tiny_model_dir, seed=0)
+    first = asyncio.run(engine.generate([1, 5, 6, 7], s))
+    turn2 = [1, 5, 6, 7] + first.token_ids + [30, 31, 32]  # prompt + sampled turn + observation
+    second = asyncio.run(engine.generate(turn2, s))
+    assert engine.prefix_hits == 1
+    fresh = asyncio.run(HFEngine(tiny_model_dir, seed=0).generate(turn2, s))
+    assert second.token_ids == fresh.token_ids
+    assert torch.allclose(torch.tensor(second.logprobs), torch.tensor(fresh.logprobs), atol=1e-5, rtol=0)
+    ref = full_forward_logprobs(engine.model, turn2, second.token_ids)
+    assert torch.allclose(torch.tensor(second.logprobs), ref, atol=1e-5, rtol=0)
+
+
+def test_many_rows_finishing_at_different_steps_keep_exact_logprobs(tiny_model_dir):
+    """Rows retire (and move slots) at every step while others keep decoding and new ones join."""
+    engine = HFEngine(tiny_model_dir, seed=3, max_batch=5, parked_rows=2)
+    prompts = [[1] + [10 + (i * 7 + j) % 400 for j in range(1 + i % 9)] for i in range(14)]
+    settings = [SamplingSettings(max_tokens=2 + (i * 5) % 13, temperature=[1.0, 0.0, 0.7][i % 3], top_k=[-1, 5][i % 2]) for i in range(14)]
+
+    async def go():
+        return await asyncio.gather(*(engine.generate(p, s) for p, s in zip(prompts, settings)))
+
+    gens = asyncio.run(go())
+    assert engine.batches > 1  # max_batch 5: the rest were admitted as slots freed up
+    for p, s, g in zip(prompts, settings, gens):
+        assert len(g.token_ids) == s.max_tokens
+        ref = full_forward_logprobs(engine.model, p, g.token_ids, s.temperature if s.temperature > 0 else 1.0)
+        assert torch.allclose(torch.tensor(g.logprobs), ref, atol=1e-5, rtol=0)
+
+
+def test_a_weight_swap_waits_for_running_requests_and_drops_stale_prefixes(tiny_model_dir):
+    import threading
+
+    from transformers import AutoModelForCausalLM
+
+    v0 = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    engine = HFEngine(tiny_model_dir, seed=0)
+    new = {k: v + 0.3 * torch.randn_like(v) for k, v in engine.model.state_dict().items() if k != "lm_head.weight"}
+    s = SamplingSettings(max_tokens=50, temperature=1.0)
+    swapped = threading.Event()
+
+    async def go():
+        running = [asyncio.create_task(engine.generate(p, s)) for p in OTHERS]
+        await steps_reach(engine, 2, "requests running before the swap")
+        swap = asyncio.create_task(asyncio.to_thread(lambda: (engine.load_weights(new.items(), version=1), swapped.set())))
+        while engine._lock.swap_waiting == 0 and not swapped.is_set():  # the swap now waits for the running rows
+            await asyncio.sleep(0.001)
+        late = asyncio.create_task(engine.generate([1, 5, 6], SamplingSettings(max_tokens=5, temperature=0.0)))
+        before = await asyncio.gather(*running)
+        await asyncio.wait_for(swap, 60)
+        return before, await late
+
+    before, late = asyncio.run(go())
+    for p, g in zip(OTHERS, before):  # every token of these was sampled by v0
+        assert g.version == 0 and len(g.token_ids) == 50
+        assert torch.allclose(torch.tensor(g.logprobs), full_forward_logprobs(v0, p, g.token_ids), atol=1e-5, rtol=0)
+    assert late.version == 1  # held back by the pending swap, then served by v1
+    assert torch.allclose(torch.tensor(late.logprobs), full_forward_logprobs(engine.model, [1, 5, 6], late.token_ids), atol=1e-5, rtol=0)
+    cont = OTHERS[0] + before[0].token_ids + [3]  # continues a v0 row: its cached prefix must not be reused
+    hits = engine.prefix_hits
+    g = asyncio.run(engine.generate(cont, SamplingSettings(max_tokens=4, temperature=0.0)))
+    assert engine.prefix_hits == hits and g.version == 1
+    assert torch.allclose(torch.tensor(g.logprobs), full_forward_logprobs(engine.model, cont, g.token_ids), atol=1e-5, rtol=0)
+
+
+def test_bad_requests_are_refused_with_a_clear_error(tiny_model_dir):
+    import pytest
+
+    engine = HFEngine(tiny_model_dir, seed=0)
+    with pytest.raises(ValueError, match="holds no token ids"):
+        asyncio.run(engine.generate([], SamplingSettings(max_tokens=3)))
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        asyncio.run(engine.generate([1, 2], SamplingSettings(max_tokens=0)))
+    with pytest.raises(ValueError, match=r"prompt ids must lie in \[0, 512\)"):
+        asyncio.run(engine.generate([1, 512], SamplingSettings(max_tokens=3)))
+    assert len(asyncio.run(engine.generate([1, 2], SamplingSettings(max_tokens=3))).token_ids) == 3
+
+
+def test_requests_with_one_prompt_share_its_prefill_and_sample_apart(tiny_model_dir):
+    engine = HFEngine(tiny_model_dir, seed=0)
+    prompt = [1, 5, 6, 7, 8]
+    settings = [SamplingSettings(max_tokens=12, temperature=1.0, seed=i) for i in range(4)] + [SamplingSettings(max_tokens=6, temperature=0.0)]
+
+    async def go():  # a GRPO group: its chains ask with the same prompt in one tick
+        return await asyncio.gather(*(engine.generate(prompt, s) for s in settings))
+
+    gens = asyncio.run(go())
+    assert engine.batches == 1 and len({tuple(g.token_ids) for g in gens[:4]}) > 1
+    for s, g in zip(settings, gens):
+        alone = asyncio.run(HFEngine(tiny_model_dir, seed=0).generate(prompt, s))
+        assert g.token_ids == alone.token_ids
+        ref = full_forward_logprobs(engine.model, prompt, g.token_ids, s.temperature if s.temperature > 0 else 1.0)
+        assert torch.allclose(torch.tensor(g.logprobs), ref, atol=1e-5, rtol=0)

@@ -1,23 +1,40 @@
-"""A transformers engine: dynamic batching over a KV-cached sampling loop.
+"""A transformers engine: continuous batching over a slot KV cache.
 
 For tests and tiny models (on 2 CPU cores it beats vLLM-CPU on a 0.5M-param
-model). Concurrent ``generate`` calls are queued; a worker takes everything
-pending, left-pads it into one batch and runs it in a thread, so the event
-loop keeps serving tool calls meanwhile. Requests arriving during a batch wait
-for the next one (dynamic, not continuous, batching).
+model). ``generate`` calls made in one event-loop tick are handed together to
+a worker thread that runs decode steps back to back; between two steps it
+admits whatever arrived (one prefill forward for all of them) and retires
+every row that finished, so a turn that arrives while others decode starts at
+the next step instead of waiting for the batch's longest member (continuous,
+not static, batching). The event loop keeps serving tool calls meanwhile.
+
+The KV cache is static: per layer one ``[slots, kv_heads, length, head_dim]``
+buffer, grown when a request needs more and never freed, with the running rows
+packed into the first slots so a decode step reads a view, not a copy. A row
+that finishes stays *parked* in its slot (least recently used ones are
+dropped): a later request whose prompt starts with that row's tokens (the next
+turn of the same episode) takes the slot over and prefills only the new
+tokens. Parked rows are dropped when the weights change.
 
 Log-probs are ``log_softmax(logits / T)`` of the sampled token (``T = 1`` for
-greedy), before top-k/top-p truncation: what the learner recomputes.
+greedy), before top-k/top-p truncation: what the learner recomputes. A
+request's tokens do not depend on what else runs with it beyond float rounding
+(~1e-6 in the log-probs): a request with ``SamplingSettings.seed`` samples
+from its own generator, so it draws the same tokens alone or in a batch;
+requests without one share the engine's generator.
 
 Weight updates are staged. ``load_weights`` consumes a stream of tensors
 (bucket by bucket, as the receiver verifies them) and copies each into a
-*standby* copy of the parameters while batches keep running on the served
+*standby* copy of the parameters while requests keep running on the served
 copy; only when the stream ended, complete, does it swap the two under the
-batch lock (a pointer swap per parameter, microseconds). A stream that fails
-(a bucket with a bad checksum, a truncated version, a tensor that does not
-fit) raises before the swap: the served weights and version are untouched.
-The standby copy (one model in the serve dtype) is allocated at the first
-update and reused, so an update adds only the receive window to the process.
+batch lock (a pointer swap per parameter, microseconds). The worker holds that
+lock while any request runs; a swap that waits for it stops admission, the
+running rows finish, the swap happens, admission resumes: every request is
+sampled by one version. A stream that fails (a bucket with a bad checksum, a
+truncated version, a tensor that does not fit) raises before the swap: the
+served weights and version are untouched. The standby copy (one model in the
+serve dtype) is allocated at the first update and reused, so an update adds
+only the receive window to the process.
 
 LoRA: built with ``lora=(rank, alpha, target_modules)`` (the learner's
 settings), the engine wraps its model with peft's adapters (B = 0, so version
@@ -29,9 +46,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
+from transformers.cache_utils import Cache
 
 from actors.engines.base import Engine, Generation, SamplingSettings
 
@@ -39,17 +60,21 @@ from actors.engines.base import Engine, Generation, SamplingSettings
 class HFEngine(Engine):
     def __init__(
         self, model_path: str, device: str = "cpu", max_batch: int = 256, seed: int = 0, dtype: torch.dtype | None = None,
-        lora: tuple[int, int, list[str] | str] | None = None,
+        lora: tuple[int, int, list[str] | str] | None = None, parked_rows: int = 64, swap_timeout_s: float = 600.0,
     ):
         """``dtype``: what the engine serves (None = bf16 on a GPU, fp32 on CPU); ``lora``:
-        ``(rank, alpha, target_modules)`` to serve LoRA adapters on top of the base model."""
+        ``(rank, alpha, target_modules)`` to serve LoRA adapters on top of the base model;
+        ``max_batch``: most rows decoded together; ``parked_rows``: most finished rows kept for
+        their prefix; ``swap_timeout_s``: how long a weight swap waits for the running requests."""
         from transformers import AutoModelForCausalLM
 
         self.device = torch.device(device)
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.dtype = dtype
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa")
+        if "sliding_attention" in (model.config.layer_types or []):
+            raise ValueError(f"{model_path}: sliding-window attention layers are not supported by the HF engine (use vLLM)")
         if lora is not None and lora[0] > 0:
             from peft import LoraConfig, get_peft_model
 
@@ -58,58 +83,306 @@ class HFEngine(Engine):
         self.lora = lora if lora is not None and lora[0] > 0 else None
         self.model = model.to(self.device).eval()
         self.pad_id = self.model.config.pad_token_id or 0
+        self.vocab_size = self.model.config.vocab_size
         self.max_batch = max_batch
+        self.parked_rows = parked_rows
         self.version = 0
         self._gen = torch.Generator(device=self.device).manual_seed(seed)
-        self._lock = threading.Lock()  # a batch and a weight update never overlap
-        self._pending: list[tuple[list[int], SamplingSettings, asyncio.Future]] = []
-        self._wake: asyncio.Event | None = None
-        self._worker: asyncio.Task | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = _SwapGate(swap_timeout_s)  # a running request and a weight swap never overlap
         self.batches = 0
+        """Admission rounds (one prefill forward each): requests made in one tick share one."""
+        self.steps = 0
+        """Decode steps (one forward each) over the running rows."""
+        self.prefix_hits = 0
+        """Requests that took over a parked row's cached prefix."""
+        self._ticks: dict[asyncio.AbstractEventLoop, list[_Request]] = {}
+        self._cond = threading.Condition()  # guards _queue and _stopping
+        self._queue: list[_Request] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._kv = SlotCache(self.device)
+        self._kv_version = 0  # the weights the parked rows' KV was computed with
+        self._rows: list[_Row] = []  # running rows; row i lives in slot i
+        self._parked: OrderedDict[int, _Parked] = OrderedDict()  # by id, least recently used first
+        self._owner: list[_Row | _Parked | None] = []  # what each slot holds
         self._standby: dict[frozenset, dict[str, torch.Tensor]] = {}
         self.loading = threading.Lock()  # one update at a time
 
     async def generate(self, prompt_ids: list[int], settings: SamplingSettings) -> Generation:
+        prompt = list(prompt_ids)
+        if not prompt:
+            raise ValueError("generate: the prompt holds no token ids")
+        if settings.max_tokens < 1:
+            raise ValueError(f"generate: max_tokens must be >= 1, got {settings.max_tokens}")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise ValueError(f"generate: prompt ids must lie in [0, {self.vocab_size}), got {min(prompt)}..{max(prompt)}")
         loop = asyncio.get_running_loop()
-        if self._worker is None or self._loop is not loop:  # first call, or a new event loop
-            self._loop, self._pending = loop, []
-            self._wake = asyncio.Event()
-            self._worker = loop.create_task(self._serve())
-        if self._worker.done():
-            raise RuntimeError("HF engine worker stopped") from self._worker.exception()
-        fut = asyncio.get_running_loop().create_future()
-        self._pending.append((list(prompt_ids), settings, fut))
-        self._wake.set()
-        return await fut
+        req = _Request(prompt, settings, loop.create_future())
+        tick = self._ticks.get(loop)
+        if tick is None:  # the first request of this tick: hand the tick's requests over once it ends
+            tick = self._ticks[loop] = []
+            loop.call_soon(self._hand_over, loop)
+        tick.append(req)
+        return await req.fut
 
-    async def _serve(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await asyncio.sleep(0)  # let requests made in the same tick join the batch
-            while self._pending:
-                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-                try:
-                    gens = await asyncio.to_thread(self._run_batch, [(p, s) for p, s, _ in batch])
-                except Exception as e:  # fail the requests, keep serving
-                    for _, _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(e)
-                    continue
-                for (_, _, fut), g in zip(batch, gens):
-                    if not fut.done():
-                        fut.set_result(g)
-
-    @torch.no_grad()
-    def _run_batch(self, reqs: list[tuple[list[int], SamplingSettings]]) -> list[Generation]:
-        with self._lock:
-            self.batches += 1
-            return sample(self.model, reqs, self.pad_id, self._gen, self.version)
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        reqs = self._ticks.pop(loop, [])
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._stopping = False
+                self._thread = threading.Thread(target=self._work, name="hf-engine", daemon=True)
+                self._thread.start()
+            self._queue.extend(reqs)
+            self._cond.notify()
 
     async def close(self) -> None:
-        if self._worker is not None and not self._worker.done():
-            self._worker.cancel()
+        """Stop the worker; requests still queued or running fail with ``RuntimeError``."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            await asyncio.to_thread(thread.join, 60.0)
+            if thread.is_alive():
+                raise RuntimeError("HF engine: the worker did not stop within 60 s of close()")
+        self._thread = None
+
+    # -- the worker thread ---------------------------------------------------------------------
+
+    def _work(self) -> None:
+        held = False  # the worker holds the swap gate while it has running rows
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue and not self._rows and not self._stopping:
+                        if held:
+                            self._lock.release()
+                            held = False
+                        self._cond.wait(timeout=1.0)
+                    if self._stopping:
+                        break
+                    newcomers: list[_Request] = []
+                    if not self._lock.swap_waiting:
+                        room = self.max_batch - len(self._rows)
+                        newcomers, self._queue = self._queue[:room], self._queue[room:]
+                if held and not self._rows and self._lock.swap_waiting:
+                    self._lock.release()  # drained: let the swap happen
+                    held = False
+                if not held:
+                    if not self._lock.acquire_for_requests(lambda: self._stopping):
+                        continue  # stopping
+                    held = True
+                    if self.version != self._kv_version:  # new weights: the parked prefixes are stale
+                        for p in list(self._parked.values()):
+                            self._drop_parked(p)
+                        self._kv_version = self.version
+                try:
+                    self._step([r for r in newcomers if not r.fut.done()])
+                except Exception as e:  # not a forward's failure (those fail only their rows): fail everything, keep serving
+                    self._fail_all(e, newcomers)
+        finally:
+            if held:
+                self._lock.release()
+            with self._cond:
+                queued, self._queue = self._queue, []
+            closed = RuntimeError("HF engine closed")
+            for r in queued + [row.req for row in self._rows]:
+                _resolve(r, exc=closed)
+            self._rows = []
+
+    def _fail_all(self, e: BaseException, newcomers: list[_Request]) -> None:
+        for r in newcomers + [row.req for row in self._rows]:
+            _resolve(r, exc=e)
+        self._rows, self._parked = [], OrderedDict()
+        self._owner = [None] * len(self._owner)
+
+    @torch.no_grad()
+    def _step(self, newcomers: list[_Request]) -> None:
+        """Admit ``newcomers`` (one prefill forward), then one decode step over every running row."""
+        for row in [r for r in self._rows if r.req.fut.done()]:  # cancelled by the caller: stop sampling for it
+            self._retire(row)
+        if newcomers:
+            leaders, siblings = self._admit(newcomers)
+            try:
+                logits = self._prefill(leaders)
+            except Exception as e:  # fail these requests, keep serving the others
+                for row in leaders + [row for row, _ in siblings]:
+                    self._retire(row, exc=e, park=False)
+                return
+            for row, j in siblings:  # same prompt as leader j: its KV is copied, its first token sampled apart
+                self._kv.copy(leaders[j].slot, row.slot, row.cached)
+            pick = torch.tensor(list(range(len(leaders))) + [j for _, j in siblings], device=logits.device)
+            self._sample_into(leaders + [row for row, _ in siblings], logits[pick])
+        if not self._rows:
+            return
+        rows = list(self._rows)
+        try:
+            logits = self._decode(rows)
+        except Exception as e:
+            for row in rows:
+                self._retire(row, exc=e, park=False)
+            return
+        self._sample_into(rows, logits)
+
+    def _admit(self, reqs: list[_Request]) -> tuple[list[_Row], list[tuple[_Row, int]]]:
+        """Give each request a slot after the running rows: the leaders (a parked prefix taken over if one
+        fits) in consecutive slots, for one prefill; then the siblings, requests whose prompt equals leader
+        ``j``'s, which get a copy of its KV instead of a prefill of their own."""
+        leaders: list[_Row] = []
+        by_prompt: dict[tuple[int, ...], int] = {}
+        later: list[tuple[_Request, int]] = []
+        for req in reqs:
+            key = tuple(req.prompt)
+            if key in by_prompt:
+                later.append((req, by_prompt[key]))
+                continue
+            by_prompt[key] = len(leaders)
+            parked = self._longest_parked_prefix(req.prompt)
+            n = len(self._rows)
+            if parked is not None:
+                self._parked.pop(id(parked))
+                self.prefix_hits += 1
+                self._swap_slots(parked.slot, n)
+                cached = parked.length
+            else:
+                self._make_free_slot_at(n)
+                cached = 0
+            leaders.append(self._new_row(req, cached, n))
+        siblings = []
+        for req, j in later:
+            n = len(self._rows)
+            self._make_free_slot_at(n)
+            siblings.append((self._new_row(req, len(req.prompt), n), j))
+        rows = leaders + [r for r, _ in siblings]
+        need_len = max(max(len(r.tokens) + r.req.settings.max_tokens for r in rows),
+                       max(r.cached for r in leaders) + max(len(r.tokens) - r.cached for r in leaders))
+        self._kv.reserve(len(self._owner), need_len)
+        return leaders, siblings
+
+    def _new_row(self, req: _Request, cached: int, slot: int) -> _Row:
+        row = _Row(req, tokens=list(req.prompt), cached=cached, slot=slot, gen=_generator(req.settings, self.device))
+        self._owner[slot] = row
+        self._rows.append(row)
+        return row
+
+    def _longest_parked_prefix(self, prompt: list[int]) -> _Parked | None:
+        best = None
+        for p in self._parked.values():
+            if p.length < len(prompt) and (best is None or p.length > best.length) and prompt[: p.length] == p.tokens:
+                best = p
+        return best
+
+    def _make_free_slot_at(self, n: int) -> None:
+        """Slot ``n`` (the first after the running rows) holds nothing afterwards; what it held moves or is dropped."""
+        if n == len(self._owner):
+            self._owner.append(None)
+            self._kv.reserve(len(self._owner), 0)
+            return
+        if self._owner[n] is None:
+            return
+        free = next((i for i in range(n + 1, len(self._owner)) if self._owner[i] is None), None)
+        if free is None and len(self._parked) < self.parked_rows:
+            free = len(self._owner)
+            self._owner.append(None)
+            self._kv.reserve(len(self._owner), 0)
+        if free is None:  # full: drop the least recently used parked row
+            lru = next(iter(self._parked.values()))
+            self._drop_parked(lru)
+            if lru.slot == n:
+                return
+            free = lru.slot
+        self._swap_slots(n, free)
+
+    def _swap_slots(self, a: int, b: int) -> None:
+        if a == b:
+            return
+        oa, ob = self._owner[a], self._owner[b]
+        width = max(o.length if isinstance(o, _Parked) else o.cached if isinstance(o, _Row) else 0 for o in (oa, ob))
+        self._kv.swap(a, b, width)
+        self._owner[a], self._owner[b] = ob, oa
+        for o, s in ((ob, a), (oa, b)):
+            if o is not None:
+                o.slot = s
+
+    def _drop_parked(self, p: _Parked) -> None:
+        self._parked.pop(id(p), None)
+        self._owner[p.slot] = None
+
+    def _retire(self, row: _Row, exc: BaseException | None = None, park: bool = True) -> None:
+        """Take a row out of the running set (the last running row moves into its slot); keep its KV parked."""
+        i, last = row.slot, len(self._rows) - 1
+        if i != last:
+            self._swap_slots(i, last)
+            self._rows[i] = self._rows[last]
+        self._rows.pop()
+        self._owner[last] = None
+        if exc is not None:
+            _resolve(row.req, exc=exc)
+            return
+        _resolve(row.req, result=Generation(row.out_ids, row.out_lp, row.finish, self.version))
+        if park and self.parked_rows > 0 and row.cached > 0:
+            p = _Parked(tokens=row.tokens[: row.cached], slot=last)
+            self._owner[last] = p
+            self._parked[id(p)] = p
+            while len(self._parked) > self.parked_rows:
+                self._drop_parked(next(iter(self._parked.values())))
+
+    def _prefill(self, rows: list[_Row]) -> torch.Tensor:
+        """Forward the uncached tokens of ``rows`` (slots ``a..a+k``), right-padded to one width. Returns logits[k, V]
+        at each row's last token."""
+        self.batches += 1
+        a, k = rows[0].slot, len(rows)
+        width = max(len(r.tokens) - r.cached for r in rows)
+        ids = torch.full((k, width), self.pad_id, dtype=torch.long)
+        pos = torch.empty((k, width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            new = r.tokens[r.cached :]
+            ids[j, : len(new)] = torch.tensor(new)
+            pos[j] = torch.arange(r.cached, r.cached + width)
+        starts = [r.cached for r in rows]
+        kv_width = max(starts) + width
+        # query t of row j sees keys 0 .. cached_j + t: its cached prefix and its own tokens so far
+        mask = torch.arange(kv_width)[None, None, :] <= pos[:, :, None]
+        last = [len(r.tokens) - r.cached - 1 for r in rows]
+        keep = sorted(set(last))
+        self._kv.prefill(a, k, starts, width, kv_width)
+        out = self.model(
+            input_ids=ids.to(self.device), position_ids=pos.to(self.device), attention_mask=mask[:, None].to(self.device),
+            past_key_values=self._kv, use_cache=True, logits_to_keep=torch.tensor(keep, device=self.device),
+        )
+        for r in rows:
+            r.cached = len(r.tokens)
+        pick = torch.tensor([keep.index(t) for t in last], device=self.device)
+        return out.logits[torch.arange(k, device=self.device), pick]
+
+    def _decode(self, rows: list[_Row]) -> torch.Tensor:
+        """Forward each running row's last sampled token. Returns logits[n, V]."""
+        self.steps += 1
+        n = len(rows)
+        lens = [r.cached for r in rows]
+        ids = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
+        pos = torch.tensor(lens, device=self.device)
+        width = max(lens) + 1
+        mask = torch.arange(width, device=self.device)[None, :] <= pos[:, None]
+        self._kv.decode(n, pos, width)
+        out = self.model(input_ids=ids, position_ids=pos[:, None], attention_mask=mask[:, None, None, :],
+                         past_key_values=self._kv, use_cache=True)
+        for r in rows:
+            r.cached += 1
+        return out.logits[:, -1]
+
+    def _sample_into(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Sample one token per row from logits[len(rows), V], append it, retire the rows that finished."""
+        toks, lps = sample_tokens(logits, [r.req.settings for r in rows], [r.gen for r in rows], self._gen)
+        for row, tok, lp in zip(rows, toks, lps):
+            row.tokens.append(tok)
+            row.out_ids.append(tok)
+            row.out_lp.append(lp)
+            if tok in row.stops:
+                row.finish = "stop"
+                self._retire(row)
+            elif len(row.out_ids) >= row.req.settings.max_tokens:
+                self._retire(row)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, adopt: bool = False) -> None:
         """Stage the streamed tensors into the standby parameters, then swap them in and serve
@@ -189,62 +462,225 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
-def sample(model, reqs: list[tuple[list[int], SamplingSettings]], pad_id: int, gen: torch.Generator, version: int):
-    """Sample continuations for a batch of requests with one KV cache.
+def sample_tokens(
+    logits: torch.Tensor, settings: list[SamplingSettings], gens: list[torch.Generator | None], shared: torch.Generator,
+) -> tuple[list[int], list[float]]:
+    """One token per row of logits[N, V] and its log-prob ``log_softmax(logits / T)`` (T = 1 when greedy).
 
-    Prompts are left-padded to [N, P]; each row stops at its own stop ids or
-    ``max_tokens``. Returns one ``Generation`` per request.
+    Row i is greedy when ``settings[i].temperature <= 0``; otherwise it samples after its top-k/top-p
+    filter by inverting the CDF at one uniform draw, from ``gens[i]`` when the request has a seed, else
+    from ``shared`` (one draw per row: ``torch.multinomial`` costs ~5 ms for 64 rows on a CPU core).
     """
-    device = next(model.parameters()).device
-    n = len(reqs)
-    plen = max(len(p) for p, _ in reqs)
-    ids = torch.full((n, plen), pad_id, dtype=torch.long)
-    attn = torch.zeros((n, plen), dtype=torch.long)
-    for i, (p, _) in enumerate(reqs):
-        ids[i, plen - len(p) :] = torch.tensor(p)
-        attn[i, plen - len(p) :] = 1
-    ids, attn = ids.to(device), attn.to(device)
-    temps = torch.tensor([s.temperature for _, s in reqs], device=device).unsqueeze(1)
-    greedy = temps.squeeze(1) <= 0
-    scale = torch.where(greedy.unsqueeze(1), torch.ones_like(temps), temps)
-    max_new = torch.tensor([s.max_tokens for _, s in reqs], device=device)
-    stops = [set(s.stop_token_ids) for _, s in reqs]
-    uniform = len({(s.top_k, s.top_p) for _, s in reqs}) == 1
-
-    out_ids = [[] for _ in range(n)]
-    out_lp = [[] for _ in range(n)]
-    finish = ["length"] * n
-    done = torch.zeros(n, dtype=torch.bool, device=device)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    past = None
-    step_ids, step_pos = ids, pos
-    for t in range(int(max_new.max())):
-        out = model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        logits = out.logits[:, -1, :].float() / scale
+    logits = logits.float()
+    greedy = [s.temperature <= 0 for s in settings]
+    if all(greedy):
         logp = torch.log_softmax(logits, dim=-1)
-        if uniform:
-            choose = _filter_logits(logits, reqs[0][1].top_k, reqs[0][1].top_p)
+        tok = logits.argmax(-1)
+    else:
+        temps = {s.temperature for s in settings}
+        if len(temps) == 1:
+            logits = logits / settings[0].temperature
         else:
-            choose = torch.stack([_filter_logits(logits[i : i + 1], s.top_k, s.top_p)[0] for i, (_, s) in enumerate(reqs)])
-        sampled = torch.multinomial(torch.softmax(choose, dim=-1), 1, generator=gen).squeeze(1)
-        tok = torch.where(greedy, logits.argmax(-1), sampled)
-        tok_lp = logp.gather(1, tok.unsqueeze(1)).squeeze(1)
-        tok_l, lp_l = tok.tolist(), tok_lp.tolist()
-        for i in range(n):
-            if done[i]:
-                continue
-            out_ids[i].append(tok_l[i])
-            out_lp[i].append(lp_l[i])
-            if tok_l[i] in stops[i]:
-                finish[i] = "stop"
-                done[i] = True
-            elif len(out_ids[i]) >= max_new[i]:
-                done[i] = True
-        if bool(done.all()):
-            break
-        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-        step_ids = tok.unsqueeze(1)
-        attn = torch.cat([attn, (~done).long().unsqueeze(1)], dim=1)
-        step_pos = (pos[:, -1:] + 1 + t)
-    return [Generation(out_ids[i], out_lp[i], finish[i], version) for i in range(n)]
+            scale = torch.tensor([1.0 if g else s.temperature for s, g in zip(settings, greedy)], device=logits.device)
+            logits = logits / scale[:, None]
+        logp = torch.log_softmax(logits, dim=-1)
+        filters = {(s.top_k, s.top_p) for s in settings}
+        if filters == {(-1, 1.0)}:
+            probs = logp.exp()
+        else:
+            if len(filters) == 1:
+                choose = _filter_logits(logits, settings[0].top_k, settings[0].top_p)
+            else:
+                choose = torch.cat([_filter_logits(logits[i : i + 1], s.top_k, s.top_p) for i, s in enumerate(settings)])
+            probs = torch.softmax(choose, dim=-1)
+        u = torch.empty(len(settings), 1, dtype=torch.float64, device=logits.device)
+        own = [i for i, g in enumerate(gens) if g is not None]
+        if len(own) < len(settings):
+            u.uniform_(generator=shared)
+        for i in own:
+            u[i].uniform_(generator=gens[i])
+        cdf = probs.double().cumsum(-1)
+        tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]  # never a token of probability 0
+        tok = torch.where(tok >= probs.shape[-1], probs.argmax(-1), tok)  # u * total rounded up to total (~2^-53)
+        if any(greedy):
+            tok = torch.where(torch.tensor(greedy, device=logits.device), logits.argmax(-1), tok)
+    tok_lp = logp.gather(1, tok[:, None])[:, 0]
+    return tok.tolist(), tok_lp.tolist()
+
+
+def _generator(settings: SamplingSettings, device: torch.device) -> torch.Generator | None:
+    """A request's own generator when it asks for a seed."""
+    if settings.seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(settings.seed)
+
+
+def _resolve(req: _Request, result: Generation | None = None, exc: BaseException | None = None) -> None:
+    """Complete a request's future from the worker thread (on its own event loop)."""
+
+    def done() -> None:
+        if not req.fut.done():
+            if exc is not None:
+                req.fut.set_exception(exc)
+            else:
+                req.fut.set_result(result)
+
+    try:
+        req.fut.get_loop().call_soon_threadsafe(done)
+    except RuntimeError:  # its event loop is closed: nobody waits for it any more
+        pass
+
+
+@dataclass
+class _Request:
+    prompt: list[int]
+    settings: SamplingSettings
+    fut: asyncio.Future
+
+
+@dataclass
+class _Row:
+    """A running request: ``tokens`` are the prompt and what it sampled; the first ``cached`` have KV in ``slot``."""
+
+    req: _Request
+    tokens: list[int]
+    cached: int
+    slot: int
+    gen: torch.Generator | None
+    out_ids: list[int] = field(default_factory=list)
+    out_lp: list[float] = field(default_factory=list)
+    finish: str = "length"
+
+    def __post_init__(self):
+        self.stops = set(self.req.settings.stop_token_ids)
+
+
+@dataclass(eq=False)
+class _Parked:
+    """A finished row whose KV of ``tokens`` stays in ``slot`` for a request that continues it."""
+
+    tokens: list[int]
+    slot: int
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+class _SwapGate:
+    """The batch lock: the worker holds it while requests run; a weight swap (``with gate:``) waits
+    for it, and while one waits the worker admits nothing new, so the running rows drain."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._cond = threading.Condition()
+        self._held = False
+        self.swap_waiting = 0
+
+    def __enter__(self) -> None:
+        with self._cond:
+            self.swap_waiting += 1
+            try:
+                if not self._cond.wait_for(lambda: not self._held, timeout=self.timeout_s):
+                    raise TimeoutError(f"weight swap: waited {self.timeout_s:.0f} s for the engine's running requests to finish")
+            finally:
+                self.swap_waiting -= 1
+            self._held = True
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire_for_requests(self, stopping) -> bool:
+        """Take the lock once no swap holds or wants it; False if ``stopping()`` turned true first."""
+        t0 = time.monotonic()
+        with self._cond:
+            while not self._cond.wait_for(lambda: (not self._held and self.swap_waiting == 0) or stopping(), timeout=1.0):
+                if time.monotonic() - t0 > self.timeout_s:
+                    raise TimeoutError(f"HF engine: waited {self.timeout_s:.0f} s for a weight swap to release the batch lock")
+            if stopping():
+                return False
+            self._held = True
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify_all()
+
+
+class SlotCache(Cache):
+    """A static KV cache of fixed slots: per layer ``[slots, kv_heads, length, head_dim]`` buffers.
+
+    The engine plans each forward first: ``prefill(a, k, starts, width, kv_width)`` (rows in slots
+    ``a..a+k`` write ``width`` new positions from ``starts[j]`` and attend to ``kv_width`` positions) or
+    ``decode(n, pos, width)`` (rows ``0..n`` each write one position ``pos[i]`` and attend to ``width``).
+    ``update`` then writes the layer's new keys/values and returns views of the slots, never copies.
+    Buffers are allocated at the first forward (the shape comes from the keys) and grow on ``reserve``.
+    """
+
+    def __init__(self, device: torch.device):
+        super().__init__(layers=[])
+        self.device = device
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.slots = 0
+        self.length = 0
+        self._plan: tuple = ()
+
+    def reserve(self, slots: int, length: int) -> None:
+        """At least ``slots`` slots of ``length`` positions (grown to twice the size, lengths in steps of 64)."""
+        if slots <= self.slots and length <= self.length:
+            return
+        new_s = self.slots if slots <= self.slots else max(slots, 2 * self.slots)
+        new_l = self.length if length <= self.length else -(-max(length, 2 * self.length) // 64) * 64
+        for buf in (self.k, self.v):
+            for i, t in enumerate(buf):
+                grown = torch.zeros((new_s, t.shape[1], new_l, t.shape[3]), dtype=t.dtype, device=t.device)
+                grown[: self.slots, :, : self.length] = t
+                buf[i] = grown
+        self.slots, self.length = new_s, new_l
+
+    def copy(self, src: int, dst: int, width: int) -> None:
+        """Slot ``dst``'s first ``width`` positions become slot ``src``'s."""
+        for t in self.k + self.v:
+            t[dst, :, :width] = t[src, :, :width]
+
+    def swap(self, a: int, b: int, width: int) -> None:
+        """Exchange the first ``width`` positions of slots ``a`` and ``b``."""
+        if width == 0:
+            return
+        for t in self.k + self.v:
+            tmp = t[a, :, :width].clone()
+            t[a, :, :width] = t[b, :, :width]
+            t[b, :, :width] = tmp
+
+    def prefill(self, a: int, k: int, starts: list[int], width: int, kv_width: int) -> None:
+        self._plan = ("prefill", a, k, starts, width, kv_width)
+
+    def decode(self, n: int, pos: torch.Tensor, width: int) -> None:
+        self._plan = ("decode", n, pos, width, torch.arange(n, device=pos.device))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx == len(self.k):
+            _, heads, _, dim = key_states.shape
+            for buf in (self.k, self.v):
+                buf.append(torch.zeros((self.slots, heads, self.length, dim), dtype=key_states.dtype, device=self.device))
+        K, V = self.k[layer_idx], self.v[layer_idx]
+        if self._plan[0] == "decode":
+            _, n, pos, width, rows = self._plan
+            K[rows, :, pos] = key_states[:, :, 0]
+            V[rows, :, pos] = value_states[:, :, 0]
+            return K[:n, :, :width], V[:n, :, :width]
+        _, a, k, starts, width, kv_width = self._plan
+        if len(set(starts)) == 1:
+            s = starts[0]
+            K[a : a + k, :, s : s + width] = key_states
+            V[a : a + k, :, s : s + width] = value_states
+        else:
+            for j, s in enumerate(starts):
+                K[a + j, :, s : s + width] = key_states[j]
+                V[a + j, :, s : s + width] = value_states[j]
+        return K[a : a + k, :, :kv_width], V[a : a + k, :, :kv_width]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # the engine passes position ids and masks itself
