@@ -15,6 +15,7 @@ from learner.algos.advantages import (
     discounted_returns,
     gae,
     get_advantage_estimator,
+    gpg,
     grpo,
     grpo_passk,
     masked_mean,
@@ -209,6 +210,19 @@ def test_grpo_passk_credits_only_the_best_episode():
         grpo_passk(AdvantageInputs(G_REWARDS[:1], G_MASK[:1], T([0])), AdvantageConfig())
 
 
+def test_gpg_centres_on_the_group_mean_and_scales_by_the_nonzero_share():
+    # scores [1, 0, .5 | 1, 0]: 3 of the 5 are non-zero, alpha = 5/3; both group means are .5
+    adv, ret = gpg(AdvantageInputs(G_REWARDS, G_MASK, G_INDEX), AdvantageConfig())
+    torch.testing.assert_close(per_traj(adv), T([0.5, -0.5, 0.0, 0.5, -0.5]) * 5 / 3)
+    assert torch.equal(adv, ret) and (adv[G_MASK == 0] == 0).all()
+    # every score 0: alpha = 5 / max(0, 1), advantages 0 (no division by zero)
+    zeros, _ = gpg(AdvantageInputs(torch.zeros_like(G_REWARDS), G_MASK, G_INDEX), AdvantageConfig())
+    assert (zeros == 0).all()
+    # a group of one keeps its raw score (mean 0, verl), times alpha = 1 / 1
+    one, _ = gpg(AdvantageInputs(G_REWARDS[:1], G_MASK[:1], T([0])), AdvantageConfig())
+    torch.testing.assert_close(per_traj_rows(one, G_MASK[:1]), T([1.0]))
+
+
 def per_traj_rows(adv, mask):
     return (adv * mask).sum(-1) / mask.sum(-1)
 
@@ -227,6 +241,7 @@ def test_registry_names_and_flags():
         "remax",
         "opo",
         "grpo_passk",
+        "gpg",
     }
     assert get_advantage_estimator("grpo") is grpo
     assert [n for n in ADVANTAGE_ESTIMATORS if needs_critic(n)] == ["gae"]

@@ -10,7 +10,7 @@ from tests.learner_support import changed, learner_config, make_trajs, state, tr
 
 
 @pytest.mark.parametrize(
-    "estimator", ["grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "remax", "gae", "opo", "grpo_passk"]
+    "estimator", ["grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "remax", "gae", "opo", "grpo_passk", "gpg"]
 )
 def test_each_estimator_trains_through_train_step(tmp_path, tiny_model_dir, estimator):
     cfg = learner_config(tiny_model_dir, tmp_path, f"algorithm.adv_estimator={estimator}")

@@ -4,7 +4,7 @@ What is here, and the simplifications made:
 
 - Advantages (`advantages.py`): gae, grpo (Dr. GRPO when the std division is
   off), rloo, reinforce_plus_plus, reinforce_plus_plus_baseline, remax, opo,
-  grpo_passk. Picked
+  grpo_passk, gpg. Picked
   once by name from `ADVANTAGE_ESTIMATORS`. A batch row is one trajectory's
   response; tool-observation tokens inside it have mask 0 and are *skipped*
   (not time steps): GAE and REINFORCE++ discount once per sampled token and

@@ -345,6 +345,20 @@ def grpo_passk(inputs: AdvantageInputs, cfg: AdvantageConfig) -> tuple[Tensor, T
 
 
 @torch.no_grad()
+def gpg(inputs: AdvantageInputs, cfg: AdvantageConfig) -> tuple[Tensor, Tensor]:
+    """GPG (group policy gradient): A_i = alpha (score_i - group mean), no std; alpha = B / (rows
+    of the whole batch with a non-zero score, at least 1), which scales the gradient up when most
+    episodes score 0 (verl's ``compute_gpg_outcome_advantage`` with ``f_norm`` 1). A group of one
+    gets mean 0 (verl). Broadcast over action tokens; returns == advantages."""
+    rewards, mask = _rewards_and_mask(inputs)
+    scores = rewards.sum(-1)
+    mean, _, _ = _group_mean_std(scores, inputs.group_index)
+    alpha = scores.numel() / (scores != 0).sum().clamp(min=1).to(scores.dtype)
+    adv = _broadcast(alpha * (scores - mean), mask)
+    return adv, adv
+
+
+@torch.no_grad()
 def reinforce_plus_plus(inputs: AdvantageInputs, cfg: AdvantageConfig) -> tuple[Tensor, Tensor]:
     """REINFORCE++: token-level discounted returns over action tokens
     (`discounted_returns` with cfg.gamma), whitened over all masked tokens of
@@ -399,6 +413,7 @@ for _name, _fn in [
     ("remax", remax),
     ("opo", opo),
     ("grpo_passk", grpo_passk),
+    ("gpg", gpg),
 ]:
     registry.ESTIMATORS.bind(_fn, _name)
 

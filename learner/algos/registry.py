@@ -153,6 +153,8 @@ ESTIMATORS = Registry("advantage estimator", "algorithm.adv_estimator", [
            "Hao et al. 2025 (OPO, optimal reward baseline); verl `compute_opo_outcome_advantage`", min_group_size=2),
     Choice("grpo_passk", "best episode of the group: (best - second-best score) / (group std + eps); others 0",
            "verl `compute_grpo_passk_outcome_advantage` (pass@k training)", min_group_size=2),
+    Choice("gpg", "alpha (score - group mean), alpha = B / (episodes of the batch with a non-zero score); no std",
+           "Chu et al. 2025 (GPG); verl `compute_gpg_outcome_advantage`", min_group_size=2),
 ])
 
 POLICY_LOSSES = Registry("policy loss", "actor_rollout_ref.actor.loss_mode", [
