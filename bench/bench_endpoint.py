@@ -1,6 +1,6 @@
 """An episode through the actor's OpenAI endpoint vs the same episode through Relay's own loop.
 
-    python bench/bench_endpoint.py [--engine hf|vllm] [--model tiny|qwen0.5b] [--client openai|openai-tcp|http] [--episodes 32] [--turns 3] [--max-tokens 32]
+    python bench/bench_endpoint.py [--engine hf|vllm|instant] [--model tiny|qwen0.5b] [--client openai|openai-tcp|http] [--episodes 32] [--turns 3] [--max-tokens 32]
 
 Both sides run ``--episodes`` concurrent episodes of ``--turns`` assistant
 turns on the same engine (the embedded tiny model, or ``--model qwen0.5b``: a
@@ -75,6 +75,24 @@ async def run(row, client):
 '''
 
 
+class InstantEngine(Engine):
+    """``--engine instant``: answers every request at once with ``max_tokens`` fixed ids, so the
+    two sides' difference is their Python work per turn alone (no model, no batching)."""
+
+    batches = 0
+
+    async def generate(self, prompt_ids, settings):
+        await asyncio.sleep(0)
+        n = settings.max_tokens
+        return Generation([100 + i for i in range(n)], [-1.0] * n, "length", 0)
+
+    def load_weights(self, named_tensors, version, adopt=False):
+        raise NotImplementedError
+
+    async def close(self):
+        return None
+
+
 class FixedTurns(Engine):
     """``inner`` samples ``max_tokens`` tokens with no stop id; the end-of-turn id is appended."""
 
@@ -135,7 +153,9 @@ async def main_async(args) -> None:
 
         build_model(QWEN2_0_5B, model_dir, seed=0)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    if args.engine == "vllm":
+    if args.engine == "instant":
+        engine = InstantEngine()
+    elif args.engine == "vllm":
         from actors.engines.vllm_engine import VLLMEngine
 
         engine = VLLMEngine(model_dir, seed=0, enforce_eager=True, dtype="float32")
@@ -196,13 +216,15 @@ async def main_async(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    ap.add_argument("--engine", choices=["hf", "vllm", "instant"], default="hf",
+                    help="instant: no model, every turn answered at once (the sides' Python work per turn alone)")
     ap.add_argument("--model", choices=["tiny", "qwen0.5b"], default="tiny",
                     help="the embedded tiny model, or a random-init model of Qwen2-0.5B's shape")
     ap.add_argument("--episodes", type=int, default=32)
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
+    # (rounds alternate which side goes first)
     ap.add_argument("--client", choices=["openai", "openai-tcp", "http"], default="openai",
                     help="the external agent's client: the openai SDK as ExternalRunner gives it (in-process transport), "
                          "the SDK over the endpoint's socket, or plain aiohttp requests over the socket")
