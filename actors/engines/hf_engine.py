@@ -72,7 +72,7 @@ class HFEngine(Engine):
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.dtype = dtype
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=_register_slot_attention())
         if "sliding_attention" in (model.config.layer_types or []):
             raise ValueError(f"{model_path}: sliding-window attention layers are not supported by the HF engine (use vLLM)")
         if lora is not None and lora[0] > 0:
@@ -198,61 +198,64 @@ class HFEngine(Engine):
 
     @torch.no_grad()
     def _step(self, newcomers: list[_Request]) -> None:
-        """Admit ``newcomers`` (one prefill forward), then one decode step over every running row."""
+        """One forward over every running row's uncached tokens: one for each decoding row, the new part of
+        each newcomer's prompt (its prefill); then one token sampled per row."""
         for row in [r for r in self._rows if r.req.fut.done()]:  # cancelled by the caller: stop sampling for it
             self._retire(row)
-        if newcomers:
-            leaders, siblings = self._admit(newcomers)
-            try:
-                logits = self._prefill(leaders)
-            except Exception as e:  # fail these requests, keep serving the others
-                for row in leaders + [row for row, _ in siblings]:
-                    self._retire(row, exc=e, park=False)
-                return
-            for row, j in siblings:  # same prompt as leader j: its KV is copied, its first token sampled apart
-                self._kv.copy(leaders[j].slot, row.slot, row.cached)
-            pick = torch.tensor(list(range(len(leaders))) + [j for _, j in siblings], device=logits.device)
-            self._sample_into(leaders + [row for row, _ in siblings], logits[pick])
-        if not self._rows:
+        leaders, siblings = self._admit(newcomers) if newcomers else ([], [])
+        n_dec = len(self._rows) - len(leaders) - len(siblings)  # decoding rows: slots 0..n_dec
+        rows = self._rows[:n_dec] + leaders
+        if not rows:
             return
-        rows = list(self._rows)
         try:
-            logits = self._decode(rows)
-        except Exception as e:
-            for row in rows:
+            logits = self._forward(n_dec, leaders)
+        except Exception as e:  # fail these requests, keep serving
+            for row in rows + [row for row, _ in siblings]:
                 self._retire(row, exc=e, park=False)
             return
+        for row, j in siblings:  # same prompt as leader j: its KV is copied, its first token sampled apart
+            self._kv.copy(leaders[j].slot, row.slot, row.cached)
+        if siblings:
+            pick = torch.tensor(list(range(len(rows))) + [n_dec + j for _, j in siblings], device=logits.device)
+            rows, logits = rows + [row for row, _ in siblings], logits[pick]
         self._sample_into(rows, logits)
 
     def _admit(self, reqs: list[_Request]) -> tuple[list[_Row], list[tuple[_Row, int]]]:
-        """Give each request a slot after the running rows: the leaders (a parked prefix taken over if one
-        fits) in consecutive slots, for one prefill; then the siblings, requests whose prompt equals leader
-        ``j``'s, which get a copy of its KV instead of a prefill of their own."""
-        leaders: list[_Row] = []
-        by_prompt: dict[tuple[int, ...], int] = {}
-        later: list[tuple[_Request, int]] = []
+        """Give each request a slot after the running rows: first the leaders (each takes over the parked
+        row holding the longest prefix of its prompt, if one does), longest uncached part first, in
+        consecutive slots; then the siblings, requests whose prompt equals leader ``j``'s, which get a
+        copy of its KV instead of a prefill of their own."""
+        firsts: list[tuple[_Request, _Parked | None]] = []
+        by_prompt: dict[tuple[int, ...], _Request] = {}
+        later: list[tuple[_Request, _Request]] = []
         for req in reqs:
             key = tuple(req.prompt)
             if key in by_prompt:
                 later.append((req, by_prompt[key]))
                 continue
-            by_prompt[key] = len(leaders)
+            by_prompt[key] = req
             parked = self._longest_parked_prefix(req.prompt)
+            if parked is not None:
+                self._parked.pop(id(parked))  # claimed: no longer evictable, still the owner of its slot
+            firsts.append((req, parked))
+        firsts.sort(key=lambda rp: -(len(rp[0].prompt) - (rp[1].length if rp[1] else 0)))
+        leaders: list[_Row] = []
+        index: dict[int, int] = {}
+        for req, parked in firsts:
             n = len(self._rows)
             if parked is not None:
-                self._parked.pop(id(parked))
                 self.prefix_hits += 1
                 self._swap_slots(parked.slot, n)
-                cached = parked.length
             else:
                 self._make_free_slot_at(n)
-                cached = 0
-            leaders.append(self._new_row(req, cached, n))
+            index[id(req)] = len(leaders)
+            leaders.append(self._new_row(req, parked.length if parked else 0, n))
         siblings = []
-        for req, j in later:
+        for req, first in later:
             n = len(self._rows)
             self._make_free_slot_at(n)
-            siblings.append((self._new_row(req, len(req.prompt), n), j))
+            siblings.append((self._new_row(req, len(req.prompt), n), index[id(first)]))
+        self.batches += 1
         rows = leaders + [r for r, _ in siblings]
         need_len = max(max(len(r.tokens) + r.req.settings.max_tokens for r in rows),
                        max(r.cached for r in leaders) + max(len(r.tokens) - r.cached for r in leaders))
@@ -327,49 +330,51 @@ class HFEngine(Engine):
             while len(self._parked) > self.parked_rows:
                 self._drop_parked(next(iter(self._parked.values())))
 
-    def _prefill(self, rows: list[_Row]) -> torch.Tensor:
-        """Forward the uncached tokens of ``rows`` (slots ``a..a+k``), right-padded to one width. Returns logits[k, V]
+    def _forward(self, n_dec: int, leaders: list[_Row]) -> torch.Tensor:
+        """Forward the uncached tokens of the decoding rows (slots ``0..n_dec``, one token each) and of the
+        newcomers ``leaders`` (the slots after them), packed into one sequence. Returns logits[n_dec + k, V]
         at each row's last token."""
-        self.batches += 1
-        a, k = rows[0].slot, len(rows)
-        width = max(len(r.tokens) - r.cached for r in rows)
-        ids = torch.full((k, width), self.pad_id, dtype=torch.long)
-        pos = torch.empty((k, width), dtype=torch.long)
-        for j, r in enumerate(rows):
+        self.steps += 1
+        rows = self._rows[:n_dec] + leaders
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        last: list[int] = []
+        for r in rows:
             new = r.tokens[r.cached :]
-            ids[j, : len(new)] = torch.tensor(new)
-            pos[j] = torch.arange(r.cached, r.cached + width)
-        starts = [r.cached for r in rows]
-        kv_width = max(starts) + width
-        # query t of row j sees keys 0 .. cached_j + t: its cached prefix and its own tokens so far
-        mask = torch.arange(kv_width)[None, None, :] <= pos[:, :, None]
-        last = [len(r.tokens) - r.cached - 1 for r in rows]
-        keep = sorted(set(last))
-        self._kv.prefill(a, k, starts, width, kv_width)
+            ids += new
+            pos += range(r.cached, len(r.tokens))
+            slots += [r.slot] * len(new)
+            last.append(len(ids) - 1)
+        dev = self.device
+        pos_t = torch.tensor(pos, device=dev)
+        plan = SlotPlan(slot_idx=torch.tensor(slots, device=dev), pos_idx=pos_t, n_dec=n_dec)
+        if n_dec:
+            plan.dec_width = max(pos[:n_dec]) + 1
+            plan.dec_mask = (torch.arange(plan.dec_width, device=dev)[None, :] <= pos_t[:n_dec, None])[:, None, None, :]
+        offset = n_dec
+        for group in _prefill_groups(leaders):
+            q = [len(r.tokens) - r.cached for r in group]
+            qmax = max(q)
+            starts = torch.tensor([r.cached for r in group], device=dev)
+            t = torch.arange(qmax, device=dev)
+            width = int(starts.max()) + qmax
+            # query t of row j sees keys 0 .. cached_j + t: its cached prefix and its own tokens so far
+            mask = torch.arange(width, device=dev)[None, None, :] <= (starts[:, None] + t[None, :])[:, :, None]
+            offs = torch.tensor([0] + q[:-1], device=dev).cumsum(0) + offset
+            qlen = torch.tensor(q, device=dev)
+            gather = (offs[:, None] + torch.minimum(t[None, :], qlen[:, None] - 1)).reshape(-1)
+            valid = (torch.arange(len(group), device=dev)[:, None] * qmax + t[None, :])[t[None, :] < qlen[:, None]]
+            plan.groups.append((group[0].slot, len(group), qmax, width, mask[:, None], gather, valid))
+            offset += sum(q)
+        self._kv.plan = plan
         out = self.model(
-            input_ids=ids.to(self.device), position_ids=pos.to(self.device), attention_mask=mask[:, None].to(self.device),
-            past_key_values=self._kv, use_cache=True, logits_to_keep=torch.tensor(keep, device=self.device),
+            input_ids=torch.tensor([ids], device=dev), position_ids=pos_t[None], attention_mask={"full_attention": None},
+            past_key_values=self._kv, use_cache=True, logits_to_keep=torch.tensor(last, device=dev), slot_plan=plan,
         )
         for r in rows:
             r.cached = len(r.tokens)
-        pick = torch.tensor([keep.index(t) for t in last], device=self.device)
-        return out.logits[torch.arange(k, device=self.device), pick]
-
-    def _decode(self, rows: list[_Row]) -> torch.Tensor:
-        """Forward each running row's last sampled token. Returns logits[n, V]."""
-        self.steps += 1
-        n = len(rows)
-        lens = [r.cached for r in rows]
-        ids = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
-        pos = torch.tensor(lens, device=self.device)
-        width = max(lens) + 1
-        mask = torch.arange(width, device=self.device)[None, :] <= pos[:, None]
-        self._kv.decode(n, pos, width)
-        out = self.model(input_ids=ids, position_ids=pos[:, None], attention_mask=mask[:, None, None, :],
-                         past_key_values=self._kv, use_cache=True)
-        for r in rows:
-            r.cached += 1
-        return out.logits[:, -1]
+        return out.logits[0]
 
     def _sample_into(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Sample one token per row from logits[len(rows), V], append it, retire the rows that finished."""
@@ -446,6 +451,22 @@ class HFEngine(Engine):
 
 def _is_adapter(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
+
+
+def _prefill_groups(rows: list[_Row], waste: float = 1.5) -> list[list[_Row]]:
+    """Split rows (longest uncached part first) into runs prefilled together: a run grows while its
+    padded size stays within ``waste`` x its real tokens (a forward costs ~one decode step)."""
+    groups: list[list[_Row]] = []
+    real = 0
+    for r in rows:
+        q = len(r.tokens) - r.cached
+        if groups and (len(groups[-1]) + 1) * (len(groups[-1][0].tokens) - groups[-1][0].cached) <= waste * (real + q):
+            groups[-1].append(r)
+            real += q
+        else:
+            groups.append([r])
+            real = q
+    return groups
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -608,14 +629,68 @@ class _SwapGate:
             self._cond.notify_all()
 
 
+@dataclass(eq=False)
+class SlotPlan:
+    """Where a packed forward's T tokens go: token i is written at ``slot_idx[i]``, position ``pos_idx[i]``.
+
+    The first ``n_dec`` tokens are one per decoding row (slot i), each attending to positions
+    ``0..pos`` of its slot (``dec_mask[n_dec, 1, 1, dec_width]``). Then the newcomers, in groups
+    ``(first_slot, k, qmax, width, mask[k, 1, qmax, width], gather[k * qmax], valid)``: their tokens
+    padded to ``qmax`` per row (``gather`` picks them from the packed order, ``valid`` puts them back).
+    """
+
+    slot_idx: torch.Tensor
+    pos_idx: torch.Tensor
+    n_dec: int
+    dec_width: int = 0
+    dec_mask: torch.Tensor | None = None
+    groups: list[tuple] = field(default_factory=list)
+
+
+def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, slot_plan=None, **kwargs):
+    """Attention of a packed step over the slot cache (``query[1, heads, T, dim]``; ``key``/``value`` the
+    whole ``[slots, kv_heads, length, dim]`` buffers); without a ``slot_plan`` (a plain forward of the
+    served model), transformers' SDPA attention."""
+    if slot_plan is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    import torch.nn.functional as F
+
+    q = query[0].transpose(0, 1)  # [T, heads, dim]
+    heads, dim = q.shape[1], q.shape[2]
+    gqa = heads != key.shape[1]
+    outs = []
+    p = slot_plan
+    if p.n_dec:
+        w = p.dec_width
+        o = F.scaled_dot_product_attention(q[: p.n_dec, :, None], key[: p.n_dec, :, :w], value[: p.n_dec, :, :w],
+                                           attn_mask=p.dec_mask, scale=scaling, enable_gqa=gqa)
+        outs.append(o[:, :, 0])
+    for a, k, qmax, w, mask, gather, valid in p.groups:
+        qg = q[gather].view(k, qmax, heads, dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qg, key[a : a + k, :, :w], value[a : a + k, :, :w], attn_mask=mask, scale=scaling, enable_gqa=gqa)
+        outs.append(o.transpose(1, 2).reshape(k * qmax, heads, dim)[valid])
+    return torch.cat(outs)[None], None
+
+
+def _register_slot_attention() -> str:
+    """Register ``slot_attention`` with transformers (masks built as for SDPA); returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("relay_slots", slot_attention)
+    AttentionMaskInterface.register("relay_slots", sdpa_mask)
+    return "relay_slots"
+
+
 class SlotCache(Cache):
     """A static KV cache of fixed slots: per layer ``[slots, kv_heads, length, head_dim]`` buffers.
 
-    The engine plans each forward first: ``prefill(a, k, starts, width, kv_width)`` (rows in slots
-    ``a..a+k`` write ``width`` new positions from ``starts[j]`` and attend to ``kv_width`` positions) or
-    ``decode(n, pos, width)`` (rows ``0..n`` each write one position ``pos[i]`` and attend to ``width``).
-    ``update`` then writes the layer's new keys/values and returns views of the slots, never copies.
-    Buffers are allocated at the first forward (the shape comes from the keys) and grow on ``reserve``.
+    The engine sets ``plan`` (a ``SlotPlan``) before each forward; ``update`` writes each packed token's
+    keys/values at its slot and position and returns the buffers, which ``slot_attention`` reads as
+    views (never copies) for the decoding rows. Buffers are allocated at the first forward (the shape
+    comes from the keys) and grow on ``reserve``.
     """
 
     def __init__(self, device: torch.device):
@@ -625,7 +700,7 @@ class SlotCache(Cache):
         self.v: list[torch.Tensor] = []
         self.slots = 0
         self.length = 0
-        self._plan: tuple = ()
+        self.plan: SlotPlan | None = None
 
     def reserve(self, slots: int, length: int) -> None:
         """At least ``slots`` slots of ``length`` positions (grown to twice the size, lengths in steps of 64)."""
@@ -654,33 +729,17 @@ class SlotCache(Cache):
             t[a, :, :width] = t[b, :, :width]
             t[b, :, :width] = tmp
 
-    def prefill(self, a: int, k: int, starts: list[int], width: int, kv_width: int) -> None:
-        self._plan = ("prefill", a, k, starts, width, kv_width)
-
-    def decode(self, n: int, pos: torch.Tensor, width: int) -> None:
-        self._plan = ("decode", n, pos, width, torch.arange(n, device=pos.device))
-
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Write the step's keys/values ([1, kv_heads, T, head_dim], packed) at their slots and positions;
+        return the whole buffers (the slot attention reads the slots it needs)."""
         if layer_idx == len(self.k):
             _, heads, _, dim = key_states.shape
             for buf in (self.k, self.v):
                 buf.append(torch.zeros((self.slots, heads, self.length, dim), dtype=key_states.dtype, device=self.device))
         K, V = self.k[layer_idx], self.v[layer_idx]
-        if self._plan[0] == "decode":
-            _, n, pos, width, rows = self._plan
-            K[rows, :, pos] = key_states[:, :, 0]
-            V[rows, :, pos] = value_states[:, :, 0]
-            return K[:n, :, :width], V[:n, :, :width]
-        _, a, k, starts, width, kv_width = self._plan
-        if len(set(starts)) == 1:
-            s = starts[0]
-            K[a : a + k, :, s : s + width] = key_states
-            V[a : a + k, :, s : s + width] = value_states
-        else:
-            for j, s in enumerate(starts):
-                K[a + j, :, s : s + width] = key_states[j]
-                V[a + j, :, s : s + width] = value_states[j]
-        return K[a : a + k, :, :kv_width], V[a : a + k, :, :kv_width]
+        K[self.plan.slot_idx, :, self.plan.pos_idx] = key_states[0].transpose(0, 1)
+        V[self.plan.slot_idx, :, self.plan.pos_idx] = value_states[0].transpose(0, 1)
+        return K, V
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # the engine passes position ids and masks itself
