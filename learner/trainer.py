@@ -216,7 +216,9 @@ class Trainer:
                 self.ledger.flush()
                 stats.update(wait_info)
                 stats.update(self.server.counters())
-                stats.update(reward_metrics([t for t in sb.trajectories if t.segment == t.num_segments - 1], sb.batch))  # per episode
+                episodes = [t for t in sb.trajectories if t.segment == t.num_segments - 1]  # a split chain counts once
+                stats.update(reward_metrics(episodes, sb.batch))
+                stats["episode/split_rate"] = sum(t.num_segments > 1 for t in episodes) / len(episodes)  # rewritten histories
                 stats.update(
                     {
                         "time/wait_s": t1 - t0,

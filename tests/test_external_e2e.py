@@ -146,6 +146,9 @@ def test_external_agent_trains_through_the_endpoint_token_exact(tmp_path, tiny_m
             assert len(segs) == 1
             kinds["whole"] += 1
     assert kinds["split"] > 0 and kinds["whole"] > 0, kinds
+    # the learner logs the share of its episodes that came split
+    assert [s["episode/split_rate"] for s in steps] == pytest.approx([
+        sum(len(segs) > 1 for (step, _, _), segs in chains.items() if step == i) / 8 for i in range(3)])
 
     log = (run / "logs" / "actor-0.log").read_text()
     counts = re.findall(r"(\d+) episodes, (\d+) splits", log)
