@@ -179,3 +179,21 @@ def test_without_a_split_over_chains_is_the_estimator_itself():
         got = over_chains(fn, inputs, cfg, batch.chain_index, batch.segment_index)
         want = fn(inputs, cfg)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_gae_bootstraps_across_the_split():
+    batch, _ = laid_out()
+    values = torch.full(batch.token_rewards.shape, 0.25)
+    inputs = algos.AdvantageInputs(batch.token_rewards, batch.loss_mask, batch.group_index, values=values)
+    _, returns = over_chains(algos.gae, inputs, algos.AdvantageConfig(gamma=1.0, lam=1.0), batch.chain_index, batch.segment_index)
+    # gamma = lam = 1: every action token's return is the reward still to come in its episode, so both
+    # segments of A#0 return its outcome 1 (segment 0 alone would return 0); A#1 and B#2 return 0
+    assert per_row(returns, batch.loss_mask) == pytest.approx([1.0, 0.0, 1.0, 1.0, 1.0, 0.0])
+
+
+def test_remax_takes_the_baseline_per_chain():
+    batch, _ = laid_out()
+    baselines = torch.tensor([0.5, 0.5, 0.5, 0.25, 0.25, 0.25])
+    inputs = algos.AdvantageInputs(batch.token_rewards, batch.loss_mask, batch.group_index, baseline_rewards=baselines)
+    adv, _ = over_chains(algos.remax, inputs, algos.AdvantageConfig(), batch.chain_index, batch.segment_index)
+    assert per_row(adv, batch.loss_mask) == pytest.approx([0.5, -0.5, 0.5, 0.75, 0.75, -0.25])
