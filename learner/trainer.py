@@ -308,7 +308,8 @@ class Trainer:
             algos.EpisodeFacts(full.overlong, full.rewards, full.group_index), self.cfg.algorithm.loss_filters
         )
         policy_mask = full.loss_mask * keep.unsqueeze(-1).to(full.loss_mask.dtype)
-        plan = self.policy_plan(policy_mask, batch.attention_mask.sum(-1))
+        # a chain split into several sequences has several rows: mini-batches count episodes, not rows
+        plan = self.policy_plan(policy_mask, batch.attention_mask.sum(-1), episodes=len(torch.unique(batch.chain_index)))
         single_update = actor.ppo_epochs == 1 and len(plan) == 1 and not self.cfg.algorithm.use_kl_in_reward
 
         old_logprobs = None if single_update else self.logprobs(shard, n)
@@ -404,11 +405,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ plumbing
 
-    def policy_plan(self, batch_mask: torch.Tensor, lengths: torch.Tensor):
+    def policy_plan(self, batch_mask: torch.Tensor, lengths: torch.Tensor, episodes: int | None = None):
         """This rank's policy mini/micro-batches and their loss scales (``learner.sharding.plan_minibatches``);
-        ``lengths``: [N] real tokens of each row of the batch (host)."""
+        ``lengths``: [N] real tokens of each row of the batch (host); ``episodes``: the batch's chains
+        when fewer than its N rows (some episodes came split), so a mini-batch holds
+        ``ppo_mini_batch_size`` groups' worth of rows either way."""
         actor = self.cfg.actor_rollout_ref.actor
-        rows_per_mini = max(1, actor.ppo_mini_batch_size * self.cfg.agent.num_chains // self.world)
+        rows = actor.ppo_mini_batch_size * self.cfg.agent.num_chains
+        if episodes:  # the same share of the batch's rows as of its episodes (rounded up)
+            rows = -(-rows * batch_mask.shape[0] // episodes)
+        rows_per_mini = max(1, rows // self.world)
         micro = micro_batching(actor.ppo_micro_batch_size_per_gpu, actor.use_dynamic_bsz, actor.ppo_max_token_len_per_gpu)
         return plan_minibatches(
             batch_mask, self.rank, self.world, rows_per_mini, micro, actor.loss_agg_mode, actor.loss_agg_horizon, lengths,

@@ -6,7 +6,8 @@ one split chain across the wire, through the coordinator (a chain is complete
 when all its segments arrived; whole-group refusal and requeue still hold),
 into ``collate`` (the outcome reward once, at the end of the chain) and the
 advantage estimators (``over_chains``: group statistics over chains, every
-segment gets its chain's advantage), with values worked by hand.
+segment gets its chain's advantage), with values worked by hand, and through
+a real train_step (mini-batches sized by episodes, not rows).
 """
 
 import math
@@ -197,3 +198,43 @@ def test_remax_takes_the_baseline_per_chain():
     inputs = algos.AdvantageInputs(batch.token_rewards, batch.loss_mask, batch.group_index, baseline_rewards=baselines)
     adv, _ = over_chains(algos.remax, inputs, algos.AdvantageConfig(), batch.chain_index, batch.segment_index)
     assert per_row(adv, batch.loss_mask) == pytest.approx([0.5, -0.5, 0.5, 0.75, 0.75, -0.25])
+
+
+# ----------------------------------------------------------------- through the trainer
+
+
+def test_train_step_gives_both_segments_their_chains_advantage_and_counts_episodes_for_mini_batches(tmp_path, tiny_model_dir):
+    """A real (world size 1) train_step on 2 prompts x 4 chains with chain 0:0#0 split in two:
+    both of its rows get the chain's GRPO advantage, and the mini-batches hold
+    ``ppo_mini_batch_size`` groups' worth of rows (2 mini-batches of 5 and 4 rows, not 4 + 4 + 1)."""
+    from learner import trainer as t
+    from tests.learner_support import learner_config, make_traj, make_trajs, trainer_world_1
+
+    trajs = make_trajs()
+    trajs[0] = msgspec.structs.replace(trajs[0], num_segments=2)
+    trajs.append(msgspec.structs.replace(make_traj("0:0", 0, 1.0, seed=77), segment=1, num_segments=2))
+    cfg = learner_config(tiny_model_dir, tmp_path, "algorithm.adv_estimator=grpo", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8")
+    seen = []
+
+    def spy(*args):
+        out = t_over_chains(*args)
+        seen.append(out[0])
+        return out
+
+    t_over_chains, t.over_chains = t.over_chains, spy
+    try:
+        with trainer_world_1(cfg) as trainer:
+            batch = trainer.step_batch(trajs).batch
+            lengths = batch.attention_mask.sum(-1)
+            assert [len(mb[0].idx) for mb in trainer.policy_plan(batch.loss_mask, lengths, episodes=8)] == [5, 4]
+            assert len(trainer.policy_plan(batch.loss_mask, lengths)) == 3  # rows counted as episodes
+            stats = trainer.train_step(batch)
+    finally:
+        t.over_chains = t_over_chains
+    assert math.isfinite(stats["actor/grad_norm"])
+    [adv] = seen
+    rows = [i for i, tr in enumerate(trajs) if (tr.sample_id, tr.chain) == ("0:0", 0)]
+    # group 0:0 scores 1, 0, 0, 1: mean 1/2, unbiased std sqrt(4 * (1/2)^2 / 3) -> (1/2) / std = sqrt(3) / 2
+    assert rows == [0, 8]
+    for i in rows:
+        assert adv[i][batch.loss_mask[i] > 0].tolist() == pytest.approx([math.sqrt(3) / 2] * 9, abs=1e-5)
