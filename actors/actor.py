@@ -29,7 +29,7 @@ from actors.rollout import Episode, EpisodeLimits, PromptTooLong, ToolBox, run_e
 from envs.base import Agent
 from envs.rewards import RewardError, run_reward
 from protocol import messages as m
-from protocol.transport import ActorClient, LearnerRefused
+from protocol.transport import ActorClient, LearnerRefused, TransportTimeout
 from protocol.weights import WeightsReceiver, WeightsRejected, make_receiver
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,7 @@ class Actor:
         """Plays one episode (``actors.rollout.run_episode``, or an external agent's runner, same signature)."""
         self.in_flight = 0
         self.learner_version = 0
+        self.weights_timeouts = 0
         self.stop = False
         self.trajectories_sent = 0
         self.failures: list[BaseException] = []
@@ -239,6 +240,10 @@ class Actor:
                 raise
             await self.register_again()
             got = await self.weights.fetch(self.engine.version, timeout_s=self.s.request_timeout_s)
+        except TransportTimeout as e:  # e.g. this process was paused mid-request: ask again on the next sync
+            self.weights_timeouts += 1
+            log.warning("%s: weights request timed out, still serving v%d; asking again: %s", self.s.actor_id, self.engine.version, e)
+            return
         if got is None:
             return
         version, stream = got

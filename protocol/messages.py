@@ -239,6 +239,16 @@ class WorkFailed(_Msg, tag="work_failed"):
     reason: str
 
 
+class WeightsAck(_Msg, tag="weights_ack"):
+    """Actor -> learner, no reply: chunk ``chunk`` of a streamed ``version`` arrived and verified;
+    the learner sends the next one (credit-based flow control: an actor holds the bucket it
+    applies and the one arriving, whatever the model size)."""
+
+    actor_id: str
+    version: int
+    chunk: int
+
+
 class NoWeights(_Msg, tag="no_weights"):
     """Learner -> actor: nothing newer than the version the actor has."""
 
@@ -325,6 +335,7 @@ Message = Union[
     WeightsRequest,
     WeightsChunk,
     WeightsAnnounce,
+    WeightsAck,
     NoWeights,
     Stop,
     Error,

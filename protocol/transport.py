@@ -262,6 +262,9 @@ class LearnerServer:
         self._streaming = None  # the StreamingVersion the IO thread is sending (IO thread only)
         self._subs: dict[bytes, str] = {}
         """Peers subscribed to ``_streaming`` -> their actor id (IO thread only)."""
+        self._acked: dict[bytes, int] = {}
+        """Subscriber -> chunks it acknowledged (``WeightsAck``): it is sent chunk ``i`` once it
+        acknowledged chunk ``i - 1``, so it never holds more than two buckets."""
         self._waiting: dict[bytes, tuple[str, int, float]] = {}
         """Weights requests held for the next opening: peer -> (actor id, have_version, deadline)."""
         self._lock = threading.Lock()
@@ -367,6 +370,7 @@ class LearnerServer:
                     del self._subs[other]
             if snap.can_start():
                 self._subs[ident] = msg.actor_id
+                self._acked[ident] = 0
                 snap.subscribe(msg.actor_id)
                 self._pump_weights()
             elif msg.wait_s > 0:
@@ -387,13 +391,14 @@ class LearnerServer:
         stream = snap if getattr(snap, "streaming", False) else None
         if stream is not self._streaming:  # a new version opened (or none): subscribers start over
             if self._streaming is not None:
-                self._send_stream(self._streaming)  # what the old one's subscribers still lack (it is complete)
-            self._streaming, self._subs = stream, {}
+                self._send_stream(self._streaming, flush=True)  # what the old one's subscribers still lack (it is complete)
+            self._streaming, self._subs, self._acked = stream, {}, {}
             if stream is not None:
                 for ident, (actor, have, _) in list(self._waiting.items()):
                     if have < stream.version and stream.can_start():
                         del self._waiting[ident]
                         self._subs[ident] = actor
+                        self._acked[ident] = 0
                         stream.subscribe(actor)
         if stream is not None:
             self._send_stream(stream)
@@ -404,10 +409,12 @@ class LearnerServer:
                     del self._waiting[ident]
                     self._reply(ident, m.NoWeights(learner_version=snap.version if snap is not None else -1))
 
-    def _send_stream(self, stream) -> None:
+    def _send_stream(self, stream, flush: bool = False) -> None:
+        """Send each subscriber the chunks it may have: up to one past what it acknowledged (all
+        of them when ``flush``: the stream is being replaced)."""
         for ident, actor in list(self._subs.items()):
             i = stream.progress.get(actor, 0)
-            while i < stream.n:
+            while i < stream.n and (flush or i <= self._acked.get(ident, 0)):
                 got = stream.chunk(i)
                 if got is None:  # cannot happen while it is subscribed; never send a gap
                     break
@@ -426,6 +433,7 @@ class LearnerServer:
                 i += 1
             if stream.complete and stream.progress.get(actor, 0) >= stream.n:
                 self._subs.pop(ident, None)
+                self._acked.pop(ident, None)
         stream.collect()
 
     def _run(self) -> None:
@@ -521,6 +529,11 @@ class LearnerServer:
             self._bad("malformed control message", peer, e)
             self._reply(ident, m.Error(message=str(e)))
             return
+        if isinstance(msg, m.WeightsAck):  # flow control of a weights stream: no reply
+            if msg.actor_id == self._subs.get(ident):
+                self._acked[ident] = max(self._acked.get(ident, 0), msg.chunk + 1)
+                self._pump_weights()
+            return
         if isinstance(msg, m.Register) and not self._ready.is_set():
             self._held.append((ident, frames))  # answered once the learner is ready (e.g. its weights group exists)
             return
@@ -609,9 +622,7 @@ class ActorClient:
         if self._dealer is None:
             self._dealer = self.ctx.socket(zmq.DEALER)
             self._dealer.setsockopt(zmq.LINGER, 0)
-            # one reply queued ahead of the reader: a weights stream holds the bucket being applied
-            # and the next one, and TCP back-pressure reaches the learner's send window
-            self._dealer.setsockopt(zmq.RCVHWM, 1)
+            self._dealer.setsockopt(zmq.RCVHWM, 0)  # a weights stream is flow-controlled by WeightsAck instead
             self._dealer.connect(self.control_ep)
         return self._dealer
 
@@ -624,7 +635,8 @@ class ActorClient:
         """The frames of one reply, its tag checked and removed."""
         # the second, immediate poll catches a reply that arrived while this process was paused
         # (SIGSTOP, a swapped-out host): its timer and its reply are then due at the same moment
-        if not await sock.poll(timeout_s * 1000, zmq.POLLIN) and not await sock.poll(0, zmq.POLLIN):
+        # (100 ms: after a SIGCONT this process's ZeroMQ I/O thread first has to read what is waiting)
+        if not await sock.poll(timeout_s * 1000, zmq.POLLIN) and not await sock.poll(100, zmq.POLLIN):
             self._reset()
             raise TransportTimeout(f"no {what} from the learner at {self.control_ep} within {timeout_s:.0f}s")
         frames = await sock.recv_multipart(copy=False)

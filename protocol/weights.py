@@ -548,7 +548,7 @@ class ZmqReceiver:
             c._reset()
             c._lock.release()
             raise
-        stream = _ZmqStream(c, sock, first, [f.buffer for f in frames[1:]], timeout_s, asyncio.get_running_loop())
+        stream = _ZmqStream(c, sock, first, [f.buffer for f in frames[1:]], timeout_s, asyncio.get_running_loop(), self.actor_id)
         return first.version, stream
 
     def close(self) -> None:
@@ -558,8 +558,8 @@ class ZmqReceiver:
 class _ZmqStream:
     """The tensors of one version, bucket by bucket, read off the DEALER as they are consumed."""
 
-    def __init__(self, client: ActorClient, sock, first: m.WeightsChunk, bufs: list, timeout_s: float, loop):
-        self.client, self.sock, self.first, self.bufs = client, sock, first, bufs
+    def __init__(self, client: ActorClient, sock, first: m.WeightsChunk, bufs: list, timeout_s: float, loop, actor_id: str):
+        self.client, self.sock, self.first, self.bufs, self.actor_id = client, sock, first, bufs, actor_id
         self.timeout_s, self.loop = timeout_s, loop
         self.buckets_received = 0
         self._released = False
@@ -609,6 +609,9 @@ class _ZmqStream:
                     n = n or header.num_chunks
                 tensors = verified_tensors(header, bufs, f"weights v{v} chunk {i}/{n or '?'}")
                 bufs = None
+                if not n:  # streamed: ask for the next bucket while this one is applied
+                    ack = m.WeightsAck(actor_id=self.actor_id, version=v, chunk=i)
+                    asyncio.run_coroutine_threadsafe(self.client._send(self.sock, ack), self.loop).result(self.timeout_s)
                 if tensors:
                     self.buckets_received += 1
                 yield from tensors

@@ -209,3 +209,35 @@ def test_a_subscriber_that_stops_taking_bytes_cannot_block_the_learner_beyond_st
         proc.kill()
         proc.join(10)
         server.close()
+
+
+def test_an_actor_is_sent_the_next_bucket_only_after_it_acknowledged_the_last():
+    """Credit-based flow control: a subscriber holds the bucket it applies and the one arriving."""
+    from launcher.local import free_port
+
+    server = LearnerServer(Learner(["a"]), "127.0.0.1", free_port(pairs=2))
+    pub = ZmqPublisher(server, BUCKET, window=8, subscribe_s=30, stall_s=30)
+    client = ActorClient("127.0.0.1", server.port)
+    publisher = threading.Thread(target=pub.publish, args=(1, iter(tensors(1, n=4))))
+
+    async def go():
+        sock = client._socket()
+        await client._send(sock, m.WeightsRequest(actor_id="a", have_version=0))
+        got = [m.decode((await client._recv(sock, 30, "chunk 0"))[0].bytes)]
+        extra = await sock.poll(500)  # nothing more comes before the acknowledgement
+        for i in range(4):
+            await client._send(sock, m.WeightsAck(actor_id="a", version=1, chunk=i))
+            got.append(m.decode((await client._recv(sock, 30, f"chunk {i + 1}"))[0].bytes))
+        return got, extra
+
+    try:
+        publisher.start()
+        got, extra = asyncio.run(go())
+        publisher.join(30)
+        assert not publisher.is_alive()
+    finally:
+        client.close()
+        server.close()
+    assert extra == 0
+    assert [c.chunk for c in got] == [0, 1, 2, 3, 4]
+    assert [c.num_chunks for c in got] == [0, 0, 0, 0, 5] and got[-1].tensors == []  # the end chunk carries the total
