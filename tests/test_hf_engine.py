@@ -297,3 +297,20 @@ def test_requests_with_one_prompt_share_its_prefill_and_sample_apart(tiny_model_
         assert g.token_ids == alone.token_ids
         ref = full_forward_logprobs(engine.model, prompt, g.token_ids, s.temperature if s.temperature > 0 else 1.0)
         assert torch.allclose(torch.tensor(g.logprobs), ref, atol=1e-5, rtol=0)
+
+
+def test_close_fails_running_requests_and_a_later_request_restarts_the_worker(tiny_model_dir):
+    import pytest
+
+    engine = HFEngine(tiny_model_dir, seed=0)
+
+    async def go():
+        running = asyncio.create_task(engine.generate([1, 5, 6], SamplingSettings(max_tokens=500, temperature=1.0)))
+        await steps_reach(engine, 2, "a request running before close")
+        await engine.close()
+        with pytest.raises(RuntimeError, match="HF engine closed"):
+            await running
+
+    asyncio.run(go())
+    g = asyncio.run(engine.generate([1, 5, 6], SamplingSettings(max_tokens=4, temperature=0.0)))
+    assert len(g.token_ids) == 4 and all(o is None or not hasattr(o, "req") for o in engine._owner)

@@ -100,7 +100,7 @@ class HFEngine(Engine):
         self._queue: list[_Request] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._kv = SlotCache(self.device)
+        self._kv = SlotCache(self.device, self.model.config.num_hidden_layers)
         self._kv_version = 0  # the weights the parked rows' KV was computed with
         self._rows: list[_Row] = []  # running rows; row i lives in slot i
         self._parked: OrderedDict[int, _Parked] = OrderedDict()  # by id, least recently used first
@@ -188,6 +188,8 @@ class HFEngine(Engine):
             closed = RuntimeError("HF engine closed")
             for r in queued + [row.req for row in self._rows]:
                 _resolve(r, exc=closed)
+            for row in self._rows:
+                self._owner[row.slot] = None
             self._rows = []
 
     def _fail_all(self, e: BaseException, newcomers: list[_Request]) -> None:
@@ -271,7 +273,7 @@ class HFEngine(Engine):
     def _longest_parked_prefix(self, prompt: list[int]) -> _Parked | None:
         best = None
         for p in self._parked.values():
-            if p.length < len(prompt) and (best is None or p.length > best.length) and prompt[: p.length] == p.tokens:
+            if p.length < len(prompt) and (best is None or p.length > best.length) and prompt[p.length - 1] == p.tokens[-1] and prompt[: p.length] == p.tokens:
                 best = p
         return best
 
@@ -314,8 +316,14 @@ class HFEngine(Engine):
     def _retire(self, row: _Row, exc: BaseException | None = None, park: bool = True) -> None:
         """Take a row out of the running set (the last running row moves into its slot); keep its KV parked."""
         i, last = row.slot, len(self._rows) - 1
+        park = park and exc is None and self.parked_rows > 0 and row.cached > 0
         if i != last:
-            self._swap_slots(i, last)
+            if park:
+                self._swap_slots(i, last)
+            else:  # the finished row's KV is not kept: only the last row moves
+                moved = self._rows[last]
+                self._kv.copy(last, i, moved.cached)
+                self._owner[i], moved.slot = moved, i
             self._rows[i] = self._rows[last]
         self._rows.pop()
         self._owner[last] = None
@@ -323,7 +331,7 @@ class HFEngine(Engine):
             _resolve(row.req, exc=exc)
             return
         _resolve(row.req, result=Generation(row.out_ids, row.out_lp, row.finish, self.version))
-        if park and self.parked_rows > 0 and row.cached > 0:
+        if park:
             p = _Parked(tokens=row.tokens[: row.cached], slot=last)
             self._owner[last] = p
             self._parked[id(p)] = p
@@ -693,11 +701,11 @@ class SlotCache(Cache):
     comes from the keys) and grow on ``reserve``.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, num_layers: int):
         super().__init__(layers=[])
         self.device = device
-        self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
+        self.num_layers = num_layers
+        self.buf: torch.Tensor | None = None  # [2 * layers (k, v), slots, kv_heads, length, head_dim]
         self.slots = 0
         self.length = 0
         self.plan: SlotPlan | None = None
@@ -708,35 +716,33 @@ class SlotCache(Cache):
             return
         new_s = self.slots if slots <= self.slots else max(slots, 2 * self.slots)
         new_l = self.length if length <= self.length else -(-max(length, 2 * self.length) // 64) * 64
-        for buf in (self.k, self.v):
-            for i, t in enumerate(buf):
-                grown = torch.zeros((new_s, t.shape[1], new_l, t.shape[3]), dtype=t.dtype, device=t.device)
-                grown[: self.slots, :, : self.length] = t
-                buf[i] = grown
+        if self.buf is not None:
+            b = self.buf
+            grown = torch.zeros((b.shape[0], new_s, b.shape[2], new_l, b.shape[4]), dtype=b.dtype, device=b.device)
+            grown[:, : self.slots, :, : self.length] = b
+            self.buf = grown
         self.slots, self.length = new_s, new_l
 
     def copy(self, src: int, dst: int, width: int) -> None:
-        """Slot ``dst``'s first ``width`` positions become slot ``src``'s."""
-        for t in self.k + self.v:
-            t[dst, :, :width] = t[src, :, :width]
+        """Slot ``dst``'s first ``width`` positions become slot ``src``'s (every layer)."""
+        if width and self.buf is not None:
+            self.buf[:, dst, :, :width] = self.buf[:, src, :, :width]
 
     def swap(self, a: int, b: int, width: int) -> None:
-        """Exchange the first ``width`` positions of slots ``a`` and ``b``."""
-        if width == 0:
-            return
-        for t in self.k + self.v:
-            tmp = t[a, :, :width].clone()
-            t[a, :, :width] = t[b, :, :width]
-            t[b, :, :width] = tmp
+        """Exchange the first ``width`` positions of slots ``a`` and ``b`` (every layer)."""
+        if width and self.buf is not None:
+            tmp = self.buf[:, a, :, :width].clone()
+            self.buf[:, a, :, :width] = self.buf[:, b, :, :width]
+            self.buf[:, b, :, :width] = tmp
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write the step's keys/values ([1, kv_heads, T, head_dim], packed) at their slots and positions;
-        return the whole buffers (the slot attention reads the slots it needs)."""
-        if layer_idx == len(self.k):
+        return the layer's whole buffers (the slot attention reads the slots it needs)."""
+        if self.buf is None:
             _, heads, _, dim = key_states.shape
-            for buf in (self.k, self.v):
-                buf.append(torch.zeros((self.slots, heads, self.length, dim), dtype=key_states.dtype, device=self.device))
-        K, V = self.k[layer_idx], self.v[layer_idx]
+            shape = (2 * self.num_layers, self.slots, heads, self.length, dim)
+            self.buf = torch.zeros(shape, dtype=key_states.dtype, device=self.device)
+        K, V = self.buf[2 * layer_idx], self.buf[2 * layer_idx + 1]
         K[self.plan.slot_idx, :, self.plan.pos_idx] = key_states[0].transpose(0, 1)
         V[self.plan.slot_idx, :, self.plan.pos_idx] = value_states[0].transpose(0, 1)
         return K, V
