@@ -1,8 +1,12 @@
 """Synthetic multiplication task: the calculator is needed, copying is learnable.
 
 Questions are products of an ``a_digits``-digit and a ``b_digits``-digit number
-("What is 417 * 36?"). A tiny model cannot multiply in its head, but it can
-learn to call ``calculator`` and copy the result. Rows look like any dataset
+("What is 417 * 36?"); a length may be a range, drawn per operand (the demo: 1-4
+digits each), so that what pays is a skill (copy both operands into the call,
+copy the tool's result into the answer) rather than a pattern of fixed digit
+positions. A tiny model cannot multiply in its head, but it can learn to call
+``calculator`` and copy. A length outside the trained range (5 digits) tests
+whether it learned the skill. Rows look like any dataset
 row: ``{"question": ..., "answer": "15012"}``, scored with
 ``math_reward_string_equal``.
 
@@ -20,14 +24,38 @@ import random
 from pathlib import Path
 
 
-def make_rows(n: int, seed: int, a_digits: int = 3, b_digits: int = 2) -> list[dict]:
-    """``n`` distinct multiplication problems, deterministic in ``seed``."""
+Digits = int | tuple[int, int]
+"""An operand length: a fixed number of digits, or an inclusive range ``(lo, hi)``."""
+
+
+def _length_range(digits: Digits) -> tuple[int, int]:
+    lo, hi = (digits, digits) if isinstance(digits, int) else digits
+    if not 1 <= lo <= hi:
+        raise ValueError(f"operand length must be >= 1 digit, as n or (lo, hi) with lo <= hi; got {digits!r}")
+    return lo, hi
+
+
+def _operand(rng: random.Random, digits: tuple[int, int]) -> int:
+    # the length first, uniformly (1-digit operands as often as 4-digit ones); a fixed length draws
+    # nothing, so fixed-length rows are the same as before ranges existed
+    length = digits[0] if digits[0] == digits[1] else rng.randint(*digits)
+    return rng.randint(10 ** (length - 1), 10**length - 1)
+
+
+def make_rows(n: int, seed: int, a_digits: Digits = 3, b_digits: Digits = 2) -> list[dict]:
+    """``n`` distinct multiplication problems, deterministic in ``seed``; each operand's length is
+    drawn uniformly from its range, then the operand uniformly among numbers of that length."""
+    a_range, b_range = _length_range(a_digits), _length_range(b_digits)
+    space = sum(9 * 10 ** (la - 1) for la in range(a_range[0], a_range[1] + 1)) * sum(
+        9 * 10 ** (lb - 1) for lb in range(b_range[0], b_range[1] + 1)
+    )
+    if n > space // 2:
+        raise ValueError(f"{n} distinct problems asked of {a_digits!r} x {b_digits!r} digits: only {space} exist")
     rng = random.Random(seed)
     seen: set[tuple[int, int]] = set()
     rows = []
     while len(rows) < n:
-        a = rng.randint(10 ** (a_digits - 1), 10**a_digits - 1)
-        b = rng.randint(10 ** (b_digits - 1), 10**b_digits - 1)
+        a, b = _operand(rng, a_range), _operand(rng, b_range)
         if (a, b) in seen:
             continue
         seen.add((a, b))
@@ -35,17 +63,22 @@ def make_rows(n: int, seed: int, a_digits: int = 3, b_digits: int = 2) -> list[d
     return rows
 
 
-def write_splits(out_dir: str | Path, n_train: int, n_test: int, seed: int = 0) -> tuple[Path, Path]:
-    """Write disjoint ``train.jsonl`` and ``test.jsonl`` splits; returns their paths."""
+def write_rows(path: str | Path, rows: list[dict]) -> Path:
+    """Write ``rows`` as JSON lines at ``path`` (atomically); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+    return path
+
+
+def write_splits(out_dir: str | Path, n_train: int, n_test: int, seed: int = 0, a_digits: Digits = 3,
+                 b_digits: Digits = 2) -> tuple[Path, Path]:
+    """Write disjoint ``train.jsonl`` and ``test.jsonl`` splits (same operand lengths); returns their paths."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = make_rows(n_train + n_test, seed)
-    paths = out / "train.jsonl", out / "test.jsonl"
-    for path, part in zip(paths, (rows[:n_train], rows[n_train:])):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in part))
-        tmp.replace(path)
-    return paths
+    rows = make_rows(n_train + n_test, seed, a_digits, b_digits)
+    return write_rows(out / "train.jsonl", rows[:n_train]), write_rows(out / "test.jsonl", rows[n_train:])
 
 
 def tool_call_text(expression: str) -> str:
