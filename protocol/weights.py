@@ -575,6 +575,9 @@ class _ZmqStream:
             self.loop.call_soon_threadsafe(self.client._reset)
         self.loop.call_soon_threadsafe(self.client._lock.release)
 
+    async def _recv_into(self, box: list, what: str) -> None:
+        box.append(await self.client._recv(self.sock, self.timeout_s, what))
+
     def __del__(self):  # a stream dropped without being read (its consumer failed first)
         self._release(complete=False)
 
@@ -594,11 +597,14 @@ class _ZmqStream:
             while True:
                 if i > 0:
                     what = f"weights v{v} chunk {i}/{n or '?'}"
-                    fut = asyncio.run_coroutine_threadsafe(self.client._recv(self.sock, self.timeout_s, what), self.loop)
+                    box: list = []  # the frames come back through this, not as the task's result: a finished
+                    # task can outlive this step (reference cycles) and would keep the bucket alive with it
+                    fut = asyncio.run_coroutine_threadsafe(self._recv_into(box, what), self.loop)
                     try:
-                        frames = fut.result(self.timeout_s + 30)
+                        fut.result(self.timeout_s + 30)
                     except TransportTimeout as e:
                         raise WeightsRejected(f"weights v{v} incomplete: {e}; refusing it") from e
+                    frames = box.pop()
                     header = m.decode(frames[0].bytes)
                     if not isinstance(header, m.WeightsChunk) or header.version != v or header.chunk != i:
                         raise WeightsRejected(f"weights chunks out of order: got {header!r:.80}, want v{v}#{i}; refusing it")
