@@ -141,17 +141,23 @@ OTHERS = [[1, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30], [1, 40], [1, 50, 51, 
 
 
 def run_alone_and_among_others(tiny_model_dir, prompt, settings):
-    """The request alone on a fresh engine; then on another fresh engine, admitted while three others decode."""
+    """The request alone on a fresh engine; then on another fresh engine, admitted while three others decode
+    (they ask for 1000 tokens and are cancelled once it is done)."""
     alone = asyncio.run(HFEngine(tiny_model_dir, seed=0).generate(prompt, settings))
     engine = HFEngine(tiny_model_dir, seed=7)
 
     async def among():
-        others = [asyncio.create_task(engine.generate(p, SamplingSettings(max_tokens=40, temperature=1.0))) for p in OTHERS]
+        others = [asyncio.create_task(engine.generate(p, SamplingSettings(max_tokens=1000, temperature=1.0))) for p in OTHERS]
         await steps_reach(engine, 3, "the others decoding")
         g = await engine.generate(prompt, settings)
-        return g, await asyncio.gather(*others)
+        running = [not t.done() for t in others]
+        for t in others:
+            t.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        return g, running
 
-    batched, _ = asyncio.run(among())
+    batched, running = asyncio.run(among())
+    assert all(running) and batched.extra["first_step"] > 3  # it joined a batch already decoding, and left it first
     return engine, alone, batched
 
 
@@ -179,28 +185,36 @@ def test_seeded_sampled_request_alone_equals_the_same_request_admitted_mid_batch
 
 def test_a_request_arriving_while_others_decode_is_served_before_they_end(tiny_model_dir):
     engine = HFEngine(tiny_model_dir, seed=0)
-    order = []
+
+    async def go():  # the long ones ask for 1000 tokens; they are cancelled once the short one is served
+        long = [asyncio.create_task(engine.generate(p, SamplingSettings(max_tokens=1000, temperature=1.0))) for p in OTHERS]
+        await steps_reach(engine, 2, "the long requests decoding")
+        short = await engine.generate([1, 9, 9], SamplingSettings(max_tokens=4, temperature=1.0))
+        unfinished = sum(not t.done() for t in long)
+        for t in long:
+            t.cancel()
+        await asyncio.gather(*long, return_exceptions=True)
+        return short, unfinished
+
+    short, unfinished = asyncio.run(go())
+    assert len(short.token_ids) == 4 and unfinished == 3  # served while all three still decode
+    assert engine.batches == 2  # the long ones' admission, then the short one's at a step boundary
+    # it joined after the batch had started and took 4 consecutive steps: one token per step, no waiting
+    assert short.extra["first_step"] > 2 and short.extra["last_step"] == short.extra["first_step"] + 3
+
+
+def test_rows_decode_one_token_per_step_while_others_come_and_go(tiny_model_dir):
+    engine = HFEngine(tiny_model_dir, seed=0)
 
     async def go():
-        async def one(name, prompt, n):
-            g = await engine.generate(prompt, SamplingSettings(max_tokens=n, temperature=1.0))
-            order.append((name, engine.steps))
-            return g
+        long = asyncio.create_task(engine.generate([1, 5, 6], SamplingSettings(max_tokens=60, temperature=1.0)))
+        await steps_reach(engine, 2, "the long request decoding")
+        shorts = [await engine.generate([1, 9, 9 + i], SamplingSettings(max_tokens=3, temperature=1.0)) for i in range(3)]
+        return await long, shorts
 
-        long = [asyncio.create_task(one(f"long{i}", p, 60)) for i, p in enumerate(OTHERS)]
-        await steps_reach(engine, 2, "the long requests decoding")
-        admitted_at = engine.steps
-        short = await one("short", [1, 9, 9], 4)
-        assert not any(t.done() for t in long)  # served while the long ones still decode
-        await asyncio.gather(*long)
-        return admitted_at, short
-
-    admitted_at, short = asyncio.run(go())
-    assert [name for name, _ in order][0] == "short" and len(short.token_ids) == 4
-    short_done_at = order[0][1]
-    # it joined the running batch: 4 tokens = its prefill + 3 decode steps after its arrival, not after step 60
-    assert short_done_at <= admitted_at + 4 and all(step >= 59 for name, step in order[1:])
-    assert engine.batches == 2
+    long, shorts = asyncio.run(go())
+    assert long.extra["last_step"] - long.extra["first_step"] == 59  # never paused for the admissions around it
+    assert all(g.extra["last_step"] - g.extra["first_step"] == 2 for g in shorts)
 
 
 def test_the_next_turn_takes_over_the_previous_turns_cached_prefix(tiny_model_dir):

@@ -97,7 +97,8 @@ class HFEngine(Engine):
         self.batches = 0
         """Admission rounds: requests made in one event-loop tick are admitted in one."""
         self.steps = 0
-        """Steps: one forward each over every running row's uncached tokens."""
+        """Steps: one forward each over every running row's uncached tokens. A ``Generation``'s
+        ``extra`` says which steps sampled its first and last token (``first_step``, ``last_step``)."""
         self.prefix_hits = 0
         """Requests that took over a parked row's cached prefix."""
         self._ticks: dict[asyncio.AbstractEventLoop, list[_Request]] = {}
@@ -338,7 +339,8 @@ class HFEngine(Engine):
         if exc is not None:
             _resolve(row.req, exc=exc)
             return
-        _resolve(row.req, result=Generation(row.out_ids, row.out_lp, row.finish, self.version))
+        steps = {"first_step": row.first_step, "last_step": self.steps}  # the steps that sampled its first and last token
+        _resolve(row.req, result=Generation(row.out_ids, row.out_lp, row.finish, self.version, extra=steps))
         if park:
             p = _Parked(tokens=row.tokens[: row.cached], slot=last)
             self._owner[last] = p
@@ -396,6 +398,8 @@ class HFEngine(Engine):
         """Sample one token per row from logits[len(rows), V], append it, retire the rows that finished."""
         toks, lps = sample_tokens(logits, [r.req.settings for r in rows], [r.gen for r in rows], self._gen)
         for row, tok, lp in zip(rows, toks, lps):
+            if not row.out_ids:
+                row.first_step = self.steps
             row.tokens.append(tok)
             row.out_ids.append(tok)
             row.out_lp.append(lp)
@@ -587,6 +591,7 @@ class _Row:
     out_ids: list[int] = field(default_factory=list)
     out_lp: list[float] = field(default_factory=list)
     finish: str = "length"
+    first_step: int = -1
 
     def __post_init__(self):
         self.stops = set(self.req.settings.stop_token_ids)
