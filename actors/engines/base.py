@@ -8,7 +8,7 @@ owns tokenization, so the learner trains on the very ids that were sampled.
 
 Requests are submitted one episode-turn at a time with ``await generate(...)``;
 an engine batches concurrent requests itself (vLLM: continuous batching;
-transformers: dynamic batching of whatever is pending). Weights are replaced in
+transformers: continuous batching over a slot KV cache). Weights are replaced in
 place with ``load_weights`` and the engine reports the policy version it serves
 on every ``Generation``.
 """

@@ -13,6 +13,10 @@ prefill), so admitting costs no forward of its own; a registered attention
 the same prompt in one tick share one prefill. The event loop keeps serving
 tool calls meanwhile.
 
+Models: decoder-only transformers whose attention goes through transformers'
+``AttentionInterface`` and ``Cache.update`` (the Llama/Qwen families, with or
+without GQA); sliding-window layers are refused.
+
 The KV cache is static: one ``[2 * layers, slots, kv_heads, length, head_dim]``
 buffer, grown when a request needs more and never freed, with the running rows
 packed into the first slots so a decode step reads a view, not a copy. A row
