@@ -34,7 +34,7 @@ RUNS = {
         "actor_rollout_ref.actor.clip_ratio_high=4e-4",
     ],
     # CISPO keeps every token's gradient (no trust region): at the demo's lr 2e-4 it collapsed in 2
-    # of 3 seeds (truncated turns, reward 0 by step 19); at 1e-4 it learns (docs/algorithms.md)
+    # of 3 seeds (truncated turns, then reward 0 by step 17-19); at 1e-4 it learns (docs/algorithms.md)
     "cispo": ["actor_rollout_ref.actor.loss_mode=cispo", "actor_rollout_ref.actor.optim.lr=1e-4"],
     "grpo_dynamic_sampling": ["algorithm.filter_groups.enable=true"],
 }
