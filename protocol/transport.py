@@ -369,9 +369,7 @@ class LearnerServer:
                 if actor == msg.actor_id and other != ident:
                     del self._subs[other]
             if snap.can_start():
-                self._subs[ident] = msg.actor_id
-                self._acked[ident] = 0
-                snap.subscribe(msg.actor_id)
+                self._subscribe(ident, msg.actor_id, snap)
                 self._pump_weights()
             elif msg.wait_s > 0:
                 self._waiting[ident] = (msg.actor_id, have_version, time.monotonic() + min(msg.wait_s, 30.0))
@@ -397,9 +395,7 @@ class LearnerServer:
                 for ident, (actor, have, _) in list(self._waiting.items()):
                     if have < stream.version and stream.can_start():
                         del self._waiting[ident]
-                        self._subs[ident] = actor
-                        self._acked[ident] = 0
-                        stream.subscribe(actor)
+                        self._subscribe(ident, actor, stream)
         if stream is not None:
             self._send_stream(stream)
         if self._waiting:
@@ -408,6 +404,12 @@ class LearnerServer:
                 if now >= deadline:
                     del self._waiting[ident]
                     self._reply(ident, m.NoWeights(learner_version=snap.version if snap is not None else -1))
+
+    def _subscribe(self, ident: bytes, actor: str, stream) -> None:
+        """``actor`` (on peer ``ident``) is sent ``stream`` from its first chunk, one ahead of its acks."""
+        self._subs[ident] = actor
+        self._acked[ident] = 0
+        stream.subscribe(actor)
 
     def _send_stream(self, stream, flush: bool = False) -> None:
         """Send each subscriber the chunks it may have: up to one past what it acknowledged (all
@@ -530,7 +532,7 @@ class LearnerServer:
             self._reply(ident, m.Error(message=str(e)))
             return
         if isinstance(msg, m.WeightsAck):  # flow control of a weights stream: no reply
-            if msg.actor_id == self._subs.get(ident):
+            if msg.actor_id == self._subs.get(ident) and msg.version == self._streaming.version:
                 self._acked[ident] = max(self._acked.get(ident, 0), msg.chunk + 1)
                 self._pump_weights()
             return

@@ -346,10 +346,8 @@ class StreamingVersion:
         """Subscribed actor -> chunks handed to ZeroMQ for it."""
         self._trackers: dict[int, list] = {}
         self.opened = time.monotonic()
-        self.nbytes = 0
         self.peak_held_bytes = 0
         self.bounded = True
-        self.streamed_past: list[str] = []
 
     # -- the publisher's side
 
@@ -361,7 +359,6 @@ class StreamingVersion:
         with self.cond:
             self.held[self.n] = (header, bucket.buffers(), bucket.nbytes)
             self.n += 1
-            self.nbytes += bucket.nbytes
             self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes())
 
     def finish(self) -> None:
@@ -434,7 +431,6 @@ class StreamingVersion:
         if time.monotonic() - self.opened > self.subscribe_s:
             for a in sorted(self.expected - set(self.progress)):
                 self.expected.discard(a)
-                self.streamed_past.append(a)
                 log.info("weights v%d: %s did not ask within %.0fs of the announcement; streaming past it "
                          "(it gets the version when it asks)", self.version, a, self.subscribe_s)
         before = self.released
@@ -575,9 +571,6 @@ class _ZmqStream:
             self.loop.call_soon_threadsafe(self.client._reset)
         self.loop.call_soon_threadsafe(self.client._lock.release)
 
-    async def _recv_into(self, box: list, what: str) -> None:
-        box.append(await self.client._recv(self.sock, self.timeout_s, what))
-
     def __del__(self):  # a stream dropped without being read (its consumer failed first)
         self._release(complete=False)
 
@@ -597,14 +590,11 @@ class _ZmqStream:
             while True:
                 if i > 0:
                     what = f"weights v{v} chunk {i}/{n or '?'}"
-                    box: list = []  # the frames come back through this, not as the task's result: a finished
-                    # task can outlive this step (reference cycles) and would keep the bucket alive with it
-                    fut = asyncio.run_coroutine_threadsafe(self._recv_into(box, what), self.loop)
+                    fut = asyncio.run_coroutine_threadsafe(self.client._recv(self.sock, self.timeout_s, what), self.loop)
                     try:
-                        fut.result(self.timeout_s + 30)
+                        frames = fut.result(self.timeout_s + 30)
                     except TransportTimeout as e:
                         raise WeightsRejected(f"weights v{v} incomplete: {e}; refusing it") from e
-                    frames = box.pop()
                     header = m.decode(frames[0].bytes)
                     if not isinstance(header, m.WeightsChunk) or header.version != v or header.chunk != i:
                         raise WeightsRejected(f"weights chunks out of order: got {header!r:.80}, want v{v}#{i}; refusing it")

@@ -225,6 +225,8 @@ def test_an_actor_is_sent_the_next_bucket_only_after_it_acknowledged_the_last():
         await client._send(sock, m.WeightsRequest(actor_id="a", have_version=0))
         got = [m.decode((await client._recv(sock, 30, "chunk 0"))[0].bytes)]
         extra = await sock.poll(500)  # nothing more comes before the acknowledgement
+        await client._send(sock, m.WeightsAck(actor_id="a", version=0, chunk=0))  # another version's: ignored
+        extra += await sock.poll(300)
         for i in range(4):
             await client._send(sock, m.WeightsAck(actor_id="a", version=1, chunk=i))
             got.append(m.decode((await client._recv(sock, 30, f"chunk {i + 1}"))[0].bytes))
