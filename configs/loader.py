@@ -780,8 +780,6 @@ def no_effect_notes(cfg: RelayConfig, has_gpu: bool) -> list[str]:
         ):
             if _get(cfg, key):
                 note(key, "no effect on CPU (already in host memory)")
-        if arr.model.use_remove_padding:
-            note("actor_rollout_ref.model.use_remove_padding", "no effect on CPU (padding-free attention needs flash-attention on GPU)")
         if arr.rollout.tensor_model_parallel_size > 1:
             note("actor_rollout_ref.rollout.tensor_model_parallel_size", "no effect on CPU (one process per actor)")
         if _changed(cfg, "actor_rollout_ref.rollout.gpu_memory_utilization"):

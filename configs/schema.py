@@ -425,8 +425,12 @@ class ModelConfig(Section):
     """Hugging Face id or local directory; ``tiny`` = the embedded tiny demo model."""
     enable_gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
-    use_remove_padding: bool = True
-    """Pack sequences without padding in the learner's forward (flash-attention varlen, GPU only)."""
+    use_remove_padding: bool = False
+    """Pack each learner forward's rows into one row without padding (policy, proximal and reference
+    passes; positions restart per sequence and transformers builds the per-sequence causal mask:
+    varlen flash-attention where the model runs with it, else SDPA with a block mask). Pays when
+    padding is large and attention is cheap next to the MLP: forward+backward measured on CPU at 25%
+    padding, 1.11x faster at Qwen2.5-0.5B width, 1.23x slower on the tiny demo model."""
     lora_rank: int = Field(0, ge=0)
     """LoRA rank; 0 trains all weights."""
     lora_alpha: int = Field(16, ge=1)

@@ -298,7 +298,7 @@ def build_model(out: Path = typer.Argument(..., help="Directory to write."), see
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Demo directory (data, models, run)."),
     steps: Optional[int] = typer.Option(None, help="RL steps (default: the demo preset's)."),
-    sft_steps: int = typer.Option(600, help="Warm-start steps."),
+    sft_steps: int = typer.Option(2000, help="Warm-start steps (launcher.commands.DEMO_SFT)."),
     overrides: Optional[List[str]] = OVERRIDES,
 ):
     """The whole demo: build the tiny model, warm-start it, RL with a calculator, evaluate before/after."""

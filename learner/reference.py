@@ -84,17 +84,19 @@ def next_token_logits(
     positions restarting at 0 for each sequence and no attention mask, from which
     transformers builds the per-sequence (block-diagonal causal) mask: a 4-D mask for
     SDPA on CPU, varlen flash-attention on GPU. Tested equal to the padded forward on
-    one rank; not yet used by the trainer (``model.use_remove_padding`` is not wired:
-    with it on, a 2-rank run and its 1-rank replay diverged, unexplained)."""
+    one rank; the trainer and the reference pack when ``model.use_remove_padding``."""
     where = mb.loss_mask > 0 if where is None else where
     at = torch.nn.functional.pad(where, (0, 1))  # [n, L]: the last column predicts nothing
     pos = (mb.attention_mask.cumsum(-1) - 1).clamp(min=0)
     if packed:
         real = mb.attention_mask > 0
-        inputs = dict(input_ids=mb.input_ids[real].unsqueeze(0), position_ids=pos[real].unsqueeze(0), attention_mask=None)
+        # use_cache=False: with a KV cache transformers skips the per-sequence mask (one causal mask
+        # over the packed row, sequences attending to each other; tested)
+        inputs = dict(input_ids=mb.input_ids[real].unsqueeze(0), position_ids=pos[real].unsqueeze(0), attention_mask=None,
+                      use_cache=False)
         pick = at[real]  # [S]: the gathered positions in the packed row (same row-major order)
     else:
-        inputs = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=pos)
+        inputs = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=pos, use_cache=False)
         pick = at.flatten()
 
     def gather(module, args, output):
@@ -117,8 +119,11 @@ class NoReference:
 
 
 class Reference:
-    def __init__(self, model, temperature: float, micro: int | MicroBatching, world: int, precompute: bool = True):
+    def __init__(self, model, temperature: float, micro: int | MicroBatching, world: int, precompute: bool = True,
+                 packed: bool = False):
         self.model = model
+        self.packed = packed
+        """``model.use_remove_padding``: forward passes on packed rows (``next_token_logits``)."""
         self.precompute = precompute
         """Whether a KL term needs the whole shard's reference log-probs (not ``full`` KL loss alone)."""
         self.temperature = temperature
@@ -128,7 +133,7 @@ class Reference:
     @torch.no_grad()
     def logits(self, mb: TrainBatch, where: torch.Tensor | None = None) -> ResponseLogits:
         """Reference logits at ``where`` (default the sampled positions)."""
-        return next_token_logits(self.model, mb, self.temperature, where)
+        return next_token_logits(self.model, mb, self.temperature, where, packed=self.packed)
 
     @torch.no_grad()
     def logprobs(self, shard: TrainBatch, n: int) -> torch.Tensor | None:
@@ -234,7 +239,7 @@ def build_kl_terms(cfg: RelayConfig, device: torch.device, world: int):
     precompute = alg.use_kl_in_reward or (arc.actor.use_kl_loss and arc.actor.kl_loss_type != "full")
     micro = micro_batching(arc.ref.log_prob_micro_batch_size_per_gpu, arc.ref.log_prob_use_dynamic_bsz,
                            arc.ref.log_prob_max_token_len_per_gpu)
-    reference = Reference(model, arc.rollout.temperature, micro, world, precompute)
+    reference = Reference(model, arc.rollout.temperature, micro, world, precompute, packed=arc.model.use_remove_padding)
     kl_loss = (
         KLLoss(kl_tokens(arc.actor.kl_loss_type, reference), arc.actor.kl_loss_coef, arc.actor.loss_agg_mode,
                arc.actor.loss_agg_horizon)

@@ -427,7 +427,8 @@ class Trainer:
 
     def forward(self, mb: TrainBatch) -> ResponseLogits:
         """Logits predicting the next token at the micro-batch's sampled positions."""
-        return next_token_logits(self.model, mb, self.cfg.actor_rollout_ref.rollout.temperature)
+        arc = self.cfg.actor_rollout_ref
+        return next_token_logits(self.model, mb, arc.rollout.temperature, packed=arc.model.use_remove_padding)
 
     @torch.no_grad()
     def logprobs(self, shard: TrainBatch, n: int) -> torch.Tensor:

@@ -161,7 +161,7 @@ VALUES = {
     "optimizer_offload": ("True", True),
     "path": ("/models/qwen", "/models/qwen"),
     "enable_gradient_checkpointing": ("true", True),
-    "use_remove_padding": ("false", False),
+    "use_remove_padding": ("true", True),
     "name": ("vllm", "vllm"),
     "response_length": ("512", 512),
     "tensor_model_parallel_size": ("2", 2),
@@ -489,9 +489,10 @@ def test_no_effect_notes():
                            "algorithm.kl_ctrl.kl_coef=0.1"])
     cpu = "\n".join(no_effect_notes(cfg, has_gpu=False))
     for key in ("rollout.tensor_model_parallel_size=2", "gpu_memory_utilization=0.9",
-                "actor.fsdp_config.param_offload=true", "use_remove_padding", "n_gpus_per_node=2",
+                "actor.fsdp_config.param_offload=true", "n_gpus_per_node=2",
                 "kl_ctrl.kl_coef=0.1"):
         assert key in cpu
+    assert "use_remove_padding" not in cpu  # packing runs on CPU too (SDPA block mask)
     gpu = "\n".join(no_effect_notes(cfg, has_gpu=True))
     assert "param_offload" not in gpu and "n_gpus_per_node" not in gpu
     assert "tensor_model_parallel_size=2: only used by rollout.name=vllm" in gpu

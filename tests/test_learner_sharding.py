@@ -269,11 +269,12 @@ def _logprobs_for(trainer, batch, budgets) -> dict[str, torch.Tensor]:
     return out
 
 
-def _config(model_dir, run_dir):
+def _config(model_dir, run_dir, packed: bool = False):
     from tests.learner_support import learner_config
 
     return learner_config(
         model_dir, run_dir,
+        f"actor_rollout_ref.model.use_remove_padding={str(packed).lower()}",
         "actor_rollout_ref.actor.ppo_mini_batch_size=2",  # both prompts: one optimizer step per train_step
         "actor_rollout_ref.actor.grad_clip=1e9",  # gradients are compared unclipped
         "actor_rollout_ref.actor.optim.lr=1e-30",  # and the weights stay put between runs
@@ -312,8 +313,10 @@ def _rank_main(rank: int, cfg, port: int, out_path: str) -> None:
         trainer.cleanup()
 
 
-def test_trainer_gradient_is_the_same_for_micro_splits_and_ranks(tmp_path, tiny_model_dir):
-    """Every aggregation mode: the gradient of a real train_step (7 rows, one mini-batch) is the
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_trainer_gradient_is_the_same_for_micro_splits_and_ranks(tmp_path, tiny_model_dir, packed):
+    """Padded rows, and rows packed without padding (``model.use_remove_padding``), which must
+    give the same numbers. Every aggregation mode: the gradient of a real train_step (7 rows, one mini-batch) is the
     same with micro-batches of 1, 2 and 4 rows and of token budgets of 17, 30 and 40 tokens on one
     rank, and of 1 and 2 rows and 30 tokens on two gloo ranks (where rank 1 holds 3 rows and runs a
     zero-scale padding pass). The proximal log-prob pass gives the same log-probs, in row order,
@@ -321,14 +324,14 @@ def test_trainer_gradient_is_the_same_for_micro_splits_and_ranks(tmp_path, tiny_
     from launcher.local import free_port
     from tests.learner_support import trainer_world_1
 
-    with trainer_world_1(_config(tiny_model_dir, tmp_path / "w1")) as trainer:
+    with trainer_world_1(_config(tiny_model_dir, tmp_path / "w1", packed)) as trainer:
         batch = trainer.step_batch(_trajs()).batch
         one = _grads_for(trainer, batch, RUNS_1)
         logprobs_one = _logprobs_for(trainer, batch, (17, 30, 40))
 
     out = tmp_path / "grads_w2.pt"
     ctx = mp.start_processes(
-        _rank_main, args=(_config(tiny_model_dir, tmp_path / "w2"), free_port(), str(out)), nprocs=2,
+        _rank_main, args=(_config(tiny_model_dir, tmp_path / "w2", packed), free_port(), str(out)), nprocs=2,
         join=False, start_method="spawn",
     )
     deadline = time.monotonic() + 600
