@@ -14,6 +14,7 @@ learner aware of the actor while long batches run.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import logging
 import os
@@ -27,7 +28,7 @@ import torch
 from actors.engines.base import Engine, SamplingSettings
 from actors.rollout import Episode, EpisodeLimits, PromptTooLong, ToolBox, run_episode
 from envs.base import Agent
-from envs.rewards import RewardError, run_reward
+from envs.rewards import RewardError, Scores, run_reward
 from protocol import messages as m
 from protocol.transport import ActorClient, LearnerRefused, TransportTimeout
 from protocol.weights import WeightsReceiver, WeightsRejected, make_receiver
@@ -65,23 +66,44 @@ class Scorer:
         self.reward_fn = reward_fn
         self.tokenizer = tokenizer
 
-    def __call__(self, ep: Episode, row: dict) -> dict[str, float]:
+    def __call__(self, ep: Episode, row: dict) -> Scores:
         from envs.rewards import TrajectoryInfo
 
         if ep.reward is not None:  # the environment scored it (an external agent's reward)
-            return dict(ep.reward)
+            return Scores(ep.reward)
         info = TrajectoryInfo(
             messages=ep.messages,
             num_turns=ep.num_turns,
             tool_calls=ep.tool_calls,
             truncated=ep.truncated,
             response_text=ep.response_text(self.tokenizer),
+            turn_tool_errors=list(ep.turn_tool_errors),
         )
         return self.reward_fn(ep.final_answer, info, **row)
 
 
-def to_trajectory(actor_id: str, item: m.WorkItem, chain: int, ep: Episode, scores: dict[str, float], greedy: bool = False,
-                  segment: int = 0, num_segments: int = 1) -> m.Trajectory:
+def turn_rewards_by_run(loss_mask: list[int], turn_ends: list[int], rewards: list[float]) -> list[float]:
+    """``rewards`` (one per assistant turn, turn ``k`` ending at ``turn_ends[k]``) as one per run of
+    sampled tokens (``loss_mask`` 1) in order, which is how ``learner.batch.collate`` places
+    ``Trajectory.turn_rewards``: each on its run's last token. Turns with no observation between
+    them form one run and share it (summed); a turn that sampled nothing goes to the next run (the
+    last one if none follows). Trailing zeros are dropped ([] when every reward is 0)."""
+    n = len(loss_mask)
+    ends = [i for i in range(n) if loss_mask[i] == 1 and (i + 1 == n or loss_mask[i + 1] != 1)]
+    out = [0.0] * len(ends)
+    if ends:
+        for end, r in zip(turn_ends, rewards):
+            out[min(bisect.bisect_left(ends, end), len(ends) - 1)] += r
+    while out and out[-1] == 0.0:
+        out.pop()
+    return out
+
+
+def to_trajectory(actor_id: str, item: m.WorkItem, chain: int, ep: Episode, scores: Scores, greedy: bool = False,
+                  segment: int = 0, num_segments: int = 1, first_turn: int = 0) -> m.Trajectory:
+    """``ep`` (one training sequence of the chain's episode) as a ``Trajectory``. ``first_turn``: the
+    episode-wide index of the sequence's first assistant turn (segments hold consecutive turns), so
+    it carries ``scores.turn_rewards`` of its own turns, one per run of its loss mask."""
     tools: dict[str, int] = {}
     for name in ep.tool_calls:
         tools[name] = tools.get(name, 0) + 1
@@ -96,6 +118,7 @@ def to_trajectory(actor_id: str, item: m.WorkItem, chain: int, ep: Episode, scor
         versions=m.pack(ep.versions, "int32"),
         reward=float(scores["reward"]),
         reward_components={k: float(v) for k, v in scores.items()},
+        turn_rewards=turn_rewards_by_run(ep.loss_mask, ep.turn_ends, scores.turn_rewards[first_turn : first_turn + len(ep.turn_ends)]),
         stats=m.EpisodeStats(
             num_turns=ep.num_turns,
             tool_calls=tools,
@@ -112,6 +135,16 @@ def to_trajectory(actor_id: str, item: m.WorkItem, chain: int, ep: Episode, scor
         segment=segment,
         num_segments=num_segments,
     )
+
+
+def to_trajectories(actor_id: str, item: m.WorkItem, chain: int, ep: Episode, scores: Scores, greedy: bool = False) -> list[m.Trajectory]:
+    """The scored episode's training sequences (``ep.sequences()``) as trajectories, segment ``k``
+    of ``n``, each with the turn rewards of its own turns; a validation item sends the last only."""
+    seqs = ep.sequences()
+    first = len(seqs) - 1 if item.validation else 0  # validation scores the episode: its last sequence is enough
+    turn0 = [sum(len(s.turn_ends) for s in seqs[:k]) for k in range(len(seqs))]  # each sequence's first turn
+    return [to_trajectory(actor_id, item, chain, s, scores, greedy=greedy, segment=k, num_segments=len(seqs), first_turn=turn0[k])
+            for k, s in enumerate(seqs) if k >= first]
 
 
 def as_tensor(a) -> torch.Tensor:
@@ -307,7 +340,4 @@ class Actor:
             sampling = dataclasses.replace(sampling, temperature=self.s.val_temperature)
         ep = await self.rollout(self.engine, self.agent, self.tokenizer, self.toolbox, item.row, self.s.limits, sampling)
         scores = await run_reward(self.scorer.reward_fn, lambda: self.scorer(ep, item.row), sample=f"{item.sample_id} chain {chain}")
-        seqs = ep.sequences()
-        first = len(seqs) - 1 if item.validation else 0  # validation scores the episode: its last sequence is enough
-        return [to_trajectory(self.s.actor_id, item, chain, s, scores, greedy=greedy, segment=k, num_segments=len(seqs))
-                for k, s in enumerate(seqs) if k >= first]
+        return to_trajectories(self.s.actor_id, item, chain, ep, scores, greedy=greedy)

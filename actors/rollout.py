@@ -59,6 +59,9 @@ class Episode:
     tool_time_s: float = 0.0
     turn_ends: list[int] = field(default_factory=list)
     """Index in ``response_ids`` of each assistant turn's last sampled token."""
+    turn_tool_errors: list[int] = field(default_factory=list)
+    """Per assistant turn: its tool calls that failed (unparsable: 1, unless the turn was cut by its
+    token limit; each tool result with ``error``: 1)."""
     reward: dict[str, float] | None = None
     """Set when the environment scored the episode itself (an external agent's returned reward):
     the actor's ``Scorer`` then uses it instead of the configured reward function."""
@@ -140,6 +143,7 @@ async def run_episode(
         text = tokenizer.decode(body, skip_special_tokens=False)
         action: Action = agent.parse(text)
         agent.add_assistant(conv, text)
+        ep.turn_tool_errors.append(int(action.parse_error is not None and gen.finish_reason != "length"))
         if gen.finish_reason == "length":
             # The turn was cut off: whatever it was going to say is unfinished.
             ep.truncated, ep.finish_reason = True, "length"
@@ -153,6 +157,7 @@ async def run_episode(
         ep.tool_time_s += time.perf_counter() - t0
         ep.tool_calls += [c.name for c in action.tool_calls]
         ep.tool_errors += sum(r.error for r in results)
+        ep.turn_tool_errors[-1] += sum(r.error for r in results)
         obs_ids = encode(tokenizer, agent.observation_text(conv, action, list(results)))
         ended = next((r.final_answer for r in results if r.final_answer is not None), None)
         if ended is not None:

@@ -278,8 +278,12 @@ class Trainer:
 
     def step_batch(self, trajs: list[m.Trajectory]) -> StepBatch:
         """The trainable batch of the broadcast trajectories. Greedy rollouts (ReMax) are not
-        trained on: their reward becomes the baseline of their prompt's rows."""
-        baselines = {t.sample_id: t.reward for t in trajs if t.greedy}
+        trained on: their score (outcome plus per-turn rewards, what the estimator scores the
+        sampled rows by) becomes the baseline of their prompt's rows."""
+        baselines: dict[str, float] = {}
+        for t in trajs:  # a greedy chain split into segments: the outcome once, each segment's turn rewards
+            if t.greedy:
+                baselines[t.sample_id] = baselines.get(t.sample_id, t.reward) + sum(t.turn_rewards)
         trajs = [t for t in trajs if not t.greedy]
         sample_ids = sorted({t.sample_id for t in trajs})
         group_of = {sid: i for i, sid in enumerate(sample_ids)}

@@ -305,7 +305,9 @@ class Trajectory(_Msg, tag="trajectory"):
     reward_components: dict[str, float]
     stats: EpisodeStats
     turn_rewards: list[float] = []
-    """Optional per-assistant-turn rewards (placed on each turn's last sampled token)."""
+    """Optional per-turn rewards, one per run of sampled tokens (``loss_mask`` 1: an assistant turn)
+    of this trajectory in order, at most one per run (fewer: the rest are 0), each placed on its
+    run's last sampled token; on top of ``reward``, the outcome (``actors.actor.to_trajectory``)."""
     greedy: bool = False
     validation: bool = False
     final_answer: str = ""
@@ -417,6 +419,10 @@ def check_trajectory(t: Trajectory) -> None:
         raise ProtocolError(f"{where}: sampling log-probs must be finite and <= 0")
     if not all(math.isfinite(x) for x in (t.reward, *t.reward_components.values(), *t.turn_rewards)):
         raise ProtocolError(f"{where}: rewards must be finite")
+    if t.turn_rewards:
+        runs = int(np.count_nonzero(np.diff(np.concatenate([[0], mask.astype(np.int8)])) == 1))
+        if len(t.turn_rewards) > runs:
+            raise ProtocolError(f"{where}: {len(t.turn_rewards)} turn_rewards for {runs} run(s) of sampled tokens")
 
 
 def check_trajectory_bounds(t: Trajectory, vocab_size: int | None, max_version: int) -> None:

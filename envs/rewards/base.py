@@ -2,15 +2,28 @@
 
 A reward function has the signature::
 
-    fn(final_answer: str | None, trajectory: TrajectoryInfo, **row_fields) -> float | dict[str, float]
+    fn(final_answer: str | None, trajectory: TrajectoryInfo, **row_fields) -> float | dict
 
 It names the dataset fields it needs as parameters (``answer``, ``tests``, ...);
 a ``**kwargs`` parameter receives every field. ``get_reward`` returns a
-``RewardFn`` that always gives ``dict[str, float]`` with a ``"reward"`` key:
+``RewardFn`` that always gives ``Scores``: a ``dict[str, float]`` with a
+``"reward"`` key (the outcome), plus the per-turn rewards in ``.turn_rewards``:
 
 * a float ``x`` becomes ``{"reward": x}``;
 * a dict with ``"reward"`` is kept as is (the other keys are logged components);
-* a dict without ``"reward"`` gets ``"reward"`` = the sum of its parts.
+* a dict without ``"reward"`` gets ``"reward"`` = the sum of its parts;
+* a dict may also hold ``"turn_rewards"``: a list of numbers, one per assistant
+  turn of the episode in order (``trajectory.num_turns`` of them at most; a
+  shorter list leaves the remaining turns 0). It is not a component: it moves
+  to ``Scores.turn_rewards`` and is not part of the sum above. A longer list,
+  an entry that is not a number, or a non-finite one is an error naming the
+  reward (a ``RewardError`` under ``run_reward``).
+
+The outcome ``"reward"`` lands on the episode's last sampled token; turn ``k``'s
+reward on the last sampled token of assistant turn ``k``
+(``Trajectory.turn_rewards``, placed by ``learner.batch.collate``). Token-level
+estimators (``gae``, ``reinforce_plus_plus``) see each where it lands; outcome
+estimators (``grpo``, ``rloo``, ...) score an episode by the sum of all of them.
 
 ``final_answer`` is ``None`` when the episode ended without one (turn limit,
 length truncation, unparsable turn); rewards give 0 correctness then.
@@ -27,11 +40,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
+import numbers
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-RewardResult = float | dict[str, float]
+RewardResult = float | dict[str, Any]
 
 
 @dataclass
@@ -47,10 +62,25 @@ class TrajectoryInfo:
     """The episode hit the token or turn limit."""
     response_text: str = ""
     """All assistant text of the episode, concatenated."""
+    turn_tool_errors: list[int] = field(default_factory=list)
+    """Per assistant turn, in order: its tool calls that failed (an unparsable tool call counts as
+    one, unless the turn was cut by its token limit; a tool that returned an error as one each); 0
+    for a turn without tool calls. Filled for Relay's own agents (``actors.rollout.run_episode``);
+    empty for an external agent's episode."""
+
+
+class Scores(dict):
+    """What a ``RewardFn`` returns: ``dict[str, float]`` (``"reward"``, the outcome, and the logged
+    components) plus ``turn_rewards``, one float per assistant turn (possibly fewer: the rest are 0)."""
+
+    def __init__(self, values: dict[str, float] | None = None, turn_rewards: list[float] | None = None) -> None:
+        super().__init__(values or {})
+        self.turn_rewards: list[float] = list(turn_rewards or [])
 
 
 class RewardFn:
-    """A registered reward normalised to ``dict[str, float]`` with a ``"reward"`` key."""
+    """A registered reward normalised to ``Scores``: ``dict[str, float]`` with a ``"reward"`` key,
+    and ``turn_rewards`` (checked: at most ``trajectory.num_turns`` finite numbers)."""
 
     def __init__(self, name: str, fn: Callable[..., RewardResult], timeout_s: float | None = None) -> None:
         self.name = name
@@ -65,18 +95,35 @@ class RewardFn:
         self._fields = [p.name for p in rest if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         self._required = {p.name for p in rest if p.name in self._fields and p.default is p.empty}
 
-    def __call__(self, final_answer: str | None, trajectory: TrajectoryInfo, **row_fields: Any) -> dict[str, float]:
+    def __call__(self, final_answer: str | None, trajectory: TrajectoryInfo, **row_fields: Any) -> Scores:
         missing = sorted(self._required - set(row_fields))
         if missing:
             raise KeyError(f"reward '{self.name}' needs dataset field(s) {missing}; row has {sorted(row_fields)}")
         kwargs = row_fields if self._takes_all else {k: row_fields[k] for k in self._fields if k in row_fields}
         out = self.fn(final_answer, trajectory, **kwargs)
         if isinstance(out, dict):
-            result = {k: float(v) for k, v in out.items()}
+            turns = self._turn_rewards(out["turn_rewards"], trajectory.num_turns) if "turn_rewards" in out else []
+            result = {k: float(v) for k, v in out.items() if k != "turn_rewards"}
             if "reward" not in result:
                 result["reward"] = sum(result.values())
-            return result
-        return {"reward": float(out)}
+            return Scores(result, turns)
+        return Scores({"reward": float(out)})
+
+    def _turn_rewards(self, value: Any, num_turns: int) -> list[float]:
+        """``value`` as a list of floats, one per assistant turn at most; a clear error otherwise."""
+        where = f"reward '{self.name}': turn_rewards"
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{where} must be a list of numbers (one per assistant turn), got {type(value).__name__}")
+        if len(value) > num_turns:
+            raise ValueError(f"{where} has {len(value)} entries but the episode has {num_turns} assistant turn(s)")
+        out = []
+        for k, x in enumerate(value):
+            if isinstance(x, bool) or not isinstance(x, numbers.Real):
+                raise TypeError(f"{where}[{k}] is {x!r} ({type(x).__name__}), not a number")
+            if not math.isfinite(x):
+                raise ValueError(f"{where}[{k}] is {x}, not finite")
+            out.append(float(x))
+        return out
 
     def __repr__(self) -> str:
         return f"RewardFn({self.name!r})"
@@ -146,8 +193,8 @@ def _abandon(state: dict[str, bool]) -> None:
 
 
 async def run_reward(
-    reward: RewardFn, call: Callable[[], dict[str, float]], sample: str, timeout_s: float | None = None
-) -> dict[str, float]:
+    reward: RewardFn, call: Callable[[], Scores], sample: str, timeout_s: float | None = None
+) -> Scores:
     """``call()`` (which scores one episode with ``reward``) in a thread of its own, for at most
     ``timeout_s`` (default: ``reward.timeout_s``); its result, or a ``RewardError`` naming
     ``reward`` and ``sample`` when it raises (anything, ``BaseException`` included) or runs late.
