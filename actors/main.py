@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import faulthandler
 import logging
+import os
 import signal
 import sys
 
@@ -31,16 +32,17 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     cfg = load_config([args.config])
+    model_path = cfg.actor_rollout_ref.model.path
+    index = int(args.actor_id.rsplit("-", 1)[-1]) if args.actor_id.rsplit("-", 1)[-1].isdigit() else 0
+    # the engine is built while the learner starts (a local run starts both at once), not after
+    parts = build_parts(cfg, model_path)
+    engine = build_engine(cfg, model_path, seed=cfg.trainer.seed * 1000 + index)
     if args.learner_file:
         from protocol.transport import read_endpoint_file
 
         host, port = read_endpoint_file(args.learner_file, cfg.transport.recv_timeout_s)
     else:
         host, port = args.learner.rsplit(":", 1)
-    model_path = cfg.actor_rollout_ref.model.path
-    index = int(args.actor_id.rsplit("-", 1)[-1]) if args.actor_id.rsplit("-", 1)[-1].isdigit() else 0
-    parts = build_parts(cfg, model_path)
-    engine = build_engine(cfg, model_path, seed=cfg.trainer.seed * 1000 + index)
     rollout, t = cfg.actor_rollout_ref.rollout, cfg.transport
     settings = ActorSettings(
         actor_id=args.actor_id,
@@ -81,4 +83,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    import psutil
+
+    if psutil.Process().children():  # an engine's worker processes: their atexit handlers stop them
+        sys.exit(code)
+    # Everything is closed by now (sockets terminated, files written): skip the interpreter's
+    # teardown of torch's modules, ~1 s per process (and triton's nanobind leak report).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

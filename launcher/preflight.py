@@ -240,21 +240,11 @@ LENGTH_SAMPLE = 1024
 
 
 def _length_counter(cfg: RelayConfig):
-    """``rows -> [tokens of each row's rendered prompt]`` as ``learner.prompts.prompt_lengths`` counts
-    them, with the policy's tokenizer read without transformers when it can be
-    (``launcher.fast_tokenizer``: well under a second instead of 5-10 s), else transformers'."""
-    from launcher.fast_tokenizer import load_fast_tokenizer
+    """``rows -> [tokens of each row's rendered prompt]``: the learner's own count
+    (``learner.prompts.prompt_lengths``), so both measure alike."""
+    from learner.prompts import prompt_lengths
 
-    tokenizer = load_fast_tokenizer(cfg.actor_rollout_ref.model.path)
-    if tokenizer is None:
-        from learner.prompts import prompt_lengths
-
-        return lambda rows: prompt_lengths(cfg, rows)
-    from envs.agents import agent_for_config
-    from learner.prompts import _lengths  # the learner's own count, so both measure alike
-
-    agent = agent_for_config(cfg, tokenizer)
-    return lambda rows: _lengths(tokenizer, agent, rows)
+    return lambda rows: prompt_lengths(cfg, rows)
 
 
 def _check_lengths(cfg: RelayConfig, sets: list[tuple[str, list[dict[str, Any]]]], report: Report) -> None:

@@ -709,7 +709,7 @@ def read_endpoint_file(path, timeout_s: float) -> tuple[str, int]:
     from pathlib import Path
 
     path = Path(path)
-    wait_until(path.exists, timeout_s, f"the learner to write its address to {path}", poll_s=0.1)
+    wait_until(path.exists, timeout_s, f"the learner to write its address to {path}", poll_s=0.02)
     d = json.loads(path.read_text())
     return d["host"], int(d["port"])
 

@@ -330,7 +330,7 @@ def test_fast_tokenizer_renders_and_counts_as_transformers(tiny_model_dir):
     from transformers import AutoTokenizer
 
     from envs.templates import CHAT_TEMPLATES
-    from launcher.fast_tokenizer import load_fast_tokenizer
+    from envs.fast_tokenizer import load_fast_tokenizer
 
     slow, fast = AutoTokenizer.from_pretrained(tiny_model_dir), load_fast_tokenizer(tiny_model_dir)
     assert fast is not None and fast.chat_template == slow.chat_template and fast.eos_token == slow.eos_token
@@ -372,7 +372,7 @@ def test_fast_tokenizer_gives_way_to_transformers_when_it_would_differ(tmp_path,
     legacy files: no fast tokenizer, and the check falls back to transformers' count."""
     import shutil
 
-    from launcher.fast_tokenizer import load_fast_tokenizer
+    from envs.fast_tokenizer import load_fast_tokenizer
     from launcher.preflight import _length_counter
     from learner.prompts import prompt_lengths
 
@@ -417,7 +417,7 @@ def test_fast_tokenizer_applies_qwen2s_pipeline_as_transformers_does(tmp_path, t
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from launcher.fast_tokenizer import load_fast_tokenizer
+    from envs.fast_tokenizer import load_fast_tokenizer
 
     slow = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert type(slow).__name__ == "Qwen2Tokenizer"
@@ -439,13 +439,13 @@ def test_fast_tokenizer_applies_qwen2s_pipeline_as_transformers_does(tmp_path, t
 
 
 def test_fast_tokenizer_constants_match_transformers():
-    """What launcher/fast_tokenizer.py copies from transformers is what this transformers has."""
+    """What envs/fast_tokenizer.py copies from transformers is what this transformers has."""
     import inspect
 
     import transformers.models.auto.tokenization_auto as auto
     from transformers.models.qwen2 import tokenization_qwen2
 
-    from launcher import fast_tokenizer as ft
+    from envs import fast_tokenizer as ft
 
     assert ft.QWEN2_PRETOKENIZE_REGEX == tokenization_qwen2.PRETOKENIZE_REGEX
     defaults = inspect.signature(tokenization_qwen2.Qwen2Tokenizer.__init__).parameters
@@ -486,7 +486,7 @@ def test_fast_tokenizer_has_transformers_template_environment(tiny_model_dir):
     import jinja2
     from transformers import AutoTokenizer
 
-    from launcher.fast_tokenizer import load_fast_tokenizer
+    from envs.fast_tokenizer import load_fast_tokenizer
 
     slow, fast = AutoTokenizer.from_pretrained(tiny_model_dir), load_fast_tokenizer(tiny_model_dir)
     template = (

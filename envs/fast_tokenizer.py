@@ -1,7 +1,8 @@
-"""A model's tokenizer and chat template without importing transformers, for the launcher's checks.
+"""A model's tokenizer and chat template without importing transformers, for counting prompt tokens.
 
-Importing transformers takes 5-10 s on a loaded machine; the launcher's prompt-length check
-(``launcher.preflight``) needs only what the agents use of a tokenizer: its chat template
+Importing transformers' tokenizers takes 2-10 s (more on a loaded machine); the prompt-length
+count (``learner.prompts.prompt_lengths``: the learner's overlong-prompt filter, and the launcher's
+check before any process starts) needs only what the agents use of a tokenizer: its chat template
 rendered to text and that text counted in tokens. ``load_fast_tokenizer(model_dir)`` reads
 ``tokenizer.json`` with the ``tokenizers`` library and renders the template with jinja2 the
 way transformers' ``apply_chat_template`` does (``transformers.utils.chat_template_utils``:
