@@ -41,14 +41,14 @@ def warm_start(out: Path) -> Path:
             return sft
     out = REPO / "runs" / "bench-peer"
     from configs.loader import load_config
-    from envs.tasks import arithmetic
+    from launcher.commands import DEMO_SFT, demo_data
     from launcher.commands import sft as run_sft
     from launcher.tiny_model import build_tiny_model
 
-    train, test = arithmetic.write_splits(out / "data", n_train=2000, n_test=200, seed=0)
+    train, test, _ = demo_data(out / "data")
     base = build_tiny_model(out / "tiny-base")
     cfg = load_config(["demo"], [f"data.train_files=[{train}]", f"data.val_files=[{test}]", f"actor_rollout_ref.model.path={base}"])
-    run_sft(cfg, out / "sft", tool_fraction=0.3, steps=600, batch_size=32, lr=1e-3)
+    run_sft(cfg, out / "sft", **DEMO_SFT)
     return out / "sft"
 
 
@@ -73,9 +73,9 @@ def job(model: Path, tmp: Path, steps: int) -> dict:
     cfg = load_config(["demo"], [*OVERRIDES, f"actor_rollout_ref.model.path={model}"])
     rows = [json.loads(line) for line in open(REPO / "runs" / "demo" / "data" / "train.jsonl")] if (REPO / "runs/demo/data/train.jsonl").exists() else None
     if rows is None:
-        from envs.tasks import arithmetic
+        from launcher.commands import demo_data
 
-        train, _ = arithmetic.write_splits(tmp / "data", n_train=2000, n_test=200, seed=0)
+        train, _, _ = demo_data(tmp / "data")
         rows = [json.loads(line) for line in open(train)]
     rows = rows[: 4 * steps]
     (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
