@@ -6,9 +6,7 @@ import argparse
 import asyncio
 import faulthandler
 import logging
-import os
 import signal
-import sys
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,14 +81,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    import psutil
+    from protocol.transport import exit_closed
 
-    if psutil.Process().children():  # an engine's worker processes: their atexit handlers stop them
-        sys.exit(code)
-    # Everything is closed by now (sockets terminated, files written): skip the interpreter's
-    # teardown of torch's modules, ~1 s per process (and triton's nanobind leak report).
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_closed(main())

@@ -11,7 +11,6 @@ import faulthandler
 import logging
 import os
 import signal
-import sys
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,14 +40,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    import psutil
+    from protocol.transport import exit_closed
 
-    if psutil.Process().children():  # an engine's worker processes: their atexit handlers stop them
-        sys.exit(code)
-    # Everything is closed by now (sockets terminated, files written): skip the interpreter's
-    # teardown of torch's modules, ~1 s per process (and triton's nanobind leak report).
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_closed(main())

@@ -714,6 +714,25 @@ def read_endpoint_file(path, timeout_s: float) -> tuple[str, int]:
     return d["host"], int(d["port"])
 
 
+def exit_closed(code: int) -> None:
+    """End a learner or actor process whose main returned ``code`` with its sockets terminated and
+    its files written: without the interpreter's teardown of torch's modules (~1 s per process, and
+    triton's nanobind leak report), unless the process still has children (an engine's worker
+    processes, which its atexit handlers stop)."""
+    import logging
+    import os
+    import sys
+
+    import psutil
+
+    if psutil.Process().children():
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def wait_until(pred: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.05) -> None:
     """Block until ``pred()`` is true or raise ``TransportTimeout`` naming ``what``."""
     deadline = time.monotonic() + timeout_s
