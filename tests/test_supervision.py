@@ -17,7 +17,8 @@ def start_train(tmp_path, model_dir, *extra):
     cmd = [
         sys.executable, "-m", "launcher.cli", "train", "-c", "demo",
         f"actor_rollout_ref.model.path={model_dir}", f"data.train_files=[{train}]", f"data.val_files=[{test}]",
-        "trainer.total_training_steps=1000", f"trainer.default_local_dir={tmp_path / 'run'}",
+        # 1000 steps over 50 epochs of 32: the run outlives every signal these tests send (32 steps take ~7 s)
+        "trainer.total_training_steps=1000", "trainer.total_epochs=50", f"trainer.default_local_dir={tmp_path / 'run'}",
         "data.train_batch_size=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2", "agent.num_chains=2",
         "agent.max_tokens_per_turn=8", "trainer.val_before_train=false", "trainer.test_freq=-1", "trainer.save_freq=-1", "trainer.n_gpus_per_node=2", "actor_rollout_ref.rollout.num_actors=2", *extra,
     ]
