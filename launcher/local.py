@@ -376,7 +376,7 @@ class Supervisor:
                     print(f"[relay] {main} finished; {left} still running after {grace_s:.0f}s: terminating them", file=sys.stderr)
                     self.stop_all()
                     return 0
-                self._wait_for(main)
+                time.sleep(self.poll_s)
         except KeyboardInterrupt:
             print("\n[relay] interrupted: stopping every process", file=sys.stderr)
             self.failure = "interrupted (Ctrl-C)"
@@ -390,17 +390,6 @@ class Supervisor:
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-
-    def _wait_for(self, main: str) -> None:
-        """Up to ``poll_s``, returning as soon as the main child exits (its end is the run's)."""
-        proc = next((c.proc for c in self.children if c.name == main and c.returncode is None and c.proc), None)
-        if proc is None:
-            time.sleep(self.poll_s)
-            return
-        try:
-            proc.wait(timeout=self.poll_s)
-        except subprocess.TimeoutExpired:
-            pass
 
     def stop_all(self, timeout_s: float = 10.0) -> None:
         """SIGTERM every child's process group, then SIGKILL whatever is left."""

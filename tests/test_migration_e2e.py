@@ -317,7 +317,7 @@ def test_resume_with_a_changed_learning_rate_is_refused(workdir, tiny_model_dir)
 def test_example_scripts_with_the_tiny_model(script):
     if script.startswith("gsm8k") and not (GSM8K / "train.jsonl").exists():
         pytest.skip("GSM8K not at /work/shared/data/gsm8k")
-    env = {**os.environ, "MODEL": "tiny"}
+    env = {**os.environ, "MODEL": "tiny", "DATA": str(GSM8K)}  # the script's default ../shared is relative to a checkout in /work
     out = subprocess.run(["bash", f"examples/{script}.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     assert steps_trained(REPO / "runs" / "relay-examples" / f"{script}-tiny")[-1] == 2
