@@ -38,6 +38,20 @@ class RecordingEngine(ScriptedEngine):
         return g
 
 
+REWRITING_AGENT = (
+    "async def run(row, client):\n"
+    "    messages = [{'role': 'user', 'content': row['question']}]\n"
+    "    r = await client.chat.completions.create(model='relay', messages=messages)\n"
+    "    messages += [r.choices[0].message.model_dump(exclude_none=True), {'role': 'user', 'content': 'Sure?'}]\n"
+    "    await client.chat.completions.create(model='relay', messages=messages)\n"
+    "    summary = [{'role': 'user', 'content': row['question'] + ' You said 40. Final answer?'}]\n"
+    "    r = await client.chat.completions.create(model='relay', messages=summary)\n"
+    "    return r.choices[0].message.content\n"
+)
+"""An external agent (``path:run``) that asks twice, then rewrites its history into a one-message
+summary for its third request: the episode splits into two sequences (turns 1-2, then turn 3)."""
+
+
 def call(expr):
     return "<tool_call>" + json.dumps({"name": "calculator", "arguments": {"expression": expr}}) + "</tool_call>"
 
@@ -244,16 +258,7 @@ def test_a_split_episode_sends_every_segment_and_each_is_trained_on_its_sampled_
     from protocol import messages as m
 
     agent_file = tmp_path / "agent.py"
-    agent_file.write_text(
-        "async def run(row, client):\n"
-        "    messages = [{'role': 'user', 'content': row['question']}]\n"
-        "    r = await client.chat.completions.create(model='relay', messages=messages)\n"
-        "    messages += [r.choices[0].message.model_dump(exclude_none=True), {'role': 'user', 'content': 'Sure?'}]\n"
-        "    await client.chat.completions.create(model='relay', messages=messages)\n"
-        "    summary = [{'role': 'user', 'content': row['question'] + ' You said 40. Final answer?'}]\n"
-        "    r = await client.chat.completions.create(model='relay', messages=summary)\n"
-        "    return r.choices[0].message.content\n"
-    )
+    agent_file.write_text(REWRITING_AGENT)
     stop = tok.convert_tokens_to_ids("<|im_end|>")
     engine = RecordingEngine(tok, ["40", "Yes, 40.", "40"], stop)
     runner = ExternalRunner(Endpoint(engine, tok, None), f"{agent_file}:run", timeout_s=60)

@@ -260,19 +260,11 @@ def test_each_segment_of_a_split_episode_carries_the_rewards_of_its_own_turns(ti
 
     from actors.endpoint import Endpoint
     from actors.external import ExternalRunner
+    from tests.test_endpoint import REWRITING_AGENT
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     agent_file = tmp_path / "agent.py"
-    agent_file.write_text(
-        "async def run(row, client):\n"
-        "    messages = [{'role': 'user', 'content': row['question']}]\n"
-        "    r = await client.chat.completions.create(model='relay', messages=messages)\n"
-        "    messages += [r.choices[0].message.model_dump(exclude_none=True), {'role': 'user', 'content': 'Sure?'}]\n"
-        "    await client.chat.completions.create(model='relay', messages=messages)\n"
-        "    summary = [{'role': 'user', 'content': row['question'] + ' You said 40. Final answer?'}]\n"
-        "    r = await client.chat.completions.create(model='relay', messages=summary)\n"
-        "    return r.choices[0].message.content\n"
-    )
+    agent_file.write_text(REWRITING_AGENT)
     stop = tok.convert_tokens_to_ids("<|im_end|>")
     engine = ScriptedEngine(tok, ["40", "Yes, 40.", "40"], stop)
     runner = ExternalRunner(Endpoint(engine, tok, None), f"{agent_file}:run", timeout_s=60)
