@@ -31,7 +31,7 @@ from envs.base import Agent
 from envs.rewards import RewardError, Scores, run_reward
 from protocol import messages as m
 from protocol.transport import ActorClient, LearnerRefused, TransportTimeout
-from protocol.weights import WeightsReceiver, WeightsRejected, make_receiver
+from protocol.weights import Rows, WeightsReceiver, WeightsRejected, make_receiver
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +147,11 @@ def to_trajectories(actor_id: str, item: m.WorkItem, chain: int, ep: Episode, sc
             for k, s in enumerate(seqs) if k >= first]
 
 
-def as_tensor(a) -> torch.Tensor:
-    """A tensor sharing ``a``'s memory (no copy). Received zmq frames are read-only; engines
-    only read the tensors they load (they copy them, or serve them as they are, never write)."""
-    if isinstance(a, torch.Tensor):
+def as_tensor(a) -> torch.Tensor | Rows:
+    """A tensor sharing ``a``'s memory (no copy); a ``Rows`` piece as it is. Received zmq frames are
+    read-only; engines only read the tensors they load (they copy them, or serve them as they are,
+    never write)."""
+    if isinstance(a, (torch.Tensor, Rows)):
         return a
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")

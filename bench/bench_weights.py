@@ -11,8 +11,9 @@ coordinator) and one publisher per transport. Per measurement:
 
 1. both ranks update every parameter shard in place (standing in for the
    optimizer step; the clock starts when it ends, after a barrier);
-2. ``Trainer.publish``'s path: ``stream_full_tensors(model, bf16)`` on both
-   ranks into ``publisher.publish(v, stream)`` on rank 0 (buckets of
+2. ``Trainer.publish``'s path: ``stream_full_tensors(model, bf16,
+   piece_bytes=bucket / PIECES_PER_BUCKET)`` on both ranks (large tensors
+   gathered in row pieces) into ``publisher.publish(v, stream)`` on rank 0 (buckets of
    ``--bucket-mb``);
 3. rank 0 tells each actor ``v`` exists (a side-channel message standing in for
    ``WorkGrant.learner_version``); each runs ``fetch`` + ``engine.load_weights``
@@ -316,7 +317,7 @@ def rank_main(rank: int, args, model_dir: str, ports: dict, results_path: str) -
                        "MASTER_PORT": str(ports["master"])})
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    from learner.model import drain, stream_full_tensors
+    from learner.model import PIECES_PER_BUCKET, drain, stream_full_tensors
 
     model = shard_random_model(args.model, model_dir)
     plan = [kind for _ in range(args.reps + WARMUP) for kind in (["raw"] if not args.publish_only else []) + args.transports]
@@ -334,10 +335,11 @@ def rank_main(rank: int, args, model_dir: str, ports: dict, results_path: str) -
                     drain(named)
                 continue
             version += 1
+            piece = (args.bucket_mb << 20) // PIECES_PER_BUCKET  # as Trainer.publish: large tensors gathered in row pieces
             if rank == 0:
-                bench.publish(job, version, stream_full_tensors(model, torch.bfloat16))
+                bench.publish(job, version, stream_full_tensors(model, torch.bfloat16, piece_bytes=piece))
             else:
-                drain(stream_full_tensors(model, torch.bfloat16))
+                drain(stream_full_tensors(model, torch.bfloat16, piece_bytes=piece))
         dist.barrier()
         if rank == 0:
             torch.save(bench.results, results_path)
@@ -414,9 +416,11 @@ class Rank0:
         pub = self.pubs[kind]
         sent = [0]
 
+        from protocol.weights import item_bytes
+
         def counted(named):
             for name, t in named:
-                sent[0] += t.numel() * t.element_size()
+                sent[0] += item_bytes(t)
                 yield name, t
 
         streamed = kind == "zmq" and self.args.window > 0

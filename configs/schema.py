@@ -613,8 +613,9 @@ class TransportConfig(Section):
     """Unused: weights travel in buckets of ``weights_bucket_mb`` (kept so older configs load)."""
     weights_bucket_mb: int = Field(256, ge=1)
     """Weights are gathered from the FSDP shards, checksummed and sent (zmq message, filesystem
-    shard) in buckets of this many MiB (a larger tensor is a bucket alone); the filesystem
-    transport holds one bucket on learner rank 0 whatever the model size."""
+    shard) in buckets of at most this many MiB; a larger tensor (an embedding) is gathered and
+    sent as row pieces in successive buckets, so the filesystem transport holds about one bucket
+    on learner rank 0 (plus the piece being gathered) whatever the model size."""
     weights_window: int = Field(2, ge=0)
     """``weights=zmq``: buckets learner rank 0 may hold while it streams a version. Each bucket is
     sent to the actors as soon as it is gathered (the version is announced when its stream

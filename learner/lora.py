@@ -73,9 +73,14 @@ def merged_stream(named: Named, scale: float, dtype: torch.dtype, adapter: str =
         (name, tensor) pairs of the base model, adapters merged. Raises ``ValueError`` if an
         adapted module's base weight or adapters are missing from the stream.
     """
+    from protocol.weights import whole
+
     parts: dict[str, dict[str, torch.Tensor]] = {}
     a_key, b_key = f".lora_A.{adapter}.weight", f".lora_B.{adapter}.weight"
-    for name, value in named:
+    # an adapted weight gathered in row pieces is joined first: its A and B come after it in the
+    # stream, so the merge cannot run piece by piece (it holds that one weight whole); every other
+    # tensor's pieces pass through, cast
+    for name, value in whole(named, only=lambda n: n.endswith(".base_layer.weight")):
         if name.endswith(a_key) or name.endswith(b_key):
             module, kind = name[: -len(a_key)], "A" if name.endswith(a_key) else "B"
         elif name.endswith(".base_layer.weight"):
@@ -95,7 +100,12 @@ def merged_stream(named: Named, scale: float, dtype: torch.dtype, adapter: str =
         raise ValueError(f"LoRA merge: modules without base weight or adapters: {sorted(parts)[:5]}")
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _cast(t, dtype: torch.dtype):
+    """``t`` (a tensor, or a ``protocol.weights.Rows`` piece of one) in ``dtype`` if floating point."""
+    from protocol.weights import Rows
+
+    if isinstance(t, Rows):
+        return Rows(_cast(t.data, dtype), t.start, t.shape)
     return t.to(dtype) if t.is_floating_point() else t
 
 

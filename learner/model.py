@@ -9,9 +9,11 @@ gradient reduction (FSDP2 ``MixedPrecisionPolicy``) when
 
 Weights leave the learner as a stream (``stream_full_tensors``): one
 state-dict entry at a time, cast to the requested dtype *on its shard* and
-then all-gathered (``DTensor.full_tensor``), so a gathered bf16 tensor is
-never materialised in fp32 and rank 0 holds one gathered tensor beyond what
-its consumer keeps (a publisher's bucket, a shard being written). Publishing,
+then gathered to rank 0 (``gather_rows_to_rank0``), so a gathered bf16 tensor
+is never materialised in fp32 and rank 0 holds one gathered tensor beyond what
+its consumer keeps (a publisher's bucket, a shard being written). Publishing
+gathers an entry larger than a bucket in row pieces (``piece_bytes``), so then
+rank 0 holds one piece, not the embedding. Publishing,
 ``export_hf`` (checkpoints and the final model) and the LoRA merge
 (``learner/lora.py``) all consume this walk.
 ``fsdp_config.param_offload`` moves sharded parameters (and with them the
@@ -22,7 +24,8 @@ are all sharded by ``fsdp_shard``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Iterator
+import math
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -119,68 +122,120 @@ def _tied_lm_head(model, name: str) -> bool:
     return bool(getattr(config, "tie_word_embeddings", False)) and name.removeprefix("base_model.model.") == "lm_head.weight"
 
 
-def stream_full_tensors(model, dtype: torch.dtype, keep=None) -> Iterator[tuple[str, torch.Tensor]]:
+PIECES_PER_BUCKET = 8
+"""Publishing gathers any entry larger than ``bucket / PIECES_PER_BUCKET`` in row pieces of that size:
+rank 0 then holds the transport's buckets (zmq: ``weights_window``, the one being filled among
+them) plus one piece, about ``(window + 1/8) x bucket``, whatever the largest tensor (pieces as
+large as a bucket would make it ``window + 1`` buckets)."""
+
+
+def stream_full_tensors(model, dtype: torch.dtype, keep=None, piece_bytes: int | None = None) -> Iterator[tuple[str, Any]]:
     """The full state dict, one entry at a time (a collective: every rank iterates it to the end).
 
     Each floating-point entry is cast to ``dtype`` and gathered to rank 0
-    (``gather_to_rank0``: the other ranks cast their shard and send it, rank 0
+    (``gather_rows_to_rank0``: the other ranks cast their shard and send it, rank 0
     casts its own rows straight into the output); rank 0 gets ``(name, tensor)``
     pairs, contiguous on CPU and never aliasing a live parameter (so a consumer
     may keep them while training goes on); the other ranks get nothing. A tied
     ``lm_head.weight`` is skipped (it is the input embedding), and so is every
-    entry whose name ``keep`` (if given) rejects: it is not gathered at all."""
+    entry whose name ``keep`` (if given) rejects: it is not gathered at all.
+
+    ``piece_bytes``: an entry larger than this (in ``dtype``) is gathered and yielded as
+    ``(name, protocol.weights.Rows)`` pieces of whole rows along dim 0, each at most
+    ``piece_bytes`` (one row if a row is larger), in row order: rank 0 then never holds more
+    than one piece of it (FSDP2 shards dim 0, so each rank sends the rows of the piece it
+    owns). ``None``: every entry whole (checkpoints and exports)."""
+    from protocol.weights import Rows
+
     rank0 = dist.get_rank() == 0
     gpu_group = dist.get_backend() == "nccl"
     for name, value in model.state_dict().items():
         if _tied_lm_head(model, name) or (keep is not None and not keep(name)):
             continue
         want = dtype if value.is_floating_point() else value.dtype
-        if isinstance(value, DTensor):
-            if gpu_group and value.to_local().device.type == "cpu":  # offloaded shards: gather on the GPU
-                value = value.to(torch.device("cuda", torch.cuda.current_device()))
-            full = gather_to_rank0(value, want)
-        else:  # not sharded (a buffer): every rank has it
-            full = value.detach().to(want, copy=True) if rank0 else None
+        shape = tuple(value.shape)
+        if isinstance(value, DTensor) and gpu_group and value.to_local().device.type == "cpu":
+            value = value.to(torch.device("cuda", torch.cuda.current_device()))  # offloaded shards: gather on the GPU
+        for start, stop in row_pieces(shape, torch.empty((), dtype=want).element_size(), piece_bytes):
+            if isinstance(value, DTensor):
+                got = gather_rows_to_rank0(value, want, start, stop)
+            else:  # not sharded (a buffer, or a plain model at world size 1): every rank has it
+                got = (value.detach()[start:stop] if value.dim() else value.detach()).to(want, copy=True) if rank0 else None
+            if not rank0:
+                continue
+            got = got.detach().to("cpu").contiguous()
+            yield name, got if (start, stop) == (0, shape[0] if shape else 0) else Rows(got, start, shape)
+            del got
         del value
-        if not rank0:
-            continue
-        yield name, full.detach().to("cpu").contiguous()
-        del full
+
+
+def row_pieces(shape: tuple[int, ...], element_size: int, piece_bytes: int | None) -> list[tuple[int, int]]:
+    """The row ranges ``[(start, stop)]`` along dim 0 that a tensor of ``shape`` is gathered in:
+    one ``(0, rows)`` unless it is larger than ``piece_bytes`` (and has more than one row).
+
+    >>> row_pieces((10, 4), 4, 48)   # 16-byte rows, 3 per piece
+    [(0, 3), (3, 6), (6, 9), (9, 10)]"""
+    rows = shape[0] if shape else 0
+    row_bytes = math.prod(shape[1:]) * element_size if shape else element_size
+    if piece_bytes is None or rows <= 1 or rows * row_bytes <= piece_bytes:
+        return [(0, rows)]
+    per = max(1, piece_bytes // max(1, row_bytes))
+    return [(a, min(a + per, rows)) for a in range(0, rows, per)]
 
 
 def gather_to_rank0(value: DTensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """The full tensor of ``value`` cast to ``dtype`` on rank 0 (``None`` elsewhere), a new tensor.
+    """The full tensor of ``value`` cast to ``dtype`` on rank 0 (``None`` elsewhere), a new tensor
+    (``gather_rows_to_rank0`` of all its rows)."""
+    return gather_rows_to_rank0(value, dtype, 0, value.shape[0] if value.dim() else 0)
 
-    FSDP2's ``Shard(0)`` over a 1-D mesh: every other rank casts its rows and
-    sends them (``dist.send``); rank 0 receives each straight into its slice of
-    the output and casts its own rows into it, so rank 0 holds the output and
-    nothing else (no flat staging buffer as gloo's ``gather`` makes, no second
-    copy as ``full_tensor``'s all-gather makes on every rank). Any other layout
-    falls back to ``full_tensor``."""
+
+def gather_rows_to_rank0(value: DTensor, dtype: torch.dtype, start: int, stop: int) -> torch.Tensor | None:
+    """Rows ``[start, stop)`` (dim 0) of ``value``'s full tensor, cast to ``dtype``, on rank 0
+    (``None`` elsewhere): a new ``[stop - start, *shape[1:]]`` tensor.
+
+    FSDP2's ``Shard(0)`` over a 1-D mesh: group rank r holds rows ``[r * chunk, (r + 1) * chunk)``
+    (``chunk = ceil(rows / world)``, torch.chunk's split); every other rank casts the part of its
+    rows inside the range and sends it (``dist.send``); rank 0 receives each straight into its
+    slice of the output and casts its own part into it, so rank 0 holds the output and nothing
+    else (no flat staging buffer as gloo's ``gather`` makes, no second copy as ``full_tensor``'s
+    all-gather makes on every rank). Any other layout falls back to ``full_tensor`` (the whole
+    tensor on every rank, then sliced)."""
     from torch.distributed.tensor import Shard
 
     mesh = value.device_mesh
     if mesh.ndim != 1 or tuple(value.placements) != (Shard(0),) or value.dim() == 0:
         full = value.full_tensor()
-        return full.to(dtype, copy=True) if dist.get_rank() == 0 else None
+        if dist.get_rank() != 0:
+            return None
+        return (full[start:stop] if full.dim() else full).to(dtype, copy=True)
     group = mesh.get_group()
     world = dist.get_world_size(group)
     rows = value.shape[0]
-    chunk = -(-rows // world)  # torch.chunk's split: group rank r holds rows [r * chunk, (r + 1) * chunk)
+    chunk = -(-rows // world)
     local = value.to_local()
     root = dist.get_global_rank(group, 0)
     me = dist.get_group_rank(group, dist.get_rank())
+
+    def part(r: int, n_local: int) -> tuple[int, int]:
+        """Group rank r's rows inside [start, stop), in its local indexing."""
+        lo, hi = max(start, r * chunk), min(stop, r * chunk + n_local)
+        return (lo - r * chunk, hi - r * chunk) if hi > lo else (0, 0)
+
     if me != 0:
-        if local.shape[0]:
-            dist.send(local.to(dtype).contiguous(), dst=root, group=group)
+        a, b = part(me, local.shape[0])
+        if b > a:
+            dist.send(local[a:b].to(dtype).contiguous(), dst=root, group=group)
         return None
-    out = torch.empty((rows, *value.shape[1:]), dtype=dtype, device=local.device)
+    out = torch.empty((stop - start, *value.shape[1:]), dtype=dtype, device=local.device)
     works = []
     for r in range(1, world):  # posted first: the other ranks' rows arrive while rank 0 casts its own
-        start, n = r * chunk, max(0, min(chunk, rows - r * chunk))
-        if n:
-            works.append(dist.irecv(out[start : start + n], src=dist.get_global_rank(group, r), group=group))
-    out[: local.shape[0]].copy_(local)  # the cast, straight into the output
+        a, b = part(r, max(0, min(chunk, rows - r * chunk)))
+        if b > a:
+            at = r * chunk + a - start
+            works.append(dist.irecv(out[at : at + b - a], src=dist.get_global_rank(group, r), group=group))
+    a, b = part(0, local.shape[0])
+    if b > a:
+        out[a - start : b - start].copy_(local[a:b])  # the cast, straight into the output
     for w in works:
         w.wait()
     return out
@@ -216,7 +271,7 @@ def export_hf(named: Iterable[tuple[str, torch.Tensor]], base_path: str, out_dir
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from protocol.weights import buckets_of, write_safetensors
+    from protocol.weights import buckets_of, whole, write_safetensors
 
     config = AutoConfig.from_pretrained(base_path)
     with torch.device("meta"):
@@ -232,7 +287,7 @@ def export_hf(named: Iterable[tuple[str, torch.Tensor]], base_path: str, out_dir
     seen: set[str] = set()
     dtypes: set[torch.dtype] = set()
     total = 0
-    for i, bucket in enumerate(buckets_of(named, shard_bytes)):
+    for i, bucket in enumerate(buckets_of(whole(named), shard_bytes, split=False)):  # HF loads whole tensors
         fname = f"model-{i + 1:05d}.safetensors"
         write_safetensors(tmp / fname, bucket.named(), {"format": "pt"})
         files.append((fname, [mt.name for mt in bucket.metas]))

@@ -41,7 +41,7 @@ from learner.coordinator import Coordinator, DataStream
 from learner.critic import build_critic
 from learner.lora import LoraSettings, publish_view
 from learner.metrics import MetricsLogger, check_same_version_logprobs, reward_metrics
-from learner.model import drain, export_hf, load_policy, stream_full_tensors
+from learner.model import PIECES_PER_BUCKET, drain, export_hf, load_policy, stream_full_tensors
 from learner.optim import build_optimizer, lr_lambda, optimizer_offload  # noqa: F401  (lr_lambda re-exported)
 from learner.reference import ResponseLogits, build_kl_terms, next_token_logits
 from learner.replay import BatchDump, NoBatchDump
@@ -450,7 +450,9 @@ class Trainer:
         ``hold``: keep the whole version for actors that are not there yet (a resumed run's first
         publish, before any actor registered, and before validation may wait for them)."""
         view = self.weights_for_actors
-        named = view(stream_full_tensors(self.model, view.gather_dtype, view.keep)) if self.version > 0 else iter(())
+        # a large entry (the embedding) is gathered in row pieces: rank 0 never holds it whole
+        piece = (self.cfg.transport.weights_bucket_mb << 20) // PIECES_PER_BUCKET
+        named = view(stream_full_tensors(self.model, view.gather_dtype, view.keep, piece)) if self.version > 0 else iter(())
         if self.rank == 0:
             # announced when actors may ask: zmq as the stream opens (each bucket is sent while the
             # next is gathered), the other transports once the version is complete

@@ -186,7 +186,14 @@ class TensorMeta(msgspec.Struct, frozen=True):
     name: str
     dtype: str
     shape: list[int]
+    """The shape of the bytes that follow: the whole tensor's, or a piece's (``full_shape``)."""
     nbytes: int
+    full_shape: list[int] | None = None
+    """Set for a *piece* of a tensor larger than a bucket: the whole tensor's shape. The piece is
+    rows ``[row_start, row_start + shape[0])`` along dim 0 (a contiguous byte range of the whole);
+    ``shape[1:] == full_shape[1:]``. ``None`` (senders that predate pieces): the whole tensor."""
+    row_start: int = 0
+    """A piece's first row in the whole tensor (0 for a whole tensor)."""
 
     def __post_init__(self):
         size = TENSOR_DTYPES.get(self.dtype)
@@ -196,6 +203,17 @@ class TensorMeta(msgspec.Struct, frozen=True):
             raise ValueError(f"tensor {self.name[:64]!r}: bad shape {self.shape[:MAX_DIMS + 1]}")
         if math.prod(self.shape) * size != self.nbytes:
             raise ValueError(f"tensor {self.name[:64]!r}: {self.nbytes} bytes do not fit shape {self.shape} of {self.dtype}")
+        full = self.full_shape
+        if full is None:
+            if self.row_start:
+                raise ValueError(f"tensor {self.name[:64]!r}: row_start {self.row_start} without full_shape")
+            return
+        if (len(full) != len(self.shape) or not self.shape or any(d < 0 for d in full) or full[1:] != self.shape[1:]
+                or self.row_start < 0 or self.row_start + self.shape[0] > full[0]):
+            raise ValueError(
+                f"tensor {self.name[:64]!r}: rows {self.row_start}+{self.shape[:1]} of shape {self.shape[:MAX_DIMS]} "
+                f"are not a piece of {full[:MAX_DIMS + 1]}"
+            )
 
 
 class WeightsChunk(_Msg, tag="weights_chunk"):

@@ -192,6 +192,8 @@ def read_chunk(frames: list) -> tuple[m.WeightsChunk, list[tuple[str, np.ndarray
         raise m.ProtocolError(f"weights chunk {header.chunk}: {len(header.tensors)} tensors but {len(bufs)} buffers")
     out, views = [], []
     for meta, buf in zip(header.tensors, bufs):
+        if meta.full_shape is not None:  # whole arrays only here: pieces are joined by protocol/weights.py's receivers
+            raise m.ProtocolError(f"tensor {meta.name}: a row piece of {meta.full_shape}; read this stream with protocol.weights")
         mv = memoryview(buf)
         if mv.nbytes != meta.nbytes:
             raise m.ProtocolError(f"tensor {meta.name}: {mv.nbytes} bytes, header says {meta.nbytes}")

@@ -5,12 +5,23 @@ The stream
 Learner rank 0 publishes a version as an *iterable* of ``(name, tensor)``
 pairs that it gathers from the FSDP shards one parameter at a time, already in
 the dtype the actors serve (``learner/model.py:stream_full_tensors``). Every
-publisher groups that stream into *buckets* of about ``bucket_bytes``
-(``buckets_of``: consecutive tensors, a tensor larger than a bucket alone in
-its own) and hashes each bucket (xxh3_64 over its tensors' raw bytes) as soon
-as it is full. Tensors travel as raw bytes with a dtype string (``bfloat16``,
-``float32``, ...; ``messages.TENSOR_DTYPES``): no numpy upcast, no copy
-between the gathered tensor and the socket or file.
+publisher groups that stream into *buckets* of at most ``bucket_bytes``
+(``buckets_of``: consecutive tensors) and hashes each bucket (xxh3_64 over its
+tensors' raw bytes) as soon as it is full. Tensors travel as raw bytes with a
+dtype string (``bfloat16``, ``float32``, ...; ``messages.TENSOR_DTYPES``): no
+numpy upcast, no copy between the gathered tensor and the socket or file.
+
+A tensor larger than a bucket (an embedding, an LM head) travels as *pieces*:
+row ranges along dim 0 (contiguous byte ranges), each in the bucket it fills,
+each with its own ``TensorMeta`` (``full_shape``, ``row_start``) and covered by
+its bucket's checksum. The learner gathers such a tensor piece by piece from
+the shards too (``stream_full_tensors(piece_bytes=...)``), so no bucket and no
+gather on rank 0 is larger than ``bucket_bytes``, whatever the model size. A
+stream item is ``(name, tensor)`` or ``(name, Rows)`` for a piece; engines copy
+each piece into its rows of the staged tensor (``place``) or join the pieces
+first (``whole``). Senders that predate pieces never send one (the fields
+default to "whole"); a receiver that predates them would see a piece's shape
+and refuse it as not fitting the model.
 
 Receivers return the tensors as an iterable too. The zmq and filesystem ones
 are lazy: a bucket is read and verified when the consumer (the engine's
@@ -102,8 +113,9 @@ from protocol.transport import CHECKSUM, ActorClient, LearnerServer, LearnerRefu
 log = logging.getLogger(__name__)
 
 NamedTensors = Iterable[tuple[str, Any]]
-"""``(name, tensor)`` pairs, consumed once: publishers take torch tensors or numpy arrays;
-receivers yield torch tensors (CPU, or CUDA from an ``nccl`` receiver on the GPU)."""
+"""``(name, tensor)`` pairs, consumed once: publishers take torch tensors or numpy arrays (or
+``Rows`` pieces of them); receivers yield torch tensors (CPU, or CUDA from an ``nccl`` receiver on
+the GPU), and ``Rows`` for the pieces of a tensor larger than a bucket."""
 
 KINDS = ("zmq", "filesystem", "nccl")
 
@@ -182,58 +194,200 @@ def tensor_from_buffer(buf, meta: m.TensorMeta) -> torch.Tensor:
 # ----------------------------------------------------------------- buckets
 
 
+@dataclass(frozen=True)
+class Rows:
+    """A piece of a tensor larger than a bucket: rows ``[start, stop)`` along dim 0 of the tensor
+    of shape ``shape`` (the whole one's), i.e. a contiguous byte range of it.
+
+    A stream item is ``(name, tensor)`` for a whole tensor or ``(name, Rows)`` for a piece; the
+    pieces of one tensor come in row order, back to back, and cover it (``whole`` joins them,
+    ``place`` copies one into the whole tensor's storage)."""
+
+    data: torch.Tensor
+    """``[stop - start, *shape[1:]]``."""
+    start: int
+    shape: tuple[int, ...]
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.data.shape[0]
+
+    @property
+    def last(self) -> bool:
+        """This piece ends the tensor."""
+        return self.stop == self.shape[0]
+
+
+def item_bytes(a) -> int:
+    """The byte size of a stream item's data (a tensor, an array or a ``Rows`` piece)."""
+    t = a.data if isinstance(a, Rows) else a
+    return t.nbytes if isinstance(t, np.ndarray) else t.numel() * t.element_size()
+
+
+def _cpu_item(a):
+    """A stream item as a contiguous CPU tensor, or a ``Rows`` of one."""
+    if isinstance(a, Rows):
+        return Rows(as_tensor(a.data), a.start, tuple(a.shape))
+    return as_tensor(a)
+
+
+def meta_of(name: str, item) -> m.TensorMeta:
+    """The wire description of a stream item (a contiguous CPU tensor or a ``Rows`` of one)."""
+    t = item.data if isinstance(item, Rows) else item
+    meta = m.TensorMeta(name=name, dtype=dtype_name(t.dtype), shape=list(t.shape), nbytes=t.numel() * t.element_size())
+    if isinstance(item, Rows):
+        meta = m.TensorMeta(name=meta.name, dtype=meta.dtype, shape=meta.shape, nbytes=meta.nbytes,
+                            full_shape=list(item.shape), row_start=item.start)
+    return meta
+
+
+def item_of(meta: m.TensorMeta, t: torch.Tensor):
+    """The stream item ``meta`` describes, over the received tensor ``t``: ``t`` itself or its ``Rows``."""
+    return t if meta.full_shape is None else Rows(t, meta.row_start, tuple(meta.full_shape))
+
+
+def split_rows(item, rows: int) -> tuple[Rows, Rows]:
+    """The first ``rows`` rows of a tensor or piece, and the rest (views: no copy).
+
+    >>> a, b = split_rows(torch.zeros(10, 4), 3)   # a: rows [0, 3), b: rows [3, 10) of [10, 4]"""
+    if isinstance(item, Rows):
+        t, start, shape = item.data, item.start, item.shape
+    else:
+        t, start, shape = item, 0, tuple(item.shape)
+    return Rows(t[:rows], start, shape), Rows(t[rows:], start + rows, shape)
+
+
+def _splittable(item) -> bool:
+    t = item.data if isinstance(item, Rows) else item
+    return t.dim() >= 1 and t.shape[0] > 1
+
+
 @dataclass
 class Bucket:
-    """Consecutive tensors of one version and the checksum of their bytes."""
+    """Consecutive tensors of one version (whole, or pieces of ones larger than a bucket) and the
+    checksum of their bytes."""
 
     metas: list[m.TensorMeta]
     tensors: list[torch.Tensor]
-    """Contiguous CPU tensors (the gathered ones themselves, not copies)."""
+    """Contiguous CPU tensors (the gathered ones themselves, or row views of them: not copies);
+    a piece's data for a ``Rows`` item."""
     checksum: int
     nbytes: int
 
     def buffers(self) -> list[memoryview]:
         return [tensor_bytes(t) for t in self.tensors]
 
-    def named(self) -> list[tuple[str, torch.Tensor]]:
-        return [(mt.name, t) for mt, t in zip(self.metas, self.tensors)]
+    def named(self) -> list[tuple[str, Any]]:
+        """The stream items: ``(name, tensor)``, or ``(name, Rows)`` for a piece."""
+        return [(mt.name, item_of(mt, t)) for mt, t in zip(self.metas, self.tensors)]
 
 
-def buckets_of(named: NamedTensors, bucket_bytes: int) -> Iterator[Bucket]:
-    """Group a stream of tensors into buckets of at most ``bucket_bytes`` (a larger tensor goes
-    alone), each yielded, hashed, as soon as it is full or the next tensor would not fit: a
-    consumer holds one bucket (plus the tensor being produced), whatever the stream's length."""
-    pending: list[tuple[str, torch.Tensor]] = []
+def buckets_of(named: NamedTensors, bucket_bytes: int, split: bool = True) -> Iterator[Bucket]:
+    """Group a stream of tensors (and ``Rows`` pieces) into buckets of at most ``bucket_bytes``,
+    each yielded, hashed, as soon as it is full or the next item would not fit.
+
+    ``split``: a tensor larger than a bucket, and any piece that does not fit the room left, is cut
+    along dim 0 (row views, no copy): its first rows fill the current bucket and the rest go on in
+    the next ones, each piece described by its own ``TensorMeta`` (full shape, first row) and
+    covered by its bucket's checksum. So every bucket holds at most ``bucket_bytes`` (a single
+    row larger than that goes alone). A whole tensor that fits a bucket is never cut; one that does
+    not fit the room left starts the next bucket. ``split=False``: a larger tensor goes alone,
+    whole (checkpoint files, which readers load as whole tensors).
+
+    Example: 10 x 4 fp32 rows (160 bytes) with ``bucket_bytes=48`` (3 rows) -> buckets of rows
+    [0, 3), [3, 6), [6, 9), and [9, 10) followed by whatever comes next.
+
+    A consumer holds one bucket plus the item being produced; when the producer itself yields
+    pieces (``learner/model.py:stream_full_tensors(piece_bytes=...)``) that is about two buckets,
+    whatever the largest tensor."""
+    pending: list[tuple[str, Any]] = []
     size = 0
     for name, a in named:
-        t = as_tensor(a)
+        item = _cpu_item(a)
         del a
-        n = t.numel() * t.element_size()
-        if pending and size + n > bucket_bytes:
-            yield seal(pending)
-            pending, size = [], 0
-        pending.append((name, t))
-        del t
-        size += n
-        if size >= bucket_bytes:
-            yield seal(pending)
-            pending, size = [], 0
+        while True:
+            n = item_bytes(item)
+            if pending and size + n > bucket_bytes:
+                room = bucket_bytes - size
+                t = item.data if isinstance(item, Rows) else item
+                row = t[0].numel() * t.element_size() if t.dim() else n
+                cut = split and (isinstance(item, Rows) or n > bucket_bytes) and _splittable(item) and row and room // row > 0
+                if not cut:
+                    yield seal(pending)
+                    pending, size = [], 0
+                    continue
+                head, item = split_rows(item, room // row)
+                pending.append((name, head))
+                yield seal(pending)
+                pending, size = [], 0
+                continue
+            if split and n > bucket_bytes and _splittable(item):  # an empty bucket: fill it with the first rows
+                t = item.data if isinstance(item, Rows) else item
+                rows = max(1, bucket_bytes // (t[0].numel() * t.element_size() or 1))
+                if rows < t.shape[0]:
+                    head, item = split_rows(item, rows)
+                    yield seal([(name, head)])
+                    continue
+            pending.append((name, item))
+            size += n
+            if size >= bucket_bytes:
+                yield seal(pending)
+                pending, size = [], 0
+            break
+        del item
     if pending:
         yield seal(pending)
 
 
-def seal(named: list[tuple[str, torch.Tensor]]) -> Bucket:
-    """A bucket of these (contiguous CPU) tensors, hashed."""
-    metas = [m.TensorMeta(name=name, dtype=dtype_name(t.dtype), shape=list(t.shape), nbytes=t.numel() * t.element_size())
-             for name, t in named]
-    tensors = [t for _, t in named]
+def seal(named: list[tuple[str, Any]]) -> Bucket:
+    """A bucket of these items (contiguous CPU tensors, or ``Rows`` of them), hashed."""
+    metas = [meta_of(name, t) for name, t in named]
+    tensors = [t.data if isinstance(t, Rows) else t for _, t in named]
     bucket = Bucket(metas, tensors, 0, sum(mt.nbytes for mt in metas))
     bucket.checksum = checksum(bucket.buffers())
     return bucket
 
 
-def verified_tensors(header: m.WeightsChunk, bufs: list, where: str) -> list[tuple[str, torch.Tensor]]:
-    """The tensors of one received bucket, after its checksum matched (``WeightsRejected`` if not)."""
+def whole(named: NamedTensors, only: Callable[[str], bool] | None = None) -> Iterator[tuple[str, Any]]:
+    """The stream with each run of ``Rows`` pieces joined into its whole tensor (one new tensor,
+    yielded once its last piece arrived; whole tensors pass through). For consumers that need
+    whole tensors (safetensors checkpoints, the LoRA merge): they hold one assembled tensor.
+    ``only``: join the pieces of the names it accepts, pass the others' pieces on as they are.
+    A run of pieces that skips, repeats or leaves out rows, or is interrupted by another tensor,
+    raises ``WeightsRejected``."""
+    name_, buf, nxt = None, None, 0
+    for name, a in named:
+        if buf is not None and (not isinstance(a, Rows) or name != name_):
+            raise WeightsRejected(f"tensor {name_}: rows [{nxt}, {buf.shape[0]}) never arrived (next came {name}); refusing it")
+        if not isinstance(a, Rows) or (only is not None and not only(name)):
+            yield name, a
+            continue
+        if buf is None:
+            if a.start != 0:
+                raise WeightsRejected(f"tensor {name}: first piece starts at row {a.start}; refusing it")
+            name_, buf, nxt = name, torch.empty(a.shape, dtype=a.data.dtype, device=a.data.device), 0
+        place(buf, a, name, nxt)
+        nxt = a.stop
+        if a.last:
+            yield name, buf
+            name_, buf = None, None
+    if buf is not None:
+        raise WeightsRejected(f"tensor {name_}: the stream ended after row {nxt} of {buf.shape[0]}; refusing it")
+
+
+def place(dst: torch.Tensor, piece: Rows, name: str, expect_start: int) -> None:
+    """Copy ``piece`` into its rows of ``dst`` (the whole tensor), after checking it is the piece
+    that comes next (``expect_start``) and fits ``dst`` (``ValueError``/``WeightsRejected`` if not)."""
+    if tuple(piece.shape) != tuple(dst.shape):
+        raise ValueError(f"tensor {name}: a piece of shape {list(piece.shape)}, the tensor's is {list(dst.shape)}")
+    if piece.start != expect_start:
+        raise WeightsRejected(f"tensor {name}: piece at row {piece.start}, expected row {expect_start}; refusing it")
+    dst[piece.start : piece.stop].copy_(piece.data)
+
+
+def verified_tensors(header: m.WeightsChunk, bufs: list, where: str) -> list[tuple[str, Any]]:
+    """The items of one received bucket (tensors, ``Rows`` for pieces), after its checksum
+    matched (``WeightsRejected`` if not)."""
     if len(bufs) != len(header.tensors):
         raise WeightsRejected(f"{where}: {len(header.tensors)} tensors but {len(bufs)} buffers; refusing it")
     views = [memoryview(b) for b in bufs]
@@ -241,7 +395,7 @@ def verified_tensors(header: m.WeightsChunk, bufs: list, where: str) -> list[tup
         raise WeightsRejected(
             f"{where}: {header.checksum_algo} checksum mismatch (corrupted in transit or in memory); refusing it"
         )
-    return [(mt.name, tensor_from_buffer(v, mt)) for mt, v in zip(header.tensors, views)]
+    return [(mt.name, item_of(mt, tensor_from_buffer(v, mt))) for mt, v in zip(header.tensors, views)]
 
 
 class WeightsPublisher(Protocol):
@@ -631,18 +785,31 @@ _VERSION_DIR = re.compile(r"v(\d+)")
 MANIFEST = "manifest.json"
 
 
-def write_safetensors(path: Path, named: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> tuple[int, int]:
-    """Write a safetensors file from contiguous CPU tensors without an intermediate blob;
-    return (bytes, checksum of the whole file)."""
-    header: dict[str, Any] = {"__metadata__": metadata}
+PIECES_KEY = "relay_pieces"
+"""``__metadata__`` entry of a transport shard that holds pieces: JSON ``{key: [name, first row,
+whole shape]}`` (a file cannot hold one name twice, so a piece is stored as ``name[start:stop]``)."""
+
+
+def write_safetensors(path: Path, named: list[tuple[str, Any]], metadata: dict[str, str]) -> tuple[int, int]:
+    """Write a safetensors file from contiguous CPU tensors (or ``Rows`` pieces of them, listed in
+    ``metadata[PIECES_KEY]``) without an intermediate blob; return (bytes, checksum of the whole file)."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    pieces: dict[str, list] = {}
     offset = 0
     bufs = []
-    for name, t in named:
-        t = as_tensor(t)
+    for name, a in named:
+        key = name
+        if isinstance(a, Rows):
+            key = f"{name}[{a.start}:{a.stop}]"
+            pieces[key] = [name, a.start, list(a.shape)]
+            a = a.data
+        t = as_tensor(a)
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[dtype_name(t.dtype)], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[key] = {"dtype": _ST_DTYPES[dtype_name(t.dtype)], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
         bufs.append(tensor_bytes(t))
+    if pieces:
+        header["__metadata__"][PIECES_KEY] = json.dumps(pieces, separators=(",", ":"))
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # data starts 8-byte aligned
     prefix = len(head).to_bytes(8, "little") + head
@@ -653,21 +820,24 @@ def write_safetensors(path: Path, named: list[tuple[str, torch.Tensor]], metadat
     return len(prefix) + offset, checksum([prefix, *bufs])
 
 
-def parse_safetensors(buf, where: str) -> list[tuple[str, torch.Tensor]]:
-    """Zero-copy views of the tensors of one safetensors file held in ``buf``, in file order."""
+def parse_safetensors(buf, where: str) -> list[tuple[str, Any]]:
+    """Zero-copy views of the tensors of one safetensors file held in ``buf``, in file order
+    (``Rows`` for the pieces ``write_safetensors`` listed)."""
     mv = memoryview(buf).cast("B")
     try:
         n = int.from_bytes(mv[:8], "little")
         header = json.loads(bytes(mv[8 : 8 + n]))
+        pieces = json.loads(header.get("__metadata__", {}).get(PIECES_KEY, "{}"))
         data = mv[8 + n :]
         out = []
-        for name, meta in sorted(
+        for key, meta in sorted(
             ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
         ):
             start, end = meta["data_offsets"]
-            tm = m.TensorMeta(name=name, dtype=_ST_NAMES[meta["dtype"]], shape=list(meta["shape"]), nbytes=end - start)
-            t = tensor_from_buffer(data[start:end], tm)
-            out.append((name, t))
+            name, row_start, full = pieces.get(key, (key, 0, None))
+            tm = m.TensorMeta(name=name, dtype=_ST_NAMES[meta["dtype"]], shape=list(meta["shape"]), nbytes=end - start,
+                              full_shape=full, row_start=row_start)
+            out.append((name, item_of(tm, tensor_from_buffer(data[start:end], tm))))
         return out
     except (ValueError, KeyError, TypeError) as e:
         raise WeightsRejected(f"{where}: not a readable safetensors file: {e}") from e
@@ -918,7 +1088,7 @@ class CollectivePublisher:
         self.round = 0
         self.rounds_sent = 0
         self.error: BaseException | None = None
-        self._pending: tuple[int, list[tuple[str, torch.Tensor]]] | None = None
+        self._pending: tuple[int, list[tuple[str, Any]]] | None = None
         self._closing = False
         self._waiting_round: int | None = None
         self._cond = threading.Condition()
@@ -942,7 +1112,7 @@ class CollectivePublisher:
 
     def publish(self, version: int, named: NamedTensors, announce: Callable[[], None] = lambda: None, hold: bool = False) -> None:
         self.check()
-        tensors = [] if version == 0 else [(n, as_tensor(t)) for n, t in named]  # gathered now, sent by the thread
+        tensors = [] if version == 0 else [(n, _cpu_item(t)) for n, t in named]  # gathered now, sent by the thread
         with self._cond:
             if version > 0:  # version 0 is what actors loaded from disk: announced, never sent
                 self._pending = (version, tensors)
@@ -970,10 +1140,11 @@ class CollectivePublisher:
             self.error = e
             log.exception("weights broadcast thread failed")
 
-    def _send(self, version: int, tensors: list[tuple[str, torch.Tensor]]) -> None:
+    def _send(self, version: int, items: list[tuple[str, Any]]) -> None:
         r = self.round
-        metas = [m.TensorMeta(name=name, dtype=dtype_name(t.dtype), shape=list(t.shape), nbytes=t.numel() * t.element_size())
-                 for name, t in tensors]
+        metas = [meta_of(name, t) for name, t in items]
+        tensors = [(name, t.data if isinstance(t, Rows) else t) for name, t in items]
+        del items
         payload = []
         for idx, offs, total in plan_buckets([mt.nbytes for mt in metas]):
             if len(idx) == 1 and offs == [0]:
@@ -1103,7 +1274,7 @@ class CollectiveReceiver:
         out = []
         for i, off in zip(idx, offs):
             mt = ann.tensors[i]
-            out.append((mt.name, flat[off : off + mt.nbytes].view(torch_dtype(mt.dtype)).reshape(mt.shape)))
+            out.append((mt.name, item_of(mt, flat[off : off + mt.nbytes].view(torch_dtype(mt.dtype)).reshape(mt.shape))))
         return out
 
     def _stream(self, ann: m.WeightsAnnounce, plan, first, what: str) -> Iterator[tuple[str, torch.Tensor]]:

@@ -237,3 +237,33 @@ def test_weights_arrive_through_vllms_weight_transfer_api_in_bf16_without_a_file
         engine.load_weights(old_model.state_dict().items(), version=0)
     (restored,) = generate_all(engine, [(prompt, greedy)])
     assert restored.token_ids == before.token_ids
+
+
+def test_an_update_received_in_row_pieces_is_joined_in_the_worker_and_served(engine, hf_model):
+    """The learner sends tensors larger than a bucket as row pieces (``protocol.weights.Rows``):
+    the engine forwards them (regrouped into its own buckets, cut again where they do not fit) and
+    the worker joins each before vLLM's loaders see it, the tied head included."""
+    from protocol.weights import Rows, buckets_of
+
+    old_model, _ = hf_model
+    new_model = tiny_qwen2(seed=4)
+    prompt = [7, 8, 9, 10]
+    greedy = SamplingSettings(max_tokens=12, temperature=0.0)
+    bf16 = [(k, v.to(torch.bfloat16)) for k, v in new_model.state_dict().items() if k != "lm_head.weight"]
+    received = [item for b in buckets_of(bf16, 24 << 10) for item in b.named()]  # as a receiver yields them
+    assert sum(isinstance(t, Rows) and n == "model.embed_tokens.weight" for n, t in received) == 6  # 128 KiB / 24 KiB
+    engine.bucket_bytes = 40 << 10  # the local hop's buckets do not line up with the learner's
+    try:
+        engine.load_weights(iter(received), version=11)
+        (after,) = generate_all(engine, [(prompt, greedy)])
+        assert after.version == 11
+        with torch.no_grad():
+            for p in new_model.parameters():
+                p.copy_(p.to(torch.bfloat16).float())
+        expected = new_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, min_new_tokens=12)
+        assert after.token_ids == expected[0, len(prompt) :].tolist()
+        (sampled,) = generate_all(engine, [(prompt, SamplingSettings(max_tokens=24, temperature=1.0, seed=5))])
+        assert mean_abs_diff(new_model, prompt, sampled, 1.0) < LOGPROB_TOL  # the tied output head, joined, moved too
+    finally:
+        engine.bucket_bytes = 64 << 20
+        engine.load_weights(old_model.state_dict().items(), version=0)

@@ -1,8 +1,8 @@
 """Weight transports (``protocol/weights.py``): real sockets, files and process groups.
 
-Each transport moves bf16 + float32 + int64 tensors (several buckets / shards)
-from a learner-side publisher to two receivers in separate (spawned) processes,
-bit-exactly; a receiver already serving the newest version gets ``None``. The
+Each transport moves bf16 + float32 + int64 tensors (several buckets / shards,
+one tensor larger than a bucket, in row pieces) from a learner-side publisher to
+two receivers in separate (spawned) processes, bit-exactly; a receiver already serving the newest version gets ``None``. The
 learner's stream gathered from 2 FSDP ranks equals the full state dict bit for
 bit; a corrupted bucket is refused and the actor keeps serving its version.
 """
@@ -31,6 +31,7 @@ from protocol.weights import (
     make_publisher,
     make_receiver,
     tensor_bytes,
+    whole,
 )
 
 CHUNK = 64 << 10  # 64 KiB: the arrays below span several chunks / shards
@@ -47,6 +48,13 @@ def sample_arrays(version: int) -> list[tuple[str, torch.Tensor]]:
         ("model.norm.weight", torch.full((5,), float("nan"))),  # NaN bits survive too
         ("model.layers.1.norm.weight", torch.full((3,), float("nan"), dtype=torch.bfloat16)),
     ]
+
+
+def with_a_tensor_larger_than_a_bucket(version: int) -> list[tuple[str, torch.Tensor]]:
+    """``sample_arrays`` plus a 200 x 256 bf16 tensor (100 KiB, over 1.5 buckets): it travels in row pieces."""
+    rng = np.random.default_rng(100 + version)
+    big = torch.from_numpy(rng.standard_normal((200, 256), dtype=np.float32)).to(torch.bfloat16)
+    return [*sample_arrays(version)[:2], ("model.lm_head.weight", big), *sample_arrays(version)[2:]]
 
 
 def nbytes(t) -> int:
@@ -88,7 +96,7 @@ def receive(kind: str, port: int, weights_dir: str, actor_id: str, out: str) -> 
         welcome = await client.call(m.Register(actor_id=actor_id, host="localhost", pid=os.getpid(), engine="none"), timeout_s=60)
         rx = make_receiver(kind, welcome, client=client, actor_id=actor_id, weights_dir=weights_dir, timeout_s=60)
         version, stream = await rx.fetch(0, timeout_s=60)
-        tensors = await asyncio.to_thread(lambda: [(n, t.clone()) for n, t in stream])  # as an engine consumes it
+        tensors = await asyncio.to_thread(lambda: [(n, t.clone()) for n, t in whole(stream)])  # pieces joined
         again = await rx.fetch(version, timeout_s=60)
         rx.close()
         return version, tensors, again
@@ -111,7 +119,7 @@ def test_transport_moves_arrays_to_two_actor_processes_bit_exactly(kind, tmp_pat
         kind, server=server, bucket_bytes=CHUNK, weights_dir=tmp_path / "weights", host="127.0.0.1",
         n_actors=2, backend="gloo", timeout_s=60, window=0,  # zmq: the whole version kept (actors start later)
     )
-    want = sample_arrays(1)
+    want = with_a_tensor_larger_than_a_bucket(1)
     try:
         pub.publish(0, sample_arrays(0))  # what actors load from disk: never sent
         pub.publish(1, want)

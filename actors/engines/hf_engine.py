@@ -34,7 +34,9 @@ requests without one share the engine's generator.
 
 Weight updates are staged. ``load_weights`` consumes a stream of tensors
 (bucket by bucket, as the receiver verifies them) and copies each into a
-*standby* copy of the parameters while requests keep running on the served
+*standby* copy of the parameters (a tensor larger than a bucket arrives as row
+pieces, ``protocol.weights.Rows``: each is copied into its rows, in order, and
+the tensor counts as received once its last row did) while requests keep running on the served
 copy; only when the stream ended, complete, does it swap the two under the
 batch lock (a pointer swap per parameter, microseconds). The worker holds that
 lock while any request runs; a swap that waits for it stops admission, the
@@ -64,6 +66,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from actors.engines.base import Engine, Generation, SamplingSettings
+from protocol.weights import Rows, place
 
 
 class HFEngine(Engine):
@@ -421,6 +424,7 @@ class HFEngine(Engine):
             slots = self._slots()
             standby = None
             seen: set[str] = set()
+            rows_in: dict[str, int] = {}  # a tensor sent in row pieces -> rows staged so far
             for name, t in named_tensors:
                 if standby is None:  # the first tensor says which update this is: the whole model or the adapters
                     adapters = self.lora is not None and _is_adapter(name)
@@ -433,6 +437,12 @@ class HFEngine(Engine):
                 dst = standby.get(canonical)
                 if dst is None:
                     raise ValueError(f"weights v{version}: tensor {name!r} is not part of this update's parameters")
+                if isinstance(t, Rows):  # a piece of a tensor larger than a bucket: into its rows of the standby copy
+                    place(dst, t, name, rows_in.get(canonical, 0))
+                    rows_in[canonical] = t.stop
+                    if t.last:
+                        seen.add(canonical)
+                    continue
                 if tuple(t.shape) != tuple(dst.shape):
                     raise ValueError(f"weights v{version}: {name} has shape {list(t.shape)}, the model's is {list(dst.shape)}")
                 dst.copy_(t)
@@ -440,7 +450,7 @@ class HFEngine(Engine):
             if standby is None:
                 raise ValueError(f"weights v{version}: the update holds no tensors")
             missing = set(standby) - seen
-            if missing:
+            if missing:  # a tensor whose last piece never came counts as missing: never swapped in half-copied
                 raise ValueError(f"weights v{version} are incomplete: missing {sorted(missing)[:5]} ({len(missing)} tensors)")
             params = self._params()
             with self._lock:  # no batch runs during the swap

@@ -22,8 +22,10 @@ Weights. Through vLLM's own weight-transfer API with Relay's backend
 ``weight_transfer_config={"backend": "relay"}`` and binds a local ZeroMQ PUSH
 socket that the worker's transfer engine pulls from. ``load_weights`` consumes
 the stream the actor received, regroups it into buckets of ``bucket_bytes``
-and, per bucket, pushes the raw bytes and calls ``update_weights`` with their
-names, dtypes, shapes and checksum; ``start_weight_update`` /
+(a tensor larger than that travels as row pieces, which the worker joins
+before vLLM's loaders see it: they take whole tensors) and, per bucket, pushes
+the raw bytes and calls ``update_weights`` with their names, dtypes, shapes,
+pieces and checksum; ``start_weight_update`` /
 ``finish_weight_update`` bracket the update (vLLM's layerwise reload); then the
 prefix cache is reset so no KV computed with the old weights is reused. No
 file, no restart. (Tensors cannot ride in the RPC itself: the
@@ -260,6 +262,9 @@ class VLLMEngine(Engine):
                     "version": version, "bucket": i, "names": [mt.name for mt in bucket.metas],
                     "dtypes": [mt.dtype for mt in bucket.metas], "shapes": [mt.shape for mt in bucket.metas],
                     "nbytes": [mt.nbytes for mt in bucket.metas], "checksum": bucket.checksum,
+                    # row pieces of tensors larger than a bucket: the worker joins them before loading
+                    "full_shapes": [mt.full_shape or [] for mt in bucket.metas],
+                    "row_starts": [mt.row_start for mt in bucket.metas],
                 }
                 self._run(self._llm.update_weights(WeightTransferUpdateRequest(update_info=info)), self.rpc_timeout_s,
                           f"vLLM weight update to v{version}, bucket {i}")
@@ -278,14 +283,15 @@ class VLLMEngine(Engine):
         """The stream, plus the input embedding again as ``lm_head.weight`` for a tied model that
         was sent without it (as the learner sends it: once)."""
         head_seen = False
-        embedding = None
+        embedding = []  # the embedding, or its row pieces (protocol.weights.Rows) in order
         for name, t in named:
             head_seen |= name == "lm_head.weight"
             if self._tied and name == "model.embed_tokens.weight":
-                embedding = t
+                embedding.append(t)
             yield name, t
-        if self._tied and not head_seen and embedding is not None:
-            yield "lm_head.weight", embedding
+        if self._tied and not head_seen:
+            for t in embedding:
+                yield "lm_head.weight", t
 
     async def _begin_update(self) -> None:
         """Close the gate, let running requests finish, start the update."""

@@ -15,9 +15,12 @@ registers it when the worker imports the extension module):
 - per bucket of the stream the actor received from the learner (already
   verified by the receiver), the actor pushes the tensors' raw bytes as one
   multipart message and calls ``update_weights`` with their names, dtypes,
-  shapes and xxh3 checksum (``RelayUpdateInfo``); the worker engine pulls the
-  message, checks it and loads the tensors with the model's ``load_weights``
-  (which maps HF names, fuses q/k/v and gate/up);
+  shapes, row pieces and xxh3 checksum (``RelayUpdateInfo``); the worker engine
+  pulls the message, checks it and loads the tensors with the model's
+  ``load_weights`` (which maps HF names, fuses q/k/v and gate/up); a tensor
+  larger than a bucket comes as row pieces in successive buckets and is joined
+  in the worker first (the loaders take whole tensors), so the worker holds one
+  such tensor while it arrives;
 - ``start_weight_update`` / ``finish_weight_update`` run vLLM's layerwise
   reload (``initialize_layerwise_reload`` / ``finalize_layerwise_reload``), which
   redoes the platform's post-load processing layer by layer (the CPU backend
@@ -39,7 +42,7 @@ from vllm.distributed.weight_transfer.base import WeightTransferEngine, WeightTr
 
 from protocol import messages as m
 from protocol.transport import checksum
-from protocol.weights import tensor_from_buffer
+from protocol.weights import Rows, item_of, place, tensor_from_buffer
 
 BACKEND = "relay"
 
@@ -61,6 +64,10 @@ class RelayUpdateInfo(WeightTransferUpdateInfo):
     shapes: list[list[int]] = field(default_factory=list)
     nbytes: list[int] = field(default_factory=list)
     checksum: int = 0
+    full_shapes: list[list[int]] = field(default_factory=list)
+    """Per tensor: the whole tensor's shape if it is a row piece (``TensorMeta.full_shape``), else ``[]``."""
+    row_starts: list[int] = field(default_factory=list)
+    """Per tensor: a piece's first row (0 for a whole tensor)."""
 
 
 class RelayWeightTransferEngine(WeightTransferEngine[RelayInitInfo, RelayUpdateInfo]):
@@ -76,6 +83,7 @@ class RelayWeightTransferEngine(WeightTransferEngine[RelayInitInfo, RelayUpdateI
         self._pull = None
         self._timeout_s = 600.0
         self.buckets_loaded = 0
+        self._joining: tuple[str, torch.Tensor, int] | None = None  # a tensor arriving in row pieces
 
     def init_transfer_engine(self, init_info: RelayInitInfo) -> None:
         self.shutdown()
@@ -88,10 +96,15 @@ class RelayWeightTransferEngine(WeightTransferEngine[RelayInitInfo, RelayUpdateI
     def start_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
 
+        self._joining = None
+
         initialize_layerwise_reload(self.model)
 
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+        if self._joining is not None:
+            raise RuntimeError(f"relay weight transfer: {self._joining[0]} ended after row {self._joining[2]} of its pieces")
 
         finalize_layerwise_reload(self.model, self.model_config)
 
@@ -113,11 +126,32 @@ class RelayWeightTransferEngine(WeightTransferEngine[RelayInitInfo, RelayUpdateI
             raise RuntimeError(f"relay weight transfer: got v{version} bucket {bucket} ({len(bufs)} tensors) for {what}")
         if checksum(bufs) != info.checksum:
             raise RuntimeError(f"relay weight transfer: {what} fails its xxh3_64 checksum between actor and worker")
-        tensors = [
-            (name, tensor_from_buffer(buf, m.TensorMeta(name=name, dtype=dt, shape=list(shape), nbytes=n)))
-            for name, dt, shape, n, buf in zip(info.names, info.dtypes, info.shapes, info.nbytes, bufs)
+        fulls = info.full_shapes or [[] for _ in info.names]
+        starts = info.row_starts or [0 for _ in info.names]
+        items = [
+            (name, item_of(meta, tensor_from_buffer(buf, meta)))
+            for name, dt, shape, n, full, start, buf in zip(info.names, info.dtypes, info.shapes, info.nbytes, fulls, starts, bufs)
+            for meta in [m.TensorMeta(name=name, dtype=dt, shape=list(shape), nbytes=n, full_shape=full or None, row_start=start)]
         ]
-        self.model.load_weights(weights=tensors)
+        # vLLM's weight loaders take whole tensors (they fuse q/k/v and cut tensor-parallel shards):
+        # a tensor sent in row pieces is joined here, across buckets, and loaded once its last row came
+        tensors = []
+        for name, t in items:
+            if not isinstance(t, Rows):
+                tensors.append((name, t))
+                continue
+            if t.start == 0:
+                self._joining = (name, torch.empty(t.shape, dtype=t.data.dtype), 0)
+            if self._joining is None or self._joining[0] != name:
+                raise RuntimeError(f"relay weight transfer: {what}: a piece of {name} at row {t.start} without its first rows")
+            _, buf, nxt = self._joining
+            place(buf, t, name, nxt)
+            self._joining = (name, buf, t.stop)
+            if t.last:
+                tensors.append((name, buf))
+                self._joining = None
+        if tensors:
+            self.model.load_weights(weights=tensors)
         self.buckets_loaded += 1
 
     def shutdown(self) -> None:
