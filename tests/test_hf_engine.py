@@ -328,3 +328,31 @@ def test_close_fails_running_requests_and_a_later_request_restarts_the_worker(ti
     asyncio.run(go())
     g = asyncio.run(engine.generate([1, 5, 6], SamplingSettings(max_tokens=4, temperature=0.0)))
     assert len(g.token_ids) == 4 and all(o is None or not hasattr(o, "req") for o in engine._owner)
+
+
+def test_each_turn_continues_in_its_parked_slot_while_others_decode_with_exact_logprobs(tiny_model_dir):
+    """Episodes of three turns, started together, two per prompt (a GRPO group's chains), continuing at
+    different steps as an actor's do: each later turn takes over its previous turn's slot where it is
+    while the other rows decode, sit parked or leave, and every log-prob is a full forward's."""
+    engine = HFEngine(tiny_model_dir, seed=5)
+
+    async def episode(i):
+        tokens = [1] + [10 + (i // 2 * 11 + j) % 300 for j in range(3 + i // 2 % 7)]
+        turns = []
+        for t in range(3):
+            s = SamplingSettings(max_tokens=2 + (i * 3 + t * 5) % 11, temperature=[1.0, 0.0, 0.7][i % 3], seed=100 * i + t)
+            g = await engine.generate(tokens, s)
+            turns.append((tokens, g, s))
+            tokens = tokens + g.token_ids + [20 + i, 21 + t]  # the turn, then its observation
+        return turns
+
+    async def go():
+        return await asyncio.gather(*(episode(i) for i in range(16)))
+
+    episodes = asyncio.run(go())
+    assert engine.prefix_hits == 32  # every later turn continued its previous turn's KV
+    for turns in episodes:
+        for prompt, g, s in turns:
+            assert len(g.token_ids) == s.max_tokens
+            ref = full_forward_logprobs(engine.model, prompt, g.token_ids, s.temperature if s.temperature > 0 else 1.0)
+            assert torch.allclose(torch.tensor(g.logprobs), ref, atol=1e-5, rtol=0)

@@ -18,12 +18,18 @@ Models: decoder-only transformers whose attention goes through transformers'
 without GQA); sliding-window layers are refused.
 
 The KV cache is static: one ``[2 * layers, slots, kv_heads, length, head_dim]``
-buffer, grown when a request needs more and never freed, with the running rows
-packed into the first slots so a decode step reads a view, not a copy. A row
-that finishes stays *parked* in its slot (least recently used ones are
-dropped): a later request whose prompt starts with that row's tokens (the next
-turn of the same episode) takes the slot over and prefills only the new
-tokens. Parked rows are dropped when the weights change.
+buffer, never freed; on a CPU it reserves room for ``max_batch + parked_rows``
+rows of the model's context at once, and the OS commits only the pages that are
+used (``_zeros``), so it never grows by copying (where that room would exceed a
+quarter of the memory, and on a GPU, it grows when a request needs more). A row that finishes stays
+*parked* in its slot until a new row needs the slot (least recently used
+first): a later request whose prompt starts with that row's tokens (the next
+turn of the same episode) continues in that slot, where it is, and prefills
+only the new tokens. New rows take the lowest free slots, and at each step the
+running rows in the highest slots move down into slots whose parked row's next
+turn has not come within two steps (``_compact``), so a decode step reads the
+running rows as one view of the first slots; rows between two turns, back
+sooner, never move. Parked rows are dropped when the weights change.
 
 Log-probs are ``log_softmax(logits / T)`` of the sampled token (``T = 1`` for
 greedy), before top-k/top-p truncation: what the learner recomputes. A
@@ -76,8 +82,10 @@ class HFEngine(Engine):
     ):
         """``dtype``: what the engine serves (None = bf16 on a GPU, fp32 on CPU); ``lora``:
         ``(rank, alpha, target_modules)`` to serve LoRA adapters on top of the base model;
-        ``max_batch``: most rows decoded together; ``parked_rows``: most finished rows kept for
-        their prefix; ``swap_timeout_s``: how long a weight swap waits for the running requests."""
+        ``max_batch``: most rows decoded together; ``parked_rows``: slots beyond ``max_batch`` for
+        finished rows kept for their prefix (a finished row stays parked until a new row needs its
+        slot: all of an actor's episodes between two turns keep theirs, however many there are; 0: none
+        kept); ``swap_timeout_s``: how long a weight swap waits for the running requests."""
         from transformers import AutoModelForCausalLM
 
         self.device = torch.device(device)
@@ -113,9 +121,10 @@ class HFEngine(Engine):
         self._queue: list[_Request] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._kv = SlotCache(self.device, self.model.config.num_hidden_layers)
+        self._kv = SlotCache(self.device, self.model.config.num_hidden_layers, max_batch + parked_rows,
+                             getattr(self.model.config, "max_position_embeddings", None))
         self._kv_version = 0  # the weights the parked rows' KV was computed with
-        self._rows: list[_Row] = []  # running rows; row i lives in slot i
+        self._rows: list[_Row] = []  # running rows, each in its own slot
         self._parked: OrderedDict[int, _Parked] = OrderedDict()  # by id, least recently used first
         self._owner: list[_Row | _Parked | None] = []  # what each slot holds
         self._standby: dict[frozenset, dict[str, torch.Tensor]] = {}
@@ -219,13 +228,14 @@ class HFEngine(Engine):
         each newcomer's prompt (its prefill); then one token sampled per row."""
         for row in [r for r in self._rows if r.req.fut.done()]:  # cancelled by the caller: stop sampling for it
             self._retire(row)
+        self._compact()
+        decoding = sorted(self._rows, key=lambda r: r.slot)  # each feeds the token it sampled last
         leaders, siblings = self._admit(newcomers) if newcomers else ([], [])
-        n_dec = len(self._rows) - len(leaders) - len(siblings)  # decoding rows: slots 0..n_dec
-        rows = self._rows[:n_dec] + leaders
+        rows = decoding + leaders
         if not rows:
             return
         try:
-            logits = self._forward(n_dec, leaders)
+            logits = self._forward(decoding, leaders)
         except Exception as e:  # fail these requests, keep serving
             for row in rows + [row for row, _ in siblings]:
                 self._retire(row, exc=e, park=False)
@@ -233,15 +243,15 @@ class HFEngine(Engine):
         for row, j in siblings:  # same prompt as leader j: its KV is copied, its first token sampled apart
             self._kv.copy(leaders[j].slot, row.slot, row.cached)
         if siblings:
-            pick = torch.tensor(list(range(len(rows))) + [n_dec + j for _, j in siblings], device=logits.device)
+            pick = torch.tensor(list(range(len(rows))) + [len(decoding) + j for _, j in siblings], device=logits.device)
             rows, logits = rows + [row for row, _ in siblings], logits[pick]
         self._sample_into(rows, logits)
 
     def _admit(self, reqs: list[_Request]) -> tuple[list[_Row], list[tuple[_Row, int]]]:
-        """Give each request a slot after the running rows: first the leaders (each takes over the parked
-        row holding the longest prefix of its prompt, if one does), longest uncached part first, in
-        consecutive slots; then the siblings, requests whose prompt equals leader ``j``'s, which get a
-        copy of its KV instead of a prefill of their own."""
+        """Give each request a slot: first the leaders, longest uncached part first (each takes over, in
+        place, the parked row holding the longest prefix of its prompt, if one does; the others take free
+        slots); then the siblings, requests whose prompt equals leader ``j``'s, which get a free slot and
+        a copy of its KV instead of a prefill of their own."""
         firsts: list[tuple[_Request, _Parked | None]] = []
         by_prompt: dict[tuple[int, ...], _Request] = {}
         later: list[tuple[_Request, _Request]] = []
@@ -259,19 +269,11 @@ class HFEngine(Engine):
         leaders: list[_Row] = []
         index: dict[int, int] = {}
         for req, parked in firsts:
-            n = len(self._rows)
             if parked is not None:
-                self.prefix_hits += 1
-                self._swap_slots(parked.slot, n)
-            else:
-                self._make_free_slot_at(n)
+                self.prefix_hits += 1  # its KV stays where it is: the row continues in the parked row's slot
             index[id(req)] = len(leaders)
-            leaders.append(self._new_row(req, parked.length if parked else 0, n))
-        siblings = []
-        for req, first in later:
-            n = len(self._rows)
-            self._make_free_slot_at(n)
-            siblings.append((self._new_row(req, len(req.prompt), n), index[id(first)]))
+            leaders.append(self._new_row(req, parked.length if parked else 0, parked.slot if parked else self._free_slot()))
+        siblings = [(self._new_row(req, len(req.prompt), self._free_slot()), index[id(first)]) for req, first in later]
         self.batches += 1
         rows = leaders + [r for r, _ in siblings]
         need_len = max(max(len(r.tokens) + r.req.settings.max_tokens for r in rows),
@@ -293,74 +295,72 @@ class HFEngine(Engine):
                 best = p
         return best
 
-    def _make_free_slot_at(self, n: int) -> None:
-        """Slot ``n`` (the first after the running rows) holds nothing afterwards; what it held moves or is dropped."""
-        if n == len(self._owner):
-            self._owner.append(None)
-            self._kv.reserve(len(self._owner), 0)
+    def _compact(self, patience: int = 2) -> None:
+        """Move the running rows in the highest slots down into the lowest slots that hold no running row:
+        empty ones, or parked ones whose next turn has not come within ``patience`` steps (those move up
+        in exchange; an episode between two turns is back sooner, so its row never moves). The decode step
+        then reads the running rows' slots as one view."""
+        if not self._rows:
             return
-        if self._owner[n] is None:
-            return
-        free = next((i for i in range(n + 1, len(self._owner)) if self._owner[i] is None), None)
-        if free is None and len(self._parked) < self.parked_rows:
-            free = len(self._owner)
-            self._owner.append(None)
-            self._kv.reserve(len(self._owner), 0)
-        if free is None:  # full: drop the least recently used parked row
-            lru = next(iter(self._parked.values()))
-            self._drop_parked(lru)
-            if lru.slot == n:
-                return
-            free = lru.slot
-        self._swap_slots(n, free)
+        running = sorted(self._rows, key=lambda r: r.slot)
+        holes = (i for i, o in enumerate(self._owner[: running[-1].slot])
+                 if o is None or isinstance(o, _Parked) and self.steps - o.since >= patience)
+        for hole in holes:
+            if hole >= running[-1].slot:
+                break
+            row = running.pop()
+            self._swap_slots(row.slot, hole)
+            running.insert(0, row)  # below every slot still to be filled
 
     def _swap_slots(self, a: int, b: int) -> None:
-        if a == b:
-            return
+        """Exchange what slots ``a`` and ``b`` hold, KV included."""
         oa, ob = self._owner[a], self._owner[b]
         width = max(o.length if isinstance(o, _Parked) else o.cached if isinstance(o, _Row) else 0 for o in (oa, ob))
         self._kv.swap(a, b, width)
         self._owner[a], self._owner[b] = ob, oa
-        for o, s in ((ob, a), (oa, b)):
+        for o, slot in ((ob, a), (oa, b)):
             if o is not None:
-                o.slot = s
+                o.slot = slot
+
+    def _free_slot(self) -> int:
+        """A slot for a new row: the lowest empty one; else a new one while there are fewer than
+        ``max_batch + parked_rows``; else the least recently used parked row's (dropped). Nothing moves."""
+        for i, o in enumerate(self._owner):
+            if o is None:
+                return i
+        if self._parked and len(self._owner) >= self.max_batch + self.parked_rows:
+            lru = next(iter(self._parked.values()))
+            self._drop_parked(lru)
+            return lru.slot
+        self._owner.append(None)  # the buffer grows in _admit, once for all the round's new slots
+        return len(self._owner) - 1
 
     def _drop_parked(self, p: _Parked) -> None:
         self._parked.pop(id(p), None)
         self._owner[p.slot] = None
 
     def _retire(self, row: _Row, exc: BaseException | None = None, park: bool = True) -> None:
-        """Take a row out of the running set (the last running row moves into its slot); keep its KV parked."""
-        i, last = row.slot, len(self._rows) - 1
+        """Take a row out of the running set; its KV stays in its slot, parked."""
+        self._rows.remove(row)
         park = park and exc is None and self.parked_rows > 0 and row.cached > 0
-        if i != last:
-            if park:
-                self._swap_slots(i, last)
-            else:  # the finished row's KV is not kept: only the last row moves
-                moved = self._rows[last]
-                self._kv.copy(last, i, moved.cached)
-                self._owner[i], moved.slot = moved, i
-            self._rows[i] = self._rows[last]
-        self._rows.pop()
-        self._owner[last] = None
+        self._owner[row.slot] = None
         if exc is not None:
             _resolve(row.req, exc=exc)
             return
         steps = {"first_step": row.first_step, "last_step": self.steps}  # the steps that sampled its first and last token
         _resolve(row.req, result=Generation(row.out_ids, row.out_lp, row.finish, self.version, extra=steps))
         if park:
-            p = _Parked(tokens=row.tokens[: row.cached], slot=last)
-            self._owner[last] = p
-            self._parked[id(p)] = p
-            while len(self._parked) > self.parked_rows:
-                self._drop_parked(next(iter(self._parked.values())))
+            p = _Parked(tokens=row.tokens[: row.cached], slot=row.slot, since=self.steps)
+            self._owner[row.slot] = p
+            self._parked[id(p)] = p  # until a new row needs the slot (_free_slot)
 
-    def _forward(self, n_dec: int, leaders: list[_Row]) -> torch.Tensor:
-        """Forward the uncached tokens of the decoding rows (slots ``0..n_dec``, one token each) and of the
-        newcomers ``leaders`` (the slots after them), packed into one sequence. Returns logits[n_dec + k, V]
+    def _forward(self, decoding: list[_Row], leaders: list[_Row]) -> torch.Tensor:
+        """Forward the uncached tokens of the ``decoding`` rows (in slot order, one token each) and of the
+        newcomers ``leaders``, packed into one sequence. Returns logits[len(decoding) + len(leaders), V]
         at each row's last token."""
         self.steps += 1
-        rows = self._rows[:n_dec] + leaders
+        n_dec = len(decoding)
+        rows = decoding + leaders
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
@@ -376,7 +376,14 @@ class HFEngine(Engine):
         plan = SlotPlan(slot_idx=torch.tensor(slots, device=dev), pos_idx=pos_t, n_dec=n_dec)
         if n_dec:
             plan.dec_width = max(pos[:n_dec]) + 1
-            plan.dec_mask = (torch.arange(plan.dec_width, device=dev)[None, :] <= pos_t[:n_dec, None])[:, None, None, :]
+            dec_pos = pos_t[:n_dec]
+            span = decoding[-1].slot + 1
+            if span > n_dec:  # rows in some slots are not decoding (parked, or newcomers)
+                plan.dec_slots = torch.tensor([r.slot for r in decoding], device=dev)
+                if 3 * n_dec >= span:  # attend over all slots 0..span, the others' queries zero and discarded
+                    plan.dec_span = span
+                    dec_pos = torch.zeros(span, dtype=pos_t.dtype, device=dev).index_copy_(0, plan.dec_slots, dec_pos)
+            plan.dec_mask = (torch.arange(plan.dec_width, device=dev)[None, :] <= dec_pos[:, None])[:, None, None, :]
         offset = n_dec
         for group in _prefill_groups(leaders):
             q = [len(r.tokens) - r.cached for r in group]
@@ -390,7 +397,10 @@ class HFEngine(Engine):
             qlen = torch.tensor(q, device=dev)
             gather = (offs[:, None] + torch.minimum(t[None, :], qlen[:, None] - 1)).reshape(-1)
             valid = (torch.arange(len(group), device=dev)[:, None] * qmax + t[None, :])[t[None, :] < qlen[:, None]]
-            plan.groups.append((group[0].slot, len(group), qmax, width, mask[:, None], gather, valid))
+            first, k = group[0].slot, len(group)
+            consecutive = all(r.slot == first + j for j, r in enumerate(group))
+            sel = None if consecutive else torch.tensor([r.slot for r in group], device=dev)
+            plan.groups.append((first, k, sel, qmax, width, mask[:, None], gather, valid))
             offset += sum(q)
         self._kv.plan = plan
         out = self.model(
@@ -593,7 +603,7 @@ class _Request:
     fut: asyncio.Future
 
 
-@dataclass
+@dataclass(eq=False)
 class _Row:
     """A running request: ``tokens`` are the prompt and what it sampled; the first ``cached`` have KV in ``slot``."""
 
@@ -617,6 +627,8 @@ class _Parked:
 
     tokens: list[int]
     slot: int
+    since: int = 0
+    """The step it was parked at."""
 
     @property
     def length(self) -> int:
@@ -668,10 +680,14 @@ class _SwapGate:
 class SlotPlan:
     """Where a packed forward's T tokens go: token i is written at ``slot_idx[i]``, position ``pos_idx[i]``.
 
-    The first ``n_dec`` tokens are one per decoding row (slot i), each attending to positions
-    ``0..pos`` of its slot (``dec_mask[n_dec, 1, 1, dec_width]``). Then the newcomers, in groups
-    ``(first_slot, k, qmax, width, mask[k, 1, qmax, width], gather[k * qmax], valid)``: their tokens
-    padded to ``qmax`` per row (``gather`` picks them from the packed order, ``valid`` puts them back).
+    The first ``n_dec`` tokens are one per decoding row, in slot order, each attending to positions
+    ``0..pos`` of its slot. The rows are in slots ``0..n_dec`` (``dec_slots`` None), or in the slots
+    ``dec_slots[n_dec]``: then the attention runs over slots ``0..dec_span`` (views; the other slots'
+    queries are zeros and their outputs dropped) or, where the rows are few (``dec_span`` 0), over a
+    copy of their slots. ``dec_mask[n_dec or dec_span, 1, 1, dec_width]``. Then the newcomers, in groups
+    ``(first_slot, k, sel, qmax, width, mask[k, 1, qmax, width], gather[k * qmax], valid)``: their tokens
+    padded to ``qmax`` per row (``gather`` picks them from the packed order, ``valid`` puts them back),
+    in slots ``first_slot..first_slot + k`` (``sel`` None) or in the slots ``sel[k]`` (read as a copy).
     """
 
     slot_idx: torch.Tensor
@@ -679,6 +695,8 @@ class SlotPlan:
     n_dec: int
     dec_width: int = 0
     dec_mask: torch.Tensor | None = None
+    dec_slots: torch.Tensor | None = None
+    dec_span: int = 0
     groups: list[tuple] = field(default_factory=list)
 
 
@@ -698,13 +716,25 @@ def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     outs = []
     p = slot_plan
     if p.n_dec:
-        w = p.dec_width
-        o = F.scaled_dot_product_attention(q[: p.n_dec, :, None], key[: p.n_dec, :, :w], value[: p.n_dec, :, :w],
-                                           attn_mask=p.dec_mask, scale=scaling, enable_gqa=gqa)
+        w, qd = p.dec_width, q[: p.n_dec, :, None]
+        if p.dec_slots is None:
+            kd, vd = key[: p.n_dec, :, :w], value[: p.n_dec, :, :w]
+        elif p.dec_span:
+            qd = qd.new_zeros((p.dec_span, heads, 1, dim)).index_copy_(0, p.dec_slots, qd)
+            kd, vd = key[: p.dec_span, :, :w], value[: p.dec_span, :, :w]
+        else:
+            kd, vd = key[:, :, :w].index_select(0, p.dec_slots), value[:, :, :w].index_select(0, p.dec_slots)
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=p.dec_mask, scale=scaling, enable_gqa=gqa)
+        if p.dec_span:
+            o = o.index_select(0, p.dec_slots)
         outs.append(o[:, :, 0])
-    for a, k, qmax, w, mask, gather, valid in p.groups:
+    for a, k, sel, qmax, w, mask, gather, valid in p.groups:
         qg = q[gather].view(k, qmax, heads, dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qg, key[a : a + k, :, :w], value[a : a + k, :, :w], attn_mask=mask, scale=scaling, enable_gqa=gqa)
+        if sel is None:
+            kg, vg = key[a : a + k, :, :w], value[a : a + k, :, :w]
+        else:
+            kg, vg = key[:, :, :w].index_select(0, sel), value[:, :, :w].index_select(0, sel)
+        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scaling, enable_gqa=gqa)
         outs.append(o.transpose(1, 2).reshape(k * qmax, heads, dim)[valid])
     return torch.cat(outs)[None], None
 
@@ -728,24 +758,28 @@ class SlotCache(Cache):
     comes from the keys) and grow on ``reserve``.
     """
 
-    def __init__(self, device: torch.device, num_layers: int):
+    def __init__(self, device: torch.device, num_layers: int, max_slots: int = 0, max_length: int | None = None):
+        """``max_slots`` x ``max_length`` (the engine's most rows, the model's context): what a CPU buffer
+        reserves at its first allocation, where that fits in a quarter of the memory (``_zeros``)."""
         super().__init__(layers=[])
         self.device = device
         self.num_layers = num_layers
+        self.capacity = (max_slots, max_length or 0)
         self.buf: torch.Tensor | None = None  # [2 * layers (k, v), slots, kv_heads, length, head_dim]
         self.slots = 0
         self.length = 0
         self.plan: SlotPlan | None = None
 
     def reserve(self, slots: int, length: int) -> None:
-        """At least ``slots`` slots of ``length`` positions (grown to twice the size, lengths in steps of 64)."""
+        """At least ``slots`` slots of ``length`` positions. A growth copies the buffer: each dimension that
+        grows takes what is asked or 1.25x its size, whichever is more (lengths in steps of 64)."""
         if slots <= self.slots and length <= self.length:
             return
-        new_s = self.slots if slots <= self.slots else max(slots, 2 * self.slots)
-        new_l = self.length if length <= self.length else -(-max(length, 2 * self.length) // 64) * 64
+        new_s = self.slots if slots <= self.slots else max(slots, self.slots + self.slots // 4)
+        new_l = self.length if length <= self.length else -(-max(length, self.length + self.length // 4) // 64) * 64
         if self.buf is not None:
             b = self.buf
-            grown = torch.zeros((b.shape[0], new_s, b.shape[2], new_l, b.shape[4]), dtype=b.dtype, device=b.device)
+            grown = _zeros((b.shape[0], new_s, b.shape[2], new_l, b.shape[4]), b.dtype, b.device)
             grown[:, : self.slots, :, : self.length] = b
             self.buf = grown
         self.slots, self.length = new_s, new_l
@@ -767,8 +801,11 @@ class SlotCache(Cache):
         return the layer's whole buffers (the slot attention reads the slots it needs)."""
         if self.buf is None:
             _, heads, _, dim = key_states.shape
+            cap_s, cap_l = max(self.slots, self.capacity[0]), max(self.length, self.capacity[1])
+            if self.device.type == "cpu" and 2 * self.num_layers * cap_s * heads * cap_l * dim * key_states.element_size() <= _memory() // 4:
+                self.slots, self.length = cap_s, cap_l  # reserved, not committed: no growth copies later
             shape = (2 * self.num_layers, self.slots, heads, self.length, dim)
-            self.buf = torch.zeros(shape, dtype=key_states.dtype, device=self.device)
+            self.buf = _zeros(shape, key_states.dtype, self.device)
         K, V = self.buf[2 * layer_idx], self.buf[2 * layer_idx + 1]
         K[self.plan.slot_idx, :, self.plan.pos_idx] = key_states[0].transpose(0, 1)
         V[self.plan.slot_idx, :, self.plan.pos_idx] = value_states[0].transpose(0, 1)
@@ -776,3 +813,25 @@ class SlotCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # the engine passes position ids and masks itself
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor. On a CPU its memory is an anonymous mapping: the OS commits each 4 KB page, zeroed,
+    when it is first touched, so a large buffer costs only the part that is used (``torch.zeros`` writes
+    every page up front; numpy's and glibc's large zeros may ask for 2 MB pages, which a sparse use
+    commits whole)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import math
+    import mmap
+
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    anonymous = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(anonymous, dtype=torch.uint8).view(dtype).view(shape)
+
+
+def _memory() -> int:
+    """Physical memory in bytes."""
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
