@@ -7,13 +7,24 @@ the last trajectory received (engine start-up excluded).
 
 Baseline: the same engine class, in this process, generating for the same
 prompt ids exactly as many tokens as each episode sampled (stop ids disabled,
-so the lengths match), all requests submitted concurrently.
+so the lengths match), all requests submitted concurrently. On multi-turn
+episodes this baseline computes less than the actor: it never forwards the
+observation ids (the tool results, often more than half as many tokens as the
+sampled ones) and its rows attend over shorter contexts. So a second baseline,
+*turns*, replays each episode's engine work on a fresh engine: turn after turn
+with the episode's per-turn lengths (stop ids disabled), each next turn's
+prompt the previous prompt plus what it sampled plus the episode's own
+observation ids, all episodes concurrently, each next turn asked at once (no
+tool, no tokenizer, no transport). ``ratio_turns`` = ours / turns is the cost
+of the actor loop and transport alone; ``ratio`` = ours / raw also counts the
+observations' work against the actor.
 
-Both use one torch thread. Prints sampled tokens/s of each and the ratio, per run; with
-``--repeats N`` the whole measurement (a fresh actor, a fresh raw engine) runs N times and the RESULT
-line gives the median ratio with its min and max (on a shared machine single runs scatter widely).
+All use one torch thread. Prints sampled tokens/s of each and both ratios, per run; with
+``--repeats N`` the whole measurement (a fresh actor, fresh raw engines) runs N times and the RESULT
+line gives the median of each ratio with its min and max (on a shared machine single runs scatter widely).
 Multi-turn episodes need a model that calls the tool: the demo's SFT warm start (``make demo``) calls
-it in ~30% of episodes; one trained on tool demonstrations only gives ~2 turns per episode.
+it in ~30% of episodes, the RL'd demo model (``runs/demo/rl/final``) in all of them (2.0 turns per
+episode); one trained on tool demonstrations only gives ~2 turns per episode.
 Usage: python bench/bench_actor.py [--engine hf|vllm] [--prompts 32] [--chains 4] [--model DIR] [--repeats 3]
 """
 
@@ -55,22 +66,47 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="relay-bench-actor-"))
     model = Path(args.model) if args.model else build_tiny_model(work / "tiny")
-    ratios = []
+    ratios, turn_ratios = [], []
     for run in range(args.repeats):
-        ours_tps, raw_tps, line = measure(args, work / f"run{run}", model)
+        ours_tps, raw_tps, turns_tps, line = measure(args, work / f"run{run}", model)
         print(line, flush=True)
         ratios.append(ours_tps / raw_tps)
+        turn_ratios.append(ours_tps / turns_tps)
         print(f"RESULT actor_run engine={args.engine} run={run} ours_tok_s={ours_tps:.0f} raw_tok_s={raw_tps:.0f} "
-              f"ratio={ours_tps / raw_tps:.2f}", flush=True)
-    ratios.sort()
-    median = ratios[len(ratios) // 2] if len(ratios) % 2 else (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2
-    print(f"RESULT actor engine={args.engine} runs={len(ratios)} ratio={median:.2f} ratio_min={ratios[0]:.2f} "
-          f"ratio_max={ratios[-1]:.2f} (target >= 0.95)", flush=True)
+              f"turns_tok_s={turns_tps:.0f} ratio={ours_tps / raw_tps:.2f} ratio_turns={ours_tps / turns_tps:.2f}", flush=True)
+    (r_med, r_min, r_max), (t_med, t_min, t_max) = spread(ratios), spread(turn_ratios)
+    print(f"RESULT actor engine={args.engine} runs={len(ratios)} ratio={r_med:.2f} ratio_min={r_min:.2f} "
+          f"ratio_max={r_max:.2f} ratio_turns={t_med:.2f} ratio_turns_min={t_min:.2f} ratio_turns_max={t_max:.2f} "
+          f"(target >= 0.95)", flush=True)
     return 0
 
 
-def measure(args, work: Path, model: Path) -> tuple[float, float, str]:
-    """One measurement: our actor process, then the raw engine on the same prompts and lengths."""
+def spread(xs: list[float]) -> tuple[float, float, float]:
+    """(median, min, max)."""
+    xs = sorted(xs)
+    n = len(xs)
+    return (xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2), xs[0], xs[-1]
+
+
+def episode_turns(loss_mask: list[int], response_ids: list[int]) -> list[tuple[int, list[int]]]:
+    """An episode's turns from its response: ``(sampled tokens, observation ids after them)`` per run of
+    ``loss_mask`` 1s, e.g. mask ``[1, 1, 0, 1]``, ids ``[a, b, o, c]`` -> ``[(2, [o]), (1, [])]``."""
+    turns, i = [], 0
+    while i < len(loss_mask):
+        j = i
+        while j < len(loss_mask) and loss_mask[j] == 1:
+            j += 1
+        k = j
+        while k < len(loss_mask) and loss_mask[k] == 0:
+            k += 1
+        turns.append((j - i, response_ids[j:k]))
+        i = k
+    return turns
+
+
+def measure(args, work: Path, model: Path) -> tuple[float, float, float, str]:
+    """One measurement: our actor process, then the raw engine on the same prompts and lengths, then
+    the raw engine replaying the same turns. Returns sampled tokens/s of each and the report line."""
     from configs.loader import dump_config, load_config
     from envs.tasks import arithmetic
     from launcher.local import free_port
@@ -97,11 +133,14 @@ def measure(args, work: Path, model: Path) -> tuple[float, float, str]:
 
     class Timed(Coordinator):
         first_grant = None
+        actor_pid = None
+        cpu0 = 0.0
 
         def _grant(self, info, max_groups):
             g = super()._grant(info, max_groups)
             if g.items and self.first_grant is None:
                 self.first_grant = time.perf_counter()
+                self.cpu0 = cpu_s(self.actor_pid) + cpu_s()
             return g
 
     coord = Timed(DataStream(rows, shuffle=False, seed=0), batch_groups=args.prompts, group_size=args.chains, max_staleness=0, peer_timeout_s=600)
@@ -111,9 +150,11 @@ def measure(args, work: Path, model: Path) -> tuple[float, float, str]:
         [sys.executable, "-m", "actors.main", "--config", str(cfg_path), "--actor-id", "actor-0", "--learner", f"127.0.0.1:{port}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
+    coord.actor_pid = actor.pid
     try:
         batch, _ = coord.take_batch(timeout_s=900)
         t_ours = time.perf_counter() - coord.first_grant
+        cpu_ours = cpu_s(actor.pid) + cpu_s() - coord.cpu0
     finally:
         coord.finish()
         time.sleep(1.0)
@@ -127,25 +168,57 @@ def measure(args, work: Path, model: Path) -> tuple[float, float, str]:
     from actors.build import build_engine
     from actors.engines.base import SamplingSettings
 
-    engine = build_engine(cfg, str(model), seed=0)
     reqs = [(t.prompt_ids.tolist(), n) for t, n in zip(trajs, sampled)]
+    episodes = [(t.prompt_ids.tolist(), episode_turns(t.loss_mask.tolist(), t.response_ids.tolist())) for t in trajs]
 
-    async def raw():
+    async def raw(engine):
         await engine.generate(reqs[0][0], SamplingSettings(max_tokens=2))  # warm-up, as the actor's first batch
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         gens = await asyncio.gather(*(engine.generate(p, SamplingSettings(max_tokens=n, temperature=1.0)) for p, n in reqs))
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         await engine.close()
-        return sum(len(g.token_ids) for g in gens), dt
+        return sum(len(g.token_ids) for g in gens), dt, cpu
 
-    raw_tokens, t_raw = asyncio.run(raw())
+    async def replay(engine, prompt, turns):
+        sampled = 0
+        for n, observation in turns:
+            g = await engine.generate(prompt, SamplingSettings(max_tokens=n, temperature=1.0))
+            sampled += len(g.token_ids)
+            prompt = prompt + g.token_ids + observation
+        return sampled
+
+    async def raw_turns(engine):
+        await engine.generate(reqs[0][0], SamplingSettings(max_tokens=2))
+        t0, c0 = time.perf_counter(), time.process_time()
+        done = await asyncio.gather(*(replay(engine, p, turns) for p, turns in episodes))
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        await engine.close()
+        return sum(done), dt, cpu
+
+    raw_tokens, t_raw, cpu_raw = asyncio.run(raw(build_engine(cfg, str(model), seed=0)))
     raw_tps = raw_tokens / t_raw
+    turns_tokens, t_turns, cpu_turns = asyncio.run(raw_turns(build_engine(cfg, str(model), seed=0)))
+    turns_tps = turns_tokens / t_turns
     turns = sum(t.stats.num_turns for t in trajs) / len(trajs)
+    observed = sum(len(o) for _, ts in episodes for _, o in ts)
     line = (
-        f"actor throughput [{args.engine}, {len(trajs)} episodes, {turns:.1f} turns/episode, {sum(sampled)} sampled tokens]: "
-        f"ours {ours_tps:,.0f} tok/s vs raw engine {raw_tps:,.0f} tok/s -> ratio {ours_tps / raw_tps:.2f} (target >= 0.95)"
+        f"actor throughput [{args.engine}, {len(trajs)} episodes, {turns:.1f} turns/episode, {sum(sampled)} sampled tokens, "
+        f"{observed} observation tokens]: ours {ours_tps:,.0f} tok/s vs raw engine {raw_tps:,.0f} tok/s -> ratio "
+        f"{ours_tps / raw_tps:.2f}; vs the raw engine on the same turns {turns_tps:,.0f} tok/s -> {ours_tps / turns_tps:.2f} "
+        f"(target >= 0.95)"
     )
-    return ours_tps, raw_tps, line
+    if args.engine == "hf":  # the engine runs in the actor's process: CPU seconds count all of each side's work
+        line += (f"; CPU s ours {cpu_ours:.2f} (actor + server), raw {cpu_raw:.2f}, turns {cpu_turns:.2f}: per sampled "
+                 f"token ours/raw {(sum(sampled) / cpu_ours) / (raw_tokens / cpu_raw):.2f}, "
+                 f"ours/turns {(sum(sampled) / cpu_ours) / (turns_tokens / cpu_turns):.2f}")
+    return ours_tps, raw_tps, turns_tps, line
+
+
+def cpu_s(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process (this one by default), from /proc (10 ms resolution)."""
+    with open(f"/proc/{pid or 'self'}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":
