@@ -237,21 +237,23 @@ class HFEngine(Engine):
         try:
             logits = self._forward(decoding, leaders)
         except Exception as e:  # fail these requests, keep serving
-            for row in rows + [row for row, _ in siblings]:
+            for row in rows + [row for row, _, _ in siblings]:
                 self._retire(row, exc=e, park=False)
             return
-        for row, j in siblings:  # same prompt as leader j: its KV is copied, its first token sampled apart
-            self._kv.copy(leaders[j].slot, row.slot, row.cached)
+        for row, j, start in siblings:  # same prompt as leader j: its KV is copied, its first token sampled apart
+            self._kv.copy(leaders[j].slot, row.slot, row.cached, start)
         if siblings:
-            pick = torch.tensor(list(range(len(rows))) + [len(decoding) + j for _, j in siblings], device=logits.device)
-            rows, logits = rows + [row for row, _ in siblings], logits[pick]
+            pick = torch.tensor(list(range(len(rows))) + [len(decoding) + j for _, j, _ in siblings], device=logits.device)
+            rows, logits = rows + [row for row, _, _ in siblings], logits[pick]
         self._sample_into(rows, logits)
 
-    def _admit(self, reqs: list[_Request]) -> tuple[list[_Row], list[tuple[_Row, int]]]:
+    def _admit(self, reqs: list[_Request]) -> tuple[list[_Row], list[tuple[_Row, int, int]]]:
         """Give each request a slot: first the leaders, longest uncached part first (each takes over, in
         place, the parked row holding the longest prefix of its prompt, if one does; the others take free
-        slots); then the siblings, requests whose prompt equals leader ``j``'s, which get a free slot and
-        a copy of its KV instead of a prefill of their own."""
+        slots); then the siblings, requests whose prompt equals leader ``j``'s: each continues in a parked
+        row holding a prefix of its prompt (a GRPO chain's own previous turn, when the chains called the
+        same tool alike) or takes a free slot, and gets a copy of the leader's KV past that prefix instead
+        of a prefill of its own. Returns the leaders and ``(sibling, j, first position copied)``."""
         firsts: list[tuple[_Request, _Parked | None]] = []
         by_prompt: dict[tuple[int, ...], _Request] = {}
         later: list[tuple[_Request, _Request]] = []
@@ -273,9 +275,16 @@ class HFEngine(Engine):
                 self.prefix_hits += 1  # its KV stays where it is: the row continues in the parked row's slot
             index[id(req)] = len(leaders)
             leaders.append(self._new_row(req, parked.length if parked else 0, parked.slot if parked else self._free_slot()))
-        siblings = [(self._new_row(req, len(req.prompt), self._free_slot()), index[id(first)]) for req, first in later]
+        siblings = []
+        for req, first in later:  # one holding a prefix of its prompt parked (its own last turn) continues there
+            parked = self._longest_parked_prefix(req.prompt)
+            if parked is not None:
+                self._parked.pop(id(parked))
+                self.prefix_hits += 1
+            slot = parked.slot if parked else self._free_slot()
+            siblings.append((self._new_row(req, len(req.prompt), slot), index[id(first)], parked.length if parked else 0))
         self.batches += 1
-        rows = leaders + [r for r, _ in siblings]
+        rows = leaders + [r for r, _, _ in siblings]
         need_len = max(max(len(r.tokens) + r.req.settings.max_tokens for r in rows),
                        max(r.cached for r in leaders) + max(len(r.tokens) - r.cached for r in leaders))
         self._kv.reserve(len(self._owner), need_len)
@@ -784,10 +793,10 @@ class SlotCache(Cache):
             self.buf = grown
         self.slots, self.length = new_s, new_l
 
-    def copy(self, src: int, dst: int, width: int) -> None:
-        """Slot ``dst``'s first ``width`` positions become slot ``src``'s (every layer)."""
-        if width and self.buf is not None:
-            self.buf[:, dst, :, :width] = self.buf[:, src, :, :width]
+    def copy(self, src: int, dst: int, width: int, start: int = 0) -> None:
+        """Slot ``dst``'s positions ``start..width`` become slot ``src``'s (every layer)."""
+        if width > start and self.buf is not None:
+            self.buf[:, dst, :, start:width] = self.buf[:, src, :, start:width]
 
     def swap(self, a: int, b: int, width: int) -> None:
         """Exchange the first ``width`` positions of slots ``a`` and ``b`` (every layer)."""
