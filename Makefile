@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml scripts/install_vllm.sh
 	  echo "no GPU: installing the CPU build of torch 2.13.0"; \
 	  $(PY) -m pip install -q torch==2.13.0 $$( [ -d /opt/wheels ] && echo --find-links /opt/wheels ); \
 	fi
-	$(PY) -m pip install -q -e ".[test,envs]"
+	$(PY) -m pip install -q -e ".[test,envs,verifiers]"
 	@bash scripts/install_vllm.sh $(VENV) || echo "WARNING: vLLM could not be installed; the vLLM engine and its tests are unavailable (make vllm to retry)"
 	touch $(STAMP)
 

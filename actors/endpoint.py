@@ -513,10 +513,15 @@ class Endpoint:
             await self._runner.cleanup()
             self._runner = None
 
-    def open_session(self, limits: EpisodeLimits, settings: SamplingSettings) -> Session:
+    def open_session(self, limits: EpisodeLimits, settings: SamplingSettings, key: str | None = None) -> Session:
+        """A new episode's session; ``key`` reuses the key (and so the base URL) of a closed session
+        (a harness that keeps a client per base URL then sees a bounded set of them), None draws one."""
         if self._runner is None:
             raise RuntimeError("the endpoint is not started (await endpoint.start() first)")
-        key = secrets.token_urlsafe(18)
+        if key is None:
+            key = secrets.token_urlsafe(18)
+        elif key in self.sessions:
+            raise ValueError(f"session key {key[:8]}... is in use by an open session")
         s = Session(key, f"{self.url}/s/{key}/v1", self.engine, self.tokenizer, self.template, limits, settings)
         self.sessions[key] = s
         self.counters["sessions"] += 1

@@ -36,10 +36,12 @@ in the harness stops the actor, naming it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -177,14 +179,16 @@ class ExternalRunner:
         self.splits = 0
         self._http = None
 
-    async def run_episode(self, engine: Engine, agent: Any, tokenizer: Any, toolbox: Any, row: dict[str, Any],
-                          limits: EpisodeLimits, settings: SamplingSettings) -> ExternalEpisode:
-        """``actors.rollout.run_episode``'s signature; ``agent`` and ``toolbox`` are the harness's business."""
+    def _open(self, limits: EpisodeLimits, settings: SamplingSettings) -> Session:
+        return self.endpoint.open_session(limits, settings)
+
+    def _close(self, session: Session) -> None:
+        self.endpoint.close_session(session)
+
+    async def _play(self, session: Session, row: dict[str, Any], tools: RelayTools) -> Any:
+        """Run the harness on ``row`` against ``session``; what it returns goes to ``_scores``."""
         import openai
 
-        await self.endpoint.start()
-        session = self.endpoint.open_session(limits, settings)
-        tools = RelayTools(toolbox)
         if self._http is None:  # one for every episode's client (a client each costs ~ms)
             # in-process: the endpoint's handler without the socket and HTTP parsing (a harness that
             # builds its own client from the base URL or the key still reaches the same sessions over HTTP)
@@ -193,10 +197,21 @@ class ExternalRunner:
         # no retries: a retried request repeats an earlier history, which would read as a rewrite
         client = openai.AsyncOpenAI(base_url=session.base_url, api_key=session.key, max_retries=0, timeout=self.timeout_s,
                                     http_client=self._http)
+        args = (dict(row), client, tools) if self.wants_tools else (dict(row), client)
+        return await self.fn(*args)
+
+    def _scores(self, result: Any) -> tuple[str | None, dict[str, float] | None]:
+        return scores_from(result, self.spec)
+
+    async def run_episode(self, engine: Engine, agent: Any, tokenizer: Any, toolbox: Any, row: dict[str, Any],
+                          limits: EpisodeLimits, settings: SamplingSettings) -> ExternalEpisode:
+        """``actors.rollout.run_episode``'s signature; ``agent`` and ``toolbox`` are the harness's business."""
+        await self.endpoint.start()
+        session = self._open(limits, settings)
+        tools = RelayTools(toolbox)
         try:
             try:
-                args = (dict(row), client, tools) if self.wants_tools else (dict(row), client)
-                result = await asyncio.wait_for(self.fn(*args), timeout=self.timeout_s)
+                result = await asyncio.wait_for(self._play(session, row, tools), timeout=self.timeout_s)
             except asyncio.TimeoutError:
                 if not session.segments:
                     raise TimeoutError(f"external agent '{self.spec}' made no model request in {self.timeout_s:g} s") from None
@@ -209,10 +224,10 @@ class ExternalRunner:
                 log.info("external agent ended after a refused request (%s): %s", session.finish_reason, type(e).__name__)
                 result = None
         finally:
-            self.endpoint.close_session(session)  # the client is dropped; its pool is the runner's
+            self._close(session)  # the client is dropped; its pool is the runner's
         if not session.segments:
             raise RuntimeError(f"external agent '{self.spec}' returned without asking the model anything")
-        answer, reward = scores_from(result, self.spec)
+        answer, reward = self._scores(result)
         ep = episode_from(session, answer, reward)
         if tools.calls:  # the harness ran Relay's tools: those are the episode's tool calls
             ep.tool_calls, ep.tool_errors = list(tools.calls), tools.errors
@@ -233,6 +248,84 @@ class ExternalRunner:
         await self.endpoint.close()
 
 
+class VerifiersRunner(ExternalRunner):
+    """Plays ``env.type=verifiers`` episodes: verifiers' harness runs the row's task against the
+    episode's session (``envs/verifiers_env.py``); the trace's reward is the episode's reward."""
+
+    def __init__(self, endpoint: Endpoint, env_id: str, args: dict[str, Any], size: int | None, prompt_key: str,
+                 timeout_s: float, max_concurrent: int = 4):
+        from envs import verifiers_env
+
+        self.endpoint = endpoint
+        self.spec = f"verifiers:{env_id}"
+        self.env_id, self.prompt_key, self.timeout_s = env_id, prompt_key, timeout_s
+        verifiers_env.prepare_process()
+        self.env = verifiers_env.load_env(env_id, args)
+        self.tasks = verifiers_env.tasks_of(self.env, env_id, size)
+        self.episodes = 0
+        self.splits = 0
+        self._serving: contextlib.AsyncExitStack | None = None
+        self._serving_error: Exception | None = None
+        self._serving_lock = asyncio.Lock()
+        # verifiers keeps one HTTP client per distinct base URL while it serves: episodes reuse the
+        # keys of finished sessions, so there are as many URLs as episodes ever ran at once
+        self._free_keys: list[str] = []
+        self._slots = asyncio.Semaphore(max_concurrent)  # waiting for a slot is not part of the episode's timeout
+
+    async def run_episode(self, *args: Any) -> ExternalEpisode:
+        async with self._slots:
+            return await super().run_episode(*args)
+
+    def _open(self, limits: EpisodeLimits, settings: SamplingSettings) -> Session:
+        return self.endpoint.open_session(limits, settings, key=self._free_keys.pop() if self._free_keys else None)
+
+    def _close(self, session: Session) -> None:
+        self.endpoint.close_session(session)
+        self._free_keys.append(session.key)
+
+    async def _play(self, session: Session, row: dict[str, Any], tools: RelayTools) -> Any:
+        from envs import verifiers_env
+
+        vf = verifiers_env.vf_module()
+        task = verifiers_env.task_for(self.tasks, row, self.prompt_key, self.env_id)
+        async with self._serving_lock:  # the environment's interception server and shared tools, held until close
+            if self._serving_error is not None:  # every episode would fail the same way: fail at once
+                raise verifiers_env.VerifiersError(str(self._serving_error))
+            if self._serving is None:
+                stack = contextlib.AsyncExitStack()
+                try:
+                    await stack.enter_async_context(self.env.serving())
+                except Exception as e:
+                    self._serving_error = verifiers_env.VerifiersError(
+                        f"{self.spec}: starting the environment (interception server, shared toolsets) failed: "
+                        + verifiers_env.hint(f"{type(e).__name__}: {e}"))
+                    raise self._serving_error from e
+                self._serving = stack
+        ctx = vf.ModelContext(model=self.endpoint.model_name,
+                              client=vf.EvalClientConfig(base_url=session.base_url, api_key_var=verifiers_env.API_KEY_VAR))
+        episode = await self.env.run_episode(task, ctx)
+        scores, errors = verifiers_env.episode_result(episode)
+        if errors:
+            if not session.segments:
+                raise verifiers_env.VerifiersError(f"{self.spec}: task {row[verifiers_env.INDEX_KEY]} failed before its first "
+                                                   f"model request: {errors[0][:2000]}")
+            log.warning("%s: task %s ended with an error (episode truncated): %s", self.spec,
+                        row[verifiers_env.INDEX_KEY], errors[0][:500])
+            if not session.truncated:
+                session.truncated, session.finish_reason = True, "env_error"
+        trace = episode.traces[-1] if episode.traces else None
+        replies = trace.assistant_messages if trace is not None else []
+        answer = str(replies[-1].content) if replies and replies[-1].content is not None else None
+        return {**scores, "final_answer": answer}
+
+    async def close(self) -> None:
+        if self._serving is not None:
+            await self._serving.aclose()
+            self._serving = None
+        log.info("%s: %d episodes, %d splits (history rewritten)", self.spec, self.episodes, self.splits)
+        await self.endpoint.close()
+
+
 class LoopRunner:
     """Relay's own agents: the token-exact loop of ``actors/rollout.py``; nothing to close."""
 
@@ -243,7 +336,12 @@ class LoopRunner:
 
 
 def make_episode_runner(cfg: Any, tokenizer: Any, engine: Engine) -> ExternalRunner | LoopRunner:
-    """What plays each episode for ``cfg`` (``agent.agent_type``)."""
+    """What plays each episode for ``cfg`` (``env.type``, then ``agent.agent_type``)."""
+    if cfg.env.type == "verifiers":
+        endpoint = Endpoint(engine, tokenizer, cfg.agent.template)
+        concurrent = cfg.env.max_concurrent_episodes or min(2 * (os.cpu_count() or 1), cfg.actor_rollout_ref.rollout.max_concurrent_episodes)
+        return VerifiersRunner(endpoint, cfg.env.id, cfg.env.args, cfg.env.size, cfg.data.prompt_key, cfg.agent.episode_timeout_s,
+                               max_concurrent=concurrent)
     if cfg.agent.agent_type != "external":
         return LoopRunner()
     if not cfg.agent.entrypoint:

@@ -122,6 +122,27 @@ class AgentConfig(Section):
     """System prompt text; None uses the agent type's built-in prompt (which lists the tools)."""
 
 
+class EnvConfig(Section):
+    """Where episodes come from: Relay's own agents (``relay``) or an external environment package."""
+
+    type: Literal["relay", "verifiers"] = "relay"
+    """``relay``: ``agent.*`` plays ``data.*`` rows. ``verifiers``: the verifiers 0.4 environment
+    ``env.id`` supplies the training rows (its taskset), plays each episode with its harness
+    against the actor's OpenAI-compatible endpoint and scores it with its rubric
+    (``agent.reward_name`` and ``data.train_files`` are not used; ``envs/verifiers_env.py``)."""
+    id: str | None = None
+    """``type=verifiers``: the environment's taskset, an importable module (``my_env``) that
+    exports one ``vf.Taskset`` subclass."""
+    args: dict[str, Any] = {}
+    """``type=verifiers``: options of the taskset's config (``env.args.difficulty=hard``)."""
+    size: int | None = Field(None, ge=1)
+    """``type=verifiers``: train on the taskset's first N tasks; None = all (an endless taskset needs N)."""
+    max_concurrent_episodes: int | None = Field(None, ge=1)
+    """``type=verifiers``: episodes one actor plays at once (verifiers runs each episode's harness,
+    and a task's own toolsets, as processes of their own); None = 2 per CPU core of the machine,
+    at most ``actor_rollout_ref.rollout.max_concurrent_episodes``."""
+
+
 # --------------------------------------------------------------------------- algorithm
 
 
@@ -637,6 +658,8 @@ class RelayConfig(Section):
 
     agent: AgentConfig = Field(default_factory=AgentConfig)
     """The tool-using agent."""
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    """Relay's agents or an external environment (verifiers)."""
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     """Advantage estimator, KL-in-reward, staleness."""
     data: DataConfig = Field(default_factory=DataConfig)
@@ -677,6 +700,8 @@ class RelayConfig(Section):
         problems = algo_registry.config_problems(self)  # what the chosen algorithms need
         if problems:
             raise ValueError("\n".join(problems))
+        if self.env.type == "verifiers" and not self.env.id:
+            raise ValueError("env.type=verifiers needs env.id=NAME (the environment's taskset module)")
         if self.trainer.resume_mode == "resume_path" and not self.trainer.resume_from_path:
             raise ValueError("trainer.resume_mode=resume_path needs trainer.resume_from_path")
         if self.transport.heartbeat_interval_s >= self.transport.peer_timeout_s:

@@ -155,6 +155,20 @@ def _source(cfg: RelayConfig, report: Report) -> list[dict[str, Any]]:
         return []
 
 
+def _verifiers_rows(cfg: RelayConfig, report: Report) -> list[dict[str, Any]]:
+    """``env.type=verifiers``: the package and ``uv`` are there and the taskset loads (its rows)."""
+    from envs import verifiers_env
+
+    try:
+        verifiers_env.prepare_process()
+        return verifiers_env.task_rows(cfg.env.id, cfg.env.args, cfg.env.size, cfg.data.prompt_key)
+    except verifiers_env.VerifiersError as e:
+        report.problems.append(_one_line(e))
+    except Exception as e:  # the environment's own code
+        report.problems.append(f"env.id={cfg.env.id}: loading its taskset failed: {type(e).__name__}: {_one_line(e)}")
+    return []
+
+
 def _check_tools(cfg: RelayConfig, report: Report) -> bool:
     from envs.tools import TOOL_ALIASES, get_tool, registered_tools
 
@@ -425,16 +439,25 @@ def preflight(
     else:
         sets = [("eval", data_files)]
     keys = {"train": "data.train_files", "validation": "data.val_files", "eval": "--data"}
+    verifiers = cfg.env.type == "verifiers"
+    if data and verifiers:  # the environment's taskset is the data
+        if data_files is not None or cfg.data.val_files:
+            report.problems.append(f"env.type=verifiers: prompts come from env.id={cfg.env.id}'s taskset; "
+                                   + ("relay eval --data is" if data_files is not None else "data.val_files is")
+                                   + " not supported with it (set data.val_files=[])")
+        sets = []
     if data_files is None and cfg.data.source:  # generated training prompts (reasoning_gym:NAME), no train files
         sets = [(what, files) for what, files in sets if what != "train"]
     loaded = [(what, files, _load(files, cfg, keys[what], report))
               for what, files in sets if files]
-    if data and data_files is None and cfg.data.source:
+    if data and data_files is None and cfg.data.source and not verifiers:
         loaded.insert(0, ("train", [cfg.data.source], _source(cfg, report)))
+    if data and verifiers and data_files is None:
+        loaded.insert(0, ("train", [f"env.id={cfg.env.id}"], _verifiers_rows(cfg, report)))
     _check_template(cfg, report)
     tools_ok = _check_tools(cfg, report)
     _check_external(cfg, report)
-    if loaded:
+    if loaded and not verifiers:  # a verifiers environment scores with its own rubric
         _check_reward(cfg, loaded[0][2], loaded[0][1], report)
     if resolved is not None:
         cfg = resolved

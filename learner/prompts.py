@@ -109,7 +109,12 @@ def drop_overlong(rows: list[dict[str, Any]], lengths: list[int], max_tokens: in
 
 def load_prompts(cfg: RelayConfig, files: list[str], what: str) -> list[dict[str, Any]]:
     """The rows of ``files`` (``what``: "train"/"validation", for messages), overlong ones dropped."""
-    if what == "train" and cfg.data.source:  # generated prompts (reasoning_gym:NAME) instead of files
+    if what == "train" and cfg.env.type == "verifiers":  # the environment's taskset instead of files
+        from envs.verifiers_env import task_rows
+
+        rows = task_rows(cfg.env.id, cfg.env.args, cfg.env.size, cfg.data.prompt_key)
+        files = [f"env.id={cfg.env.id}"]
+    elif what == "train" and cfg.data.source:  # generated prompts (reasoning_gym:NAME) instead of files
         from envs.tasks.rgym import source_rows
 
         rows = source_rows(cfg.data.source, cfg.data.source_options, cfg.data.seed)
