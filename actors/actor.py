@@ -88,8 +88,7 @@ def turn_rewards_by_run(loss_mask: list[int], turn_ends: list[int], rewards: lis
     ``Trajectory.turn_rewards``: each on its run's last token. Turns with no observation between
     them form one run and share it (summed); a turn that sampled nothing goes to the next run (the
     last one if none follows). Trailing zeros are dropped ([] when every reward is 0)."""
-    n = len(loss_mask)
-    ends = [i for i in range(n) if loss_mask[i] == 1 and (i + 1 == n or loss_mask[i + 1] != 1)]
+    ends = m.sampled_run_ends(loss_mask)
     out = [0.0] * len(ends)
     if ends:
         for end, r in zip(turn_ends, rewards):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from protocol.messages import Trajectory
+from protocol.messages import Trajectory, sampled_run_ends
 
 
 @dataclass
@@ -128,7 +128,7 @@ def collate(
         ver[i, sl] = t.versions.numpy()
         sampled = np.nonzero(m)[0]
         if len(t.turn_rewards):
-            turn_ends = _turn_ends(m)
+            turn_ends = sampled_run_ends(m)
             for end, tr in zip(turn_ends, t.turn_rewards):
                 rew[i, P - 1 + end] += tr
         if t.segment == t.num_segments - 1:  # the chain's outcome, once, at the end of its episode
@@ -197,9 +197,3 @@ def over_chains(adv_fn, inputs, cfg, chain_index: torch.Tensor, segment_index: t
     return adv.view(c, k, t)[row_chain, seg], returns.view(c, k, t)[row_chain, seg]
 
 
-def _turn_ends(mask: np.ndarray) -> list[int]:
-    """Indices of the last sampled token of each run of 1s in ``mask``."""
-    ends = np.nonzero((mask[:-1] == 1) & (mask[1:] == 0))[0].tolist()
-    if mask[-1] == 1:
-        ends.append(len(mask) - 1)
-    return ends

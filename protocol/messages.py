@@ -16,7 +16,7 @@ copied into an intermediate blob.
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Any, Union
 
 import msgspec
 import numpy as np
@@ -402,6 +402,19 @@ TRAJECTORY_DTYPES = {"prompt_ids": "int32", "response_ids": "int32", "loss_mask"
 """The element type of each of a ``Trajectory``'s arrays (what ``actors.actor.to_trajectory`` packs)."""
 
 
+def sampled_run_ends(loss_mask: Any) -> list[int]:
+    """Indices of the last token of each run of sampled tokens (1s) in ``loss_mask`` (a list or
+    array of 0/1, shape ``[T]``): the turns of a ``Trajectory``, where ``turn_rewards`` sit.
+    ``[1, 1, 0, 1, 0, 0, 1] -> [1, 3, 6]``."""
+    mask = np.asarray(loss_mask)
+    if mask.size == 0:
+        return []
+    ends = np.nonzero((mask[:-1] == 1) & (mask[1:] != 1))[0].tolist()
+    if mask[-1] == 1:
+        ends.append(int(mask.size - 1))
+    return ends
+
+
 def check_trajectory(t: Trajectory) -> None:
     """Structural checks of a trajectory (``decode`` runs them); a violation is a ``ProtocolError``
     naming it: each array has its dtype, the response arrays line up, the prompt is not empty, the
@@ -438,7 +451,7 @@ def check_trajectory(t: Trajectory) -> None:
     if not all(math.isfinite(x) for x in (t.reward, *t.reward_components.values(), *t.turn_rewards)):
         raise ProtocolError(f"{where}: rewards must be finite")
     if t.turn_rewards:
-        runs = int(np.count_nonzero(np.diff(np.concatenate([[0], mask.astype(np.int8)])) == 1))
+        runs = len(sampled_run_ends(mask))
         if len(t.turn_rewards) > runs:
             raise ProtocolError(f"{where}: {len(t.turn_rewards)} turn_rewards for {runs} run(s) of sampled tokens")
 

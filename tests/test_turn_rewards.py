@@ -319,3 +319,12 @@ def test_remax_baseline_is_the_greedy_rollouts_score_with_its_turn_rewards(tmp_p
     assert batch.baseline_rewards.tolist() == [1.75] * 4 + [-0.125] * 4  # 1 + 0.25 + 0.5; 0 - 0.125
     # row 0's score is its outcome plus its turn rewards: 1 + 0.25 - 0.5
     assert batch.token_rewards[0].sum().item() == 0.75
+
+
+def test_sampled_run_ends_are_the_turns_of_a_mask():
+    from protocol.messages import sampled_run_ends
+
+    assert sampled_run_ends([1, 1, 0, 1, 0, 0, 1]) == [1, 3, 6]
+    assert sampled_run_ends([0, 1, 1, 0]) == [2]
+    assert sampled_run_ends([0, 0]) == [] and sampled_run_ends([]) == []
+    assert sampled_run_ends(np.array([1], dtype=np.int8)) == [0]
