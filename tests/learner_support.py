@@ -104,3 +104,21 @@ def state(model) -> dict[str, torch.Tensor]:
 
 def changed(before: dict, after: dict) -> set[str]:
     return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def run_ranks(fn, args: tuple, what: str, nprocs: int = 2, timeout_s: float = 300.0) -> None:
+    """``fn(rank, *args)`` in ``nprocs`` spawned processes (torch's ``start_processes``); the test
+    fails naming ``what`` when they are not done within ``timeout_s`` (they are killed), and a
+    rank's exception is raised here."""
+    import time
+
+    import pytest
+
+    ctx = torch.multiprocessing.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{what} did not finish within {timeout_s:g} s")
+

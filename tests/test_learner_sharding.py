@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from learner.algos.losses import LOSS_AGG_MODES, agg_loss
 from learner.sharding import MicroBatching, chunks, plan_minibatches, shard_rows
@@ -322,7 +320,7 @@ def test_trainer_gradient_is_the_same_for_micro_splits_and_ranks(tmp_path, tiny_
     zero-scale padding pass). The proximal log-prob pass gives the same log-probs, in row order,
     by rows or by a token budget, on one rank or two."""
     from launcher.local import free_port
-    from tests.learner_support import trainer_world_1
+    from tests.learner_support import run_ranks, trainer_world_1
 
     with trainer_world_1(_config(tiny_model_dir, tmp_path / "w1", packed)) as trainer:
         batch = trainer.step_batch(_trajs()).batch
@@ -330,16 +328,8 @@ def test_trainer_gradient_is_the_same_for_micro_splits_and_ranks(tmp_path, tiny_
         logprobs_one = _logprobs_for(trainer, batch, (17, 30, 40))
 
     out = tmp_path / "grads_w2.pt"
-    ctx = mp.start_processes(
-        _rank_main, args=(_config(tiny_model_dir, tmp_path / "w2", packed), free_port(), str(out)), nprocs=2,
-        join=False, start_method="spawn",
-    )
-    deadline = time.monotonic() + 600
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("2-rank trainer did not finish within 600 s")
+    run_ranks(_rank_main, (_config(tiny_model_dir, tmp_path / "w2", packed), free_port(), str(out)), "2-rank trainer",
+              timeout_s=600)
     two, logprobs_two = torch.load(out)
 
     for mode in MODES:

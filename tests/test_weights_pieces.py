@@ -190,18 +190,10 @@ def _pieces_rank(rank: int, model_dir: str, port: int, out: str) -> None:
 
 def test_the_learner_gathers_a_tensor_larger_than_a_bucket_piece_by_piece_from_two_fsdp_ranks(tmp_path, tiny_model_dir):
     from launcher.local import free_port
+    from tests.learner_support import run_ranks
 
     out = tmp_path / "pieces.pt"
-    ctx = torch.multiprocessing.start_processes(
-        _pieces_rank, args=(tiny_model_dir, free_port(), str(out)), nprocs=2, join=False, start_method="spawn"
-    )
-    for _ in range(60):
-        if ctx.join(timeout=5):
-            break
-    else:
-        for p in ctx.processes:
-            p.kill()
-        pytest.fail("2 FSDP ranks did not finish within 300 s")
+    run_ranks(_pieces_rank, (tiny_model_dir, free_port(), str(out)), "2 FSDP ranks")
     res = torch.load(out)
     pieces = [(n, Rows(*t) if isinstance(t, tuple) else t) for n, t in res["pieces"]]
     emb = [t for n, t in pieces if n == "model.embed_tokens.weight"]

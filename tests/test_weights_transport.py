@@ -351,18 +351,10 @@ def _stream_rank(rank: int, model_dir: str, port: int, out: str) -> None:
 
 def test_stream_gathered_from_two_fsdp_ranks_equals_the_full_state_dict_bit_for_bit(tmp_path, tiny_model_dir):
     from launcher.local import free_port
+    from tests.learner_support import run_ranks
 
     out = tmp_path / "stream.pt"
-    ctx = torch.multiprocessing.start_processes(
-        _stream_rank, args=(tiny_model_dir, free_port(), str(out)), nprocs=2, join=False, start_method="spawn"
-    )
-    for _ in range(60):
-        if ctx.join(timeout=5):
-            break
-    else:
-        for p in ctx.processes:
-            p.kill()
-        pytest.fail("2 FSDP ranks did not finish within 300 s")
+    run_ranks(_stream_rank, (tiny_model_dir, free_port(), str(out)), "2 FSDP ranks")
     res = torch.load(out)
     ref = res["ref"]
     assert len(ref) > 20
