@@ -320,14 +320,18 @@ class Supervisor:
             c.start()
         main_done_at: float | None = None
         previous = signal.getsignal(signal.SIGTERM)
+        previous_int = signal.getsignal(signal.SIGINT)
 
         def on_sigterm(signum, frame):
             raise _Terminated()
 
         try:
             signal.signal(signal.SIGTERM, on_sigterm)
+            # SIGINT stops the run even where it was ignored when Python started (a shell's `cmd &`
+            # sets SIG_IGN, and Python then installs no KeyboardInterrupt handler of its own)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         except ValueError:  # not the main thread: Ctrl-C only
-            previous = None
+            previous = previous_int = None
         try:
             while True:
                 self.peak_rss = max(self.peak_rss, self.rss())
@@ -390,6 +394,8 @@ class Supervisor:
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+            if previous_int is not None:
+                signal.signal(signal.SIGINT, previous_int)
 
     def stop_all(self, timeout_s: float = 10.0) -> None:
         """SIGTERM every child's process group, then SIGKILL whatever is left."""
