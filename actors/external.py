@@ -163,21 +163,18 @@ def episode_from(session: Session, final_answer: str | None, reward: dict[str, f
     return ep
 
 
-class ExternalRunner:
-    """Plays ``agent_type=external`` episodes on the actor's endpoint (started on first use)."""
+class EndpointRunner:
+    """Plays each episode with a harness on the actor's endpoint (started on first use): one
+    session per episode, the harness run for at most ``timeout_s``, its segments the episode.
+    A subclass says how the harness runs (``_play``)."""
 
-    def __init__(self, endpoint: Endpoint, entrypoint: str, timeout_s: float, in_process: bool = True):
-        """``in_process``: the client the entrypoint gets hands its requests to the endpoint in this
-        event loop (``Endpoint.transport``); False sends them over the endpoint's socket."""
+    def __init__(self, endpoint: Endpoint, spec: str, timeout_s: float):
         self.endpoint = endpoint
-        self.in_process = in_process
-        self.spec = entrypoint
-        self.fn = load_entrypoint(entrypoint)
-        self.wants_tools = "tools" in inspect.signature(self.fn).parameters
+        self.spec = spec
+        """What plays the episodes, for messages (an entrypoint, ``verifiers:NAME``)."""
         self.timeout_s = timeout_s
         self.episodes = 0
         self.splits = 0
-        self._http = None
 
     def _open(self, limits: EpisodeLimits, settings: SamplingSettings) -> Session:
         return self.endpoint.open_session(limits, settings)
@@ -186,22 +183,8 @@ class ExternalRunner:
         self.endpoint.close_session(session)
 
     async def _play(self, session: Session, row: dict[str, Any], tools: RelayTools) -> Any:
-        """Run the harness on ``row`` against ``session``; what it returns goes to ``_scores``."""
-        import openai
-
-        if self._http is None:  # one for every episode's client (a client each costs ~ms)
-            # in-process: the endpoint's handler without the socket and HTTP parsing (a harness that
-            # builds its own client from the base URL or the key still reaches the same sessions over HTTP)
-            transport = self.endpoint.transport() if self.in_process else None  # None: httpx's own, over TCP
-            self._http = openai.DefaultAsyncHttpxClient(timeout=self.timeout_s, transport=transport)
-        # no retries: a retried request repeats an earlier history, which would read as a rewrite
-        client = openai.AsyncOpenAI(base_url=session.base_url, api_key=session.key, max_retries=0, timeout=self.timeout_s,
-                                    http_client=self._http)
-        args = (dict(row), client, tools) if self.wants_tools else (dict(row), client)
-        return await self.fn(*args)
-
-    def _scores(self, result: Any) -> tuple[str | None, dict[str, float] | None]:
-        return scores_from(result, self.spec)
+        """Run the harness on ``row`` against ``session``; what it returns goes to ``scores_from``."""
+        raise NotImplementedError
 
     async def run_episode(self, engine: Engine, agent: Any, tokenizer: Any, toolbox: Any, row: dict[str, Any],
                           limits: EpisodeLimits, settings: SamplingSettings) -> ExternalEpisode:
@@ -227,7 +210,7 @@ class ExternalRunner:
             self._close(session)  # the client is dropped; its pool is the runner's
         if not session.segments:
             raise RuntimeError(f"external agent '{self.spec}' returned without asking the model anything")
-        answer, reward = self._scores(result)
+        answer, reward = scores_from(result, self.spec)
         ep = episode_from(session, answer, reward)
         if tools.calls:  # the harness ran Relay's tools: those are the episode's tool calls
             ep.tool_calls, ep.tool_errors = list(tools.calls), tools.errors
@@ -240,15 +223,45 @@ class ExternalRunner:
 
     async def close(self) -> None:
         c = self.endpoint.counters
-        log.info("external agent '%s': %d episodes, %d splits (history rewritten), %d requests, %d refused",
+        log.info("%s: %d episodes, %d splits (history rewritten), %d requests, %d refused",
                  self.spec, self.episodes, self.splits, c["requests"], c["refused"])
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
         await self.endpoint.close()
 
 
-class VerifiersRunner(ExternalRunner):
+class ExternalRunner(EndpointRunner):
+    """Plays ``agent_type=external`` episodes: the entrypoint gets an ``openai`` client bound to the session."""
+
+    def __init__(self, endpoint: Endpoint, entrypoint: str, timeout_s: float, in_process: bool = True):
+        """``in_process``: the client the entrypoint gets hands its requests to the endpoint in this
+        event loop (``Endpoint.transport``); False sends them over the endpoint's socket."""
+        super().__init__(endpoint, entrypoint, timeout_s)
+        self.in_process = in_process
+        self.fn = load_entrypoint(entrypoint)
+        self.wants_tools = "tools" in inspect.signature(self.fn).parameters
+        self._http = None
+
+    async def _play(self, session: Session, row: dict[str, Any], tools: RelayTools) -> Any:
+        import openai
+
+        if self._http is None:  # one for every episode's client (a client each costs ~ms)
+            # in-process: the endpoint's handler without the socket and HTTP parsing (a harness that
+            # builds its own client from the base URL or the key still reaches the same sessions over HTTP)
+            transport = self.endpoint.transport() if self.in_process else None  # None: httpx's own, over TCP
+            self._http = openai.DefaultAsyncHttpxClient(timeout=self.timeout_s, transport=transport)
+        # no retries: a retried request repeats an earlier history, which would read as a rewrite
+        client = openai.AsyncOpenAI(base_url=session.base_url, api_key=session.key, max_retries=0, timeout=self.timeout_s,
+                                    http_client=self._http)
+        args = (dict(row), client, tools) if self.wants_tools else (dict(row), client)
+        return await self.fn(*args)
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+        await super().close()
+
+
+class VerifiersRunner(EndpointRunner):
     """Plays ``env.type=verifiers`` episodes: verifiers' harness runs the row's task against the
     episode's session (``envs/verifiers_env.py``); the trace's reward is the episode's reward."""
 
@@ -256,14 +269,11 @@ class VerifiersRunner(ExternalRunner):
                  timeout_s: float, max_concurrent: int = 4):
         from envs import verifiers_env
 
-        self.endpoint = endpoint
-        self.spec = f"verifiers:{env_id}"
-        self.env_id, self.prompt_key, self.timeout_s = env_id, prompt_key, timeout_s
+        super().__init__(endpoint, f"verifiers:{env_id}", timeout_s)
+        self.env_id, self.prompt_key = env_id, prompt_key
         verifiers_env.prepare_process()
         self.env = verifiers_env.load_env(env_id, args)
         self.tasks = verifiers_env.tasks_of(self.env, env_id, size)
-        self.episodes = 0
-        self.splits = 0
         self._serving: contextlib.AsyncExitStack | None = None
         self._serving_error: Exception | None = None
         self._serving_lock = asyncio.Lock()
@@ -322,8 +332,7 @@ class VerifiersRunner(ExternalRunner):
         if self._serving is not None:
             await self._serving.aclose()
             self._serving = None
-        log.info("%s: %d episodes, %d splits (history rewritten)", self.spec, self.episodes, self.splits)
-        await self.endpoint.close()
+        await super().close()
 
 
 class LoopRunner:
@@ -335,7 +344,7 @@ class LoopRunner:
         return None
 
 
-def make_episode_runner(cfg: Any, tokenizer: Any, engine: Engine) -> ExternalRunner | LoopRunner:
+def make_episode_runner(cfg: Any, tokenizer: Any, engine: Engine) -> EndpointRunner | LoopRunner:
     """What plays each episode for ``cfg`` (``env.type``, then ``agent.agent_type``)."""
     if cfg.env.type == "verifiers":
         endpoint = Endpoint(engine, tokenizer, cfg.agent.template)

@@ -12,7 +12,9 @@ import pytest
 from envs.tasks import arithmetic
 
 
-def start_train(tmp_path, model_dir, *extra):
+def start_train(tmp_path, model_dir, *extra, sigint_ignored=False):
+    """``relay train`` on the tiny model; ``sigint_ignored``: started as a shell's ``cmd &`` starts it,
+    with SIGINT ignored (Python then installs no KeyboardInterrupt handler of its own)."""
     train, test = arithmetic.write_splits(tmp_path / "data", n_train=64, n_test=8)
     cmd = [
         sys.executable, "-m", "launcher.cli", "train", "-c", "demo",
@@ -22,7 +24,8 @@ def start_train(tmp_path, model_dir, *extra):
         "data.train_batch_size=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2", "agent.num_chains=2",
         "agent.max_tokens_per_turn=8", "trainer.val_before_train=false", "trainer.test_freq=-1", "trainer.save_freq=-1", "trainer.n_gpus_per_node=2", "actor_rollout_ref.rollout.num_actors=2", *extra,
     ]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
 
 
 def wait_for_children(proc, names, timeout=240):
@@ -90,8 +93,9 @@ def test_sigterm_stops_every_process_with_a_message(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_every_process(tmp_path, tiny_model_dir):
-    proc = start_train(tmp_path, tiny_model_dir)
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["foreground", "started-with-sigint-ignored"])
+def test_ctrl_c_stops_every_process(tmp_path, tiny_model_dir, sigint_ignored):
+    proc = start_train(tmp_path, tiny_model_dir, sigint_ignored=sigint_ignored)
     wait_for_children(proc, ["actor-0", "actor-1", "learner"])
     everyone = all_descendants(proc.pid)
     time.sleep(3)
