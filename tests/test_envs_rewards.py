@@ -213,3 +213,29 @@ def test_code_reward_wait_is_bounded():
         _run_in_thread(asyncio.sleep(600), 0.2, "stuck")
     assert _run_in_thread(asyncio.sleep(0, result=7), 30, "quick") == 7
     assert run_deadline_s(1) < run_deadline_s(5)
+
+
+def test_reward_threads_are_reused_and_a_stuck_one_holds_only_itself():
+    fn = get_reward("math_reward_string_equal", timeout_s=30)
+    names = []
+
+    def scored():
+        names.append(threading.current_thread().ident)
+        return fn("it is 7", TRAJ, answer="7")
+
+    for _ in range(5):  # one after the other: each call finds the previous call's thread idle
+        assert asyncio.run(run_reward(fn, scored, sample="a")) == {"reward": 1.0}
+        time.sleep(0.05)  # the worker goes back to waiting after handing over its result
+    assert len(set(names)) == 1
+
+    release, entered = threading.Event(), threading.Event()
+    stuck = RewardFn("stuck", lambda final_answer, trajectory: (entered.set(), release.wait(60))[1] and 1.0, timeout_s=0.2)
+    try:
+        with pytest.raises(RewardError):
+            asyncio.run(run_reward(stuck, lambda: stuck("x", TRAJ), sample="b"))
+        assert entered.is_set()
+        # the stuck call took the idle thread: the next call gets a new one and is not held up
+        assert asyncio.run(run_reward(fn, scored, sample="c")) == {"reward": 1.0}
+        assert len(names) == 6 and names[-1] != names[0]
+    finally:
+        release.set()

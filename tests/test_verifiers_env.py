@@ -167,6 +167,14 @@ def test_bad_ids_and_args_and_rows_are_clear_errors(vf_packages):
         verifiers_env.task_for(tasks, {"question": "What is 9+9?", "vf_idx": 1}, "question", "x")
 
 
+def test_relative_pythonpath_is_made_absolute_for_the_toolset_processes(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["envs_here", str(tmp_path / "abs")]))
+    verifiers_env.prepare_process()
+    assert os.environ["PYTHONPATH"].split(os.pathsep) == [str(tmp_path / "envs_here"), str(tmp_path / "abs")]
+    assert os.environ[verifiers_env.API_KEY_VAR]
+
+
 def test_config_and_preflight_name_the_keys(vf_packages, tiny_model_dir):
     from configs.loader import load_config
     from launcher.preflight import PreflightError, preflight
