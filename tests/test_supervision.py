@@ -24,8 +24,14 @@ def start_train(tmp_path, model_dir, *extra, sigint_ignored=False):
         "data.train_batch_size=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2", "agent.num_chains=2",
         "agent.max_tokens_per_turn=8", "trainer.val_before_train=false", "trainer.test_freq=-1", "trainer.save_freq=-1", "trainer.n_gpus_per_node=2", "actor_rollout_ref.rollout.num_actors=2", *extra,
     ]
-    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
+    if sigint_ignored:
+        # exec'd through a small Python that ignores SIGINT (the ignored disposition survives exec), not a
+        # preexec_fn: that forks this whole pytest process, and the fork failed with ENOMEM late in a CI run
+        cmd = [sys.executable, "-c", IGNORE_SIGINT_AND_EXEC, *cmd]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+IGNORE_SIGINT_AND_EXEC = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); os.execv(sys.argv[1], sys.argv[1:])"
 
 
 def wait_for_children(proc, names, timeout=240):
