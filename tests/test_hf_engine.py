@@ -357,3 +357,55 @@ def test_each_turn_continues_in_its_parked_slot_while_others_decode_with_exact_l
             assert len(g.token_ids) == s.max_tokens
             ref = full_forward_logprobs(engine.model, prompt, g.token_ids, s.temperature if s.temperature > 0 else 1.0)
             assert torch.allclose(torch.tensor(g.logprobs), ref, atol=1e-5, rtol=0)
+
+
+def test_an_idle_worker_exits_and_an_engine_dropped_without_close_is_freed(tiny_model_dir, monkeypatch):
+    """Many tests and scripts drop engines without closing them: the idle worker thread (which holds
+    the engine) exits, so the engine and its KV cache are freed, and a later request starts a new one."""
+    import gc
+    import time
+    import weakref
+
+    import actors.engines.hf_engine as hf
+
+    monkeypatch.setattr(hf, "IDLE_EXIT_S", 0.2)
+    engine = HFEngine(tiny_model_dir, seed=0)
+    s = SamplingSettings(max_tokens=4, temperature=0.0)
+    first = asyncio.run(engine.generate([1, 5, 6], s))
+    worker = engine._thread
+    worker.join(30)
+    assert not worker.is_alive() and engine._thread is None
+    again = asyncio.run(engine.generate([1, 5, 6], s))  # a new worker, the same (greedy) answer
+    assert again.token_ids == first.token_ids and engine._thread is not worker
+
+    ref = weakref.ref(engine)
+    worker = engine._thread
+    del engine
+    worker.join(30)
+    deadline = time.monotonic() + 30
+    while ref() is not None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    assert ref() is None
+
+
+def test_the_kv_reservation_is_not_charged_to_commit_accounting(tmp_path):
+    """A reservation larger than the machine's memory maps (MAP_NORESERVE) and the process can still
+    fork: charged reservations once made a pytest process's fork fail with ENOMEM."""
+    import os
+
+    import pytest
+
+    from actors.engines.hf_engine import _MAP_NORESERVE, _memory, _zeros
+
+    mode = open("/proc/sys/vm/overcommit_memory").read().strip()
+    if mode == "2" or not _MAP_NORESERVE:
+        pytest.skip(f"strict overcommit (mode {mode}) or unknown MAP_NORESERVE: reservations are always charged")
+    big = _zeros((_memory() // 4 * 5,), torch.uint8, torch.device("cpu"))  # 1.25x physical memory, untouched
+    big[:: 1 << 20] = 1  # a few pages committed
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert int(big[:: 1 << 20].sum()) == len(range(0, big.numel(), 1 << 20))

@@ -74,6 +74,10 @@ from transformers.cache_utils import Cache
 from actors.engines.base import Engine, Generation, SamplingSettings
 from protocol.weights import Rows, place
 
+IDLE_EXIT_S = 10.0
+"""A worker thread with nothing queued, running or to stop for this long exits (the next request
+starts another): an engine dropped without ``close`` is then freed, its KV cache with it."""
+
 
 class HFEngine(Engine):
     def __init__(
@@ -173,13 +177,19 @@ class HFEngine(Engine):
 
     def _work(self) -> None:
         held = False  # the worker holds the swap gate while it has running rows
+        retired = False  # idle too long: exits without failing anything (the next request starts a worker)
         try:
             while True:
                 with self._cond:
+                    idle_since = time.monotonic()
                     while not self._queue and not self._rows and not self._stopping:
                         if held:
                             self._lock.release()
                             held = False
+                        if time.monotonic() - idle_since > IDLE_EXIT_S and self._thread is threading.current_thread():
+                            self._thread = None  # under the lock: _hand_over now starts a new worker
+                            retired = True
+                            return
                         self._cond.wait(timeout=1.0)
                     if self._stopping:
                         break
@@ -207,6 +217,8 @@ class HFEngine(Engine):
         finally:
             if held:
                 self._lock.release()
+            if retired:
+                return  # nothing ran or waited on this worker
             with self._cond:
                 queued, self._queue = self._queue, []
             closed = RuntimeError("HF engine closed")
@@ -835,8 +847,23 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     import mmap
 
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    anonymous = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    # MAP_NORESERVE: the reserved but untouched part is not charged to the commit accounting. Without
+    # it a process whose engines had reserved more than the machine's memory (adjacent reservations
+    # merge into one mapping) could no longer fork: fork refused it with ENOMEM
+    anonymous = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
     return torch.frombuffer(anonymous, dtype=torch.uint8).view(dtype).view(shape)
+
+
+def _map_noreserve() -> int:
+    """``MAP_NORESERVE`` (Python's ``mmap`` exposes it from 3.13 on); 0 where its value is not known."""
+    import mmap
+    import platform
+
+    known = {"x86_64": 0x4000, "aarch64": 0x4000, "arm64": 0x4000, "AMD64": 0x4000}
+    return getattr(mmap, "MAP_NORESERVE", known.get(platform.machine(), 0))
+
+
+_MAP_NORESERVE = _map_noreserve()
 
 
 def _memory() -> int:
