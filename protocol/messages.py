@@ -238,14 +238,15 @@ class WeightsChunk(_Msg, tag="weights_chunk"):
 class WeightsAnnounce(_Msg, tag="weights_announce"):
     """Learner -> actors (``transport.weights=nccl``): the next broadcast round.
 
-    Written to the weights group's store under ``round/<round>``; the tensors
-    listed follow as one broadcast each, in this order, from rank 0. Every
-    actor joins every round, in order.
+    Written to the weights group's store under ``round/<round>``; every actor
+    joins every round, in order. The round's buckets follow from rank 0 as
+    broadcasts, each described by a ``WeightsChunk`` header broadcast before
+    its tensors (``protocol/weights.py:CollectivePublisher``); ``version`` is
+    the version being sent (a bucket header's ``version`` is authoritative).
     """
 
     version: int
     round: int
-    tensors: list[TensorMeta]
 
 
 class WorkFailed(_Msg, tag="work_failed"):

@@ -67,17 +67,21 @@ The transports
     a ``ProcessGroupNCCL``/``ProcessGroupGloo`` built directly from that store,
     so the learner's default process group is never touched. Actors learn the
     store's address and their rank from ``Welcome.weights_group``. A version
-    is sent in *rounds*: the learner writes ``WeightsAnnounce`` (version and
-    tensor list) under ``round/<r>`` in the store, waits until every actor has
-    incremented ``ready/<r>`` (the last one sets ``go/<r>``), then broadcasts
-    the tensors (small ones packed into ``BUCKET_BYTES`` buffers). Broadcasts
-    run on a publisher thread, so ``publish`` never waits for actors; it keeps
-    the version's tensors (serve dtype) until the thread sent them. An actor
-    receives one broadcast per step of its stream (the first before ``fetch``
-    returns), so it holds one broadcast's buffer, not the version; a stream
-    abandoned early still receives the rest of the round. A round not yet
-    started is replaced by a newer version. Every actor joins every round, in
-    order; the set of actors is fixed (``rollout.num_actors``).
+    is sent in a *round*: the learner writes ``WeightsAnnounce`` under
+    ``round/<r>`` in the store, waits until every actor has incremented
+    ``ready/<r>`` (the last one sets ``go/<r>``), then broadcasts the version a
+    bucket at a time: the bucket's header (a ``WeightsChunk``: tensor list and
+    checksum) and then its tensors (small ones packed into ``BUCKET_BYTES``
+    buffers), ending with an empty header. With ``transport.weights_window`` > 0
+    the buckets are broadcast as they are gathered (rank 0 holds ``window`` of
+    them) once every actor joined within ``weights_subscribe_s``; otherwise (and
+    with window 0) the version is gathered whole and a publisher thread sends it
+    when the actors are there, so ``publish`` does not wait for them. An actor
+    receives one bucket per step of its stream (the first before ``fetch``
+    returns) and, in host memory (gloo), checks its checksum; a stream abandoned
+    early still receives the rest of the round. A round not yet started is
+    replaced by a newer version. Every actor joins every round, in order; the
+    set of actors is fixed (``rollout.num_actors``).
 
 In every case the actor learns that a new version exists from the control
 channel (``WorkGrant``/``HeartbeatAck.learner_version``), which the learner
@@ -1036,27 +1040,6 @@ def plan_buckets(sizes: list[int], bucket_bytes: int = BUCKET_BYTES) -> list[tup
     return out
 
 
-def _broadcast_all(group, tensors: list, timeout: timedelta, what: str, window_bytes: int, prepare=None) -> None:
-    """Broadcast ``tensors`` from rank 0 in order, keeping at most ~``window_bytes`` in flight
-    (``prepare``, e.g. a host-to-GPU copy, is applied to each just before its broadcast)."""
-    from torch.distributed import BroadcastOptions
-
-    opts = BroadcastOptions()
-    opts.rootRank = 0
-    opts.rootTensor = 0
-    pending: list = []
-    in_flight = 0
-    for i, t in enumerate(tensors):
-        if prepare is not None:
-            t = prepare(t)
-        pending.append((i, group.broadcast([t], opts), t))
-        in_flight += t.numel() * t.element_size()
-        if in_flight >= window_bytes:
-            _wait_works(pending, timeout, what)
-            pending, in_flight = [], 0
-    _wait_works(pending, timeout, what)
-
-
 def _wait_works(works: list, timeout: timedelta, what: str) -> None:
     for i, w, _ in works:
         try:
@@ -1065,10 +1048,37 @@ def _wait_works(works: list, timeout: timedelta, what: str) -> None:
             raise TransportTimeout(f"{what}: broadcast #{i} failed or timed out after {timeout}: {e}") from e
 
 
-class CollectivePublisher:
-    """Learner rank 0 of the weights group: hosts the store and broadcasts each round."""
+def _broadcast(group, t: torch.Tensor):
+    """Start a broadcast of ``t`` from rank 0 of ``group``; the work to wait on."""
+    from torch.distributed import BroadcastOptions
 
-    def __init__(self, host: str, n_actors: int, backend: str, timeout_s: float, window_bytes: int = 256 << 20):
+    opts = BroadcastOptions()
+    opts.rootRank = 0
+    opts.rootTensor = 0
+    return group.broadcast([t], opts)
+
+
+class CollectivePublisher:
+    """Learner rank 0 of the weights group: hosts the store and broadcasts each version in a round.
+
+    A round on the wire is self-describing, a bucket at a time: per bucket one broadcast of its
+    header's length (int64), one of the header (a ``WeightsChunk``: the bucket's ``TensorMeta``,
+    checksum), then its tensors (small ones packed into ``BUCKET_BYTES`` buffers, ``plan_buckets``);
+    the end is a header with no tensors whose ``num_chunks`` is the total. So the learner need not
+    know the tensor list before it gathers them.
+
+    ``window`` > 0 (``transport.weights_window``): ``publish`` announces the round, waits up to
+    ``subscribe_s`` for every actor to join, then broadcasts each bucket as it is gathered while it
+    gathers the next, holding at most ``window`` buckets: rank 0's memory is bounded whatever the
+    model size, and ``publish`` returns once the actors have it. If the actors do not all join in
+    time (one is busy draining its episodes, or dead), the version is gathered whole and handed to
+    the broadcast thread, which waits for them up to ``timeout_s`` (then fails the next publish),
+    and training goes on. ``window`` = 0, or ``hold``: always that second way (one copy of the
+    version in the serve dtype, kept until it is sent). A version not yet on the wire is replaced
+    by a newer one."""
+
+    def __init__(self, host: str, n_actors: int, backend: str, timeout_s: float, bucket_bytes: int = 64 << 20,
+                 window: int = 2, subscribe_s: float = 10.0):
         from torch.distributed import TCPStore
 
         if n_actors < 1:
@@ -1077,21 +1087,27 @@ class CollectivePublisher:
         self.world_size = n_actors + 1
         self.backend = backend
         self.timeout = timedelta(seconds=timeout_s)
-        self.window_bytes = window_bytes
+        self.bucket_bytes, self.window, self.subscribe_s = bucket_bytes, window, subscribe_s
         self.store = TCPStore(host, 0, None, True, self.timeout, wait_for_workers=False)
         self.port = self.store.port
         self.store.set("latest", "-1")
         # the broadcast thread's own connection: its long wait on go/<r> must not block publish/close
         self._tstore = TCPStore(host, self.port, None, False, self.timeout)
+        self._gstore = TCPStore(host, self.port, None, False, self.timeout)  # the process group's
         self.ranks: dict[str, int] = {}
         self.group = None
         self.round = 0
         self.rounds_sent = 0
+        self.rounds_streamed = 0
+        self.held_bytes = 0
+        """The most bytes of gathered buckets rank 0 held at once for the last round it sent
+        (streamed: the window; otherwise the whole version)."""
         self.error: BaseException | None = None
-        self._pending: tuple[int, list[tuple[str, Any]]] | None = None
+        self._pending: tuple[int, list[Bucket]] | None = None
         self._closing = False
         self._waiting_round: int | None = None
         self._cond = threading.Condition()
+        self._wire = threading.Lock()  # one round on the wire at a time, rounds in order
         self._device = None
         if backend == "nccl":
             self._device = torch.device("cuda", torch.cuda.current_device())
@@ -1112,11 +1128,30 @@ class CollectivePublisher:
 
     def publish(self, version: int, named: NamedTensors, announce: Callable[[], None] = lambda: None, hold: bool = False) -> None:
         self.check()
-        tensors = [] if version == 0 else [(n, _cpu_item(t)) for n, t in named]  # gathered now, sent by the thread
+        if version == 0:  # what actors loaded from disk: announced, never sent
+            self.store.set("latest", "0")
+            announce()
+            return
         with self._cond:
-            if version > 0:  # version 0 is what actors loaded from disk: announced, never sent
-                self._pending = (version, tensors)
-                self._cond.notify_all()
+            self._pending = None  # a version not yet on the wire is replaced by this one
+        # streamed unless the thread still has a round on the wire (then wait for it as long as for actors)
+        if self.window > 0 and not hold and self._wire.acquire(timeout=self.subscribe_s):
+            try:
+                r = self.round
+                self._announce(self.store, r, version)
+                announce()
+                if self._joined(self.store, r, timedelta(seconds=self.subscribe_s)):
+                    self._send(self.store, r, version, buckets_of(named, self.bucket_bytes))
+                    self.rounds_streamed += 1
+                    return
+                log.info("weights v%d: not every actor joined round %d within %.0fs; the whole version goes "
+                         "to the broadcast thread, which waits for them", version, r, self.subscribe_s)
+            finally:
+                self._wire.release()
+        buckets = list(buckets_of(named, self.bucket_bytes))  # gathered now, sent by the thread
+        with self._cond:
+            self._pending = (version, buckets)
+            self._cond.notify_all()
         self.store.set("latest", str(version))
         announce()
 
@@ -1133,42 +1168,79 @@ class CollectivePublisher:
                         self._cond.wait()
                     if self._closing:
                         return
-                    version, arrays = self._pending
+                    version, buckets = self._pending
                     self._pending = None
-                self._send(version, arrays)
+                with self._wire:
+                    r = self.round
+                    self._announce(self._tstore, r, version)
+                    if not self._wait_ready(r, version):
+                        return
+                    self._send(self._tstore, r, version, iter(buckets))
+                    self.held_bytes = sum(b.nbytes for b in buckets)
+                del buckets
         except BaseException as e:  # the broadcast thread must not die silently
             self.error = e
             log.exception("weights broadcast thread failed")
 
-    def _send(self, version: int, items: list[tuple[str, Any]]) -> None:
-        r = self.round
-        metas = [meta_of(name, t) for name, t in items]
-        tensors = [(name, t.data if isinstance(t, Rows) else t) for name, t in items]
-        del items
-        payload = []
-        for idx, offs, total in plan_buckets([mt.nbytes for mt in metas]):
-            if len(idx) == 1 and offs == [0]:
-                payload.append(tensors[idx[0]][1].reshape(-1).view(torch.uint8))
-                continue
-            flat = torch.empty(total, dtype=torch.uint8)
-            for i, off in zip(idx, offs):
-                flat[off : off + metas[i].nbytes] = tensors[i][1].reshape(-1).view(torch.uint8)
-            payload.append(flat)
-        self._tstore.set(f"round/{r}", m.encode(m.WeightsAnnounce(version=version, round=r, tensors=metas)))
-        if not self._wait_ready(r, version):
-            return
+    def _announce(self, store, r: int, version: int) -> None:
+        store.set(f"round/{r}", m.encode(m.WeightsAnnounce(version=version, round=r)))
+        store.set("latest", str(version))
+
+    def _joined(self, store, r: int, timeout: timedelta) -> bool:
+        try:
+            store.wait([f"go/{r}"], timeout)
+        except RuntimeError:  # DistStoreError: the timeout
+            return False
+        return True
+
+    def _send(self, store, r: int, version: int, buckets: Iterator[Bucket]) -> None:
+        """Broadcast round ``r``: each bucket (header length, header, tensors), then the end header,
+        keeping at most ``window`` buckets (1 at least) gathered or on the wire (holding with the thread)."""
+        what = f"weights round {r} (v{version})"
         if self.group is None:
             if self._device is not None:
                 torch.cuda.set_device(self._device)
-            self.group = _new_group(self._tstore, 0, self.world_size, self.backend, self.timeout)
-        to_device = None if self._device is None else (lambda t: t.to(self._device, non_blocking=True))
-        _broadcast_all(self.group, payload, self.timeout, f"weights round {r} (v{version})", self.window_bytes, to_device)
+            self.group = _new_group(self._gstore, 0, self.world_size, self.backend, self.timeout)
+        in_flight: list[tuple[int, list]] = []  # (bytes, works holding their tensors)
+        n, held = 0, 0
+        for bucket in buckets:
+            in_flight.append((bucket.nbytes, self._send_bucket(version, n, 0, bucket.metas, bucket.tensors, bucket.checksum)))
+            n += 1
+            del bucket
+            held = max(held, sum(b for b, _ in in_flight))
+            while len(in_flight) >= max(1, self.window):
+                _wait_works(in_flight.pop(0)[1], self.timeout, what)
+        in_flight.append((0, self._send_bucket(version, n, n + 1, [], [], checksum([]))))
+        for _, works in in_flight:
+            _wait_works(works, self.timeout, what)
+        self.held_bytes = held
         if r > 0:
-            self._tstore.delete_key(f"round/{r - 1}")
-            self._tstore.delete_key(f"ready/{r - 1}")
-            self._tstore.delete_key(f"go/{r - 1}")
+            store.delete_key(f"round/{r - 1}")
+            store.delete_key(f"ready/{r - 1}")
+            store.delete_key(f"go/{r - 1}")
         self.round += 1
         self.rounds_sent += 1
+
+    def _send_bucket(self, version: int, chunk: int, num_chunks: int, metas: list, tensors: list, digest: int) -> list:
+        """Start the broadcasts of one bucket; the works, each with the tensor it sends."""
+        header = m.encode(m.WeightsChunk(version=version, chunk=chunk, num_chunks=num_chunks, tensors=metas,
+                                         checksum=digest, checksum_algo=CHECKSUM))
+        blob = torch.frombuffer(bytearray(header), dtype=torch.uint8)
+        parts = [torch.tensor([blob.numel()], dtype=torch.int64), blob]
+        for idx, offs, total in plan_buckets([mt.nbytes for mt in metas]):
+            if len(idx) == 1 and offs == [0]:
+                parts.append(tensors[idx[0]].reshape(-1).view(torch.uint8))
+                continue
+            flat = torch.empty(total, dtype=torch.uint8)
+            for i, off in zip(idx, offs):
+                flat[off : off + metas[i].nbytes] = tensors[i].reshape(-1).view(torch.uint8)
+            parts.append(flat)
+        works = []
+        for i, t in enumerate(parts):
+            if self._device is not None:
+                t = t.to(self._device, non_blocking=True)
+            works.append((i, _broadcast(self.group, t), t))
+        return works
 
     def _wait_ready(self, r: int, version: int) -> bool:
         """Wait for ``go/<r>``, set by the last actor to join (or by ``close``: then False)."""
@@ -1204,7 +1276,7 @@ class CollectivePublisher:
 
 
 class CollectiveReceiver:
-    """An actor's membership of the weights group: joins each round and receives its tensors."""
+    """An actor's membership of the weights group: joins each round and receives its buckets."""
 
     private_buffers = True  # each round receives into new buffers
 
@@ -1249,46 +1321,63 @@ class CollectiveReceiver:
             if self.device is not None:
                 torch.cuda.set_device(self.device)
             self.group = _new_group(self.store, self.spec.rank, self.spec.world_size, self.spec.backend, self.timeout)
-        # one flat uint8 buffer per broadcast (CPU, or CUDA for nccl), received when the stream reaches
-        # it: the actor holds one broadcast's worth, not the version. The first is received here, so a
-        # round the learner abandons at shutdown is still 'no update'.
-        plan = plan_buckets([mt.nbytes for mt in ann.tensors])
-        what = f"weights round {r} (v{ann.version}) from {where}"
+        # a bucket at a time, received when the stream reaches it: the actor holds one bucket, not the
+        # version. The first is received here, so a round the learner abandons at shutdown is 'no update'.
+        what = f"weights round {r} from {where}"
         try:
-            first = self._receive(ann, plan[0], what) if plan else None
+            first = self._receive(what)
         except (TransportTimeout, RuntimeError):
             if self._learner_closing():
-                log.info("the learner closed the weights group during round %d (v%d): no update", r, ann.version)
+                log.info("the learner closed the weights group during round %d: no update", r)
                 return None
             raise
         self.round += 1
-        return ann.version, self._stream(ann, plan, first, what)
+        return first[0].version, self._stream(first, what)
 
-    def _receive(self, ann: m.WeightsAnnounce, item, what: str) -> list[tuple[str, torch.Tensor]]:
-        """Receive one broadcast of the plan; the tensors it holds, as views of its buffer."""
-        idx, offs, total = item
-        flat = torch.empty(total, dtype=torch.uint8, device=self.device or "cpu")
-        _broadcast_all(self.group, [flat], self.timeout, what, 1 << 62)
-        if self.device is not None:
-            torch.cuda.current_stream().synchronize()
-        out = []
-        for i, off in zip(idx, offs):
-            mt = ann.tensors[i]
-            out.append((mt.name, item_of(mt, flat[off : off + mt.nbytes].view(torch_dtype(mt.dtype)).reshape(mt.shape))))
-        return out
+    def _receive(self, what: str) -> tuple[m.WeightsChunk, list[tuple[str, Any]]]:
+        """One bucket of the round: its header and items (views of the buffers it came in), its
+        checksum verified when it arrived in host memory (``WeightsRejected`` if it fails)."""
+        n = torch.empty(1, dtype=torch.int64, device=self.device or "cpu")
+        _wait_works([(0, _broadcast(self.group, n), n)], self.timeout, what)
+        size = int(n.item())
+        if not 0 < size <= MAX_HEADER_BYTES:
+            raise m.ProtocolError(f"{what}: a bucket header of {size} bytes (at most {MAX_HEADER_BYTES})")
+        blob = torch.empty(size, dtype=torch.uint8, device=self.device or "cpu")
+        _wait_works([(1, _broadcast(self.group, blob), blob)], self.timeout, what)
+        header = m.decode(blob.cpu().numpy().tobytes())
+        if not isinstance(header, m.WeightsChunk):
+            raise m.ProtocolError(f"{what}: a bucket header holds {type(header).__name__}, not a WeightsChunk")
+        metas = header.tensors
+        works, bufs = [], []
+        for k, (idx, offs, total) in enumerate(plan_buckets([mt.nbytes for mt in metas])):
+            flat = torch.empty(total, dtype=torch.uint8, device=self.device or "cpu")
+            works.append((k, _broadcast(self.group, flat), flat))
+            bufs.extend(flat[off : off + metas[i].nbytes] for i, off in zip(idx, offs))
+        _wait_works(works, self.timeout, what)
+        if self.device is None:  # host memory: check the bytes as the other transports do
+            return header, verified_tensors(header, [tensor_bytes(b) for b in bufs], f"{what} bucket {header.chunk}")
+        torch.cuda.current_stream().synchronize()
+        items = [(mt.name, item_of(mt, b.view(torch_dtype(mt.dtype)).reshape(mt.shape))) for mt, b in zip(metas, bufs)]
+        return header, items
 
-    def _stream(self, ann: m.WeightsAnnounce, plan, first, what: str) -> Iterator[tuple[str, torch.Tensor]]:
-        done = 0
+    def _stream(self, first, what: str) -> Iterator[tuple[str, torch.Tensor]]:
+        header, items = first
+        version, ended, k = header.version, False, 0
         try:
-            for k, item in enumerate(plan):
-                tensors = first if k == 0 else self._receive(ann, item, what)
-                first = None
-                done = k + 1
-                yield from tensors
-                del tensors
+            while True:
+                if (header.version, header.chunk) != (version, k):
+                    raise m.ProtocolError(f"{what}: bucket {header.chunk} of v{header.version} where bucket {k} of v{version} was due")
+                if not header.tensors:  # the end of the round
+                    ended = True
+                    return
+                yield from items
+                del items
+                header, items = self._receive(what)
+                k += 1
         finally:  # abandoned early: still take part in the round's remaining broadcasts (the group stays in step)
-            for item in plan[done:]:
-                self._receive(ann, item, what)
+            while not ended:
+                header, _ = self._receive(what)
+                ended = not header.tensors
 
     def _learner_closing(self) -> bool:
         """True when the learner is shutting the group down (or its store is already gone)."""
@@ -1299,6 +1388,10 @@ class CollectiveReceiver:
 
     def close(self) -> None:
         self.group = None
+
+
+MAX_HEADER_BYTES = 64 << 20
+"""The largest bucket header a receiver accepts (a bucket's ``TensorMeta`` list)."""
 
 
 # ----------------------------------------------------------------- choosing one
@@ -1327,7 +1420,7 @@ def make_publisher(
             raise ValueError("transport.weights=filesystem needs transport.weights_dir")
         return FilesystemPublisher(weights_dir, bucket_bytes)
     if kind == "nccl":
-        pub = CollectivePublisher(host, n_actors, backend, timeout_s, window_bytes=max(bucket_bytes, 1 << 20) * 2)
+        pub = CollectivePublisher(host, n_actors, backend, timeout_s, bucket_bytes, window, subscribe_s)
         server.weights_group_for = pub.weights_group_for
         return pub
     raise ValueError(f"transport.weights must be one of {KINDS}, got {kind!r}")

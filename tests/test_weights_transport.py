@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
+import time
 from datetime import timedelta
 
 import numpy as np
@@ -217,6 +218,81 @@ def test_filesystem_refuses_corrupt_or_partial_versions_and_the_engine_keeps_the
         assert torch.equal(state[name], a), name
 
 
+def receive_versions(port: int, actor_id: str, versions: int, out: str) -> None:
+    """An actor process on the nccl transport: register, then take ``versions`` versions as the
+    learner publishes them (each stream consumed a tensor at a time, pieces joined)."""
+    client = ActorClient("127.0.0.1", port)
+
+    async def go():
+        welcome = await client.call(m.Register(actor_id=actor_id, host="localhost", pid=os.getpid(), engine="none"), timeout_s=60)
+        rx = make_receiver("nccl", welcome, client=client, actor_id=actor_id, weights_dir=None, timeout_s=60)
+        have, got = 0, {}
+        deadline = time.monotonic() + 120
+        while len(got) < versions and time.monotonic() < deadline:
+            fetched = await rx.fetch(have, timeout_s=60)
+            if fetched is None:
+                await asyncio.sleep(0.05)
+                continue
+            have, stream = fetched
+            got[have] = await asyncio.to_thread(lambda: [(n, t.clone()) for n, t in whole(stream)])
+        rx.close()
+        return got
+
+    try:
+        got = asyncio.run(go())
+    finally:
+        client.close()
+    torch.save(got, out)
+
+
+def test_nccl_streams_each_bucket_as_it_is_gathered_or_hands_the_version_to_its_thread(tmp_path):
+    """gloo: v1 is published before any actor is there: after ``subscribe_s`` the whole version goes
+    to the broadcast thread and ``publish`` returns; the actors then join and get it. v2 is published
+    while both actors wait: it is streamed, rank 0 holding at most ``window`` (2) buckets, not the
+    version. Both arrive bit for bit."""
+    from launcher.local import free_port
+
+    port = free_port(pairs=2)
+    handler = FakeLearner()
+    server = LearnerServer(handler, "127.0.0.1", port)
+    pub = make_publisher("nccl", server=server, bucket_bytes=CHUNK, weights_dir=None, host="127.0.0.1",
+                         n_actors=2, backend="gloo", timeout_s=120, window=2, subscribe_s=0.5)
+    v1, v2 = with_a_tensor_larger_than_a_bucket(1), with_a_tensor_larger_than_a_bucket(2)
+    total = sum(nbytes(a) for _, a in v2)
+    assert total > 4 * CHUNK  # several buckets, so a window of 2 is less than the version
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=receive_versions, args=(port, f"actor-{i}", 2, str(tmp_path / f"a{i}.pt"))) for i in range(2)]
+    try:
+        pub.publish(0, sample_arrays(0))
+        pub.publish(1, v1)  # nobody there: returns after subscribe_s, the thread holds v1
+        assert pub.rounds_streamed == 0
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + 120
+        while pub.rounds_sent < 1 and time.monotonic() < deadline:
+            pub.check()
+            time.sleep(0.05)
+        assert pub.rounds_sent == 1 and pub.held_bytes == sum(nbytes(a) for _, a in v1)
+        pub.subscribe_s = 60.0  # the actors are polling: they join at once
+        pub.publish(2, v2)
+        assert pub.rounds_streamed == 1 and pub.rounds_sent == 2
+        assert 0 < pub.held_bytes <= 2 * CHUNK < total
+        for p in procs:
+            p.join(timeout=120)
+        assert [p.exitcode for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        pub.close()
+        server.close()
+    for i in range(2):
+        got = torch.load(tmp_path / f"a{i}.pt")
+        assert sorted(got) == [1, 2]
+        assert_bit_exact(got[1], v1)
+        assert_bit_exact(got[2], v2)
+
+
 def test_timeouts_say_what_they_waited_for(tmp_path):
     # zmq: a learner socket that never answers
     ctx = zmq.Context()
@@ -232,7 +308,7 @@ def test_timeouts_say_what_they_waited_for(tmp_path):
     ctx.term()
 
     # nccl/gloo, learner side: nobody joins the round
-    pub = CollectivePublisher("127.0.0.1", n_actors=2, backend="gloo", timeout_s=1)
+    pub = CollectivePublisher("127.0.0.1", n_actors=2, backend="gloo", timeout_s=1, window=0)
     pub.publish(1, sample_arrays(1))
     pub._thread.join(timeout=60)
     with pytest.raises(RuntimeError, match="weights broadcast thread failed") as e:

@@ -35,7 +35,7 @@ def real_messages() -> list[m.Message]:
         m.WorkFailed(actor_id="actor-1", sample_id="0:3", reason="prompt too long"),
         m.WeightsRequest(actor_id="actor-1", have_version=2),
         m.WeightsChunk(version=4, chunk=0, num_chunks=2, tensors=metas, checksum=123456789, checksum_algo="xxh3_64"),
-        m.WeightsAnnounce(version=4, round=2, tensors=metas),
+        m.WeightsAnnounce(version=4, round=2),
         m.NoWeights(learner_version=4),
         m.Stop(reason="done"),
         m.Error(message="unknown actor", code="unregistered"),
