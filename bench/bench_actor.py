@@ -19,7 +19,10 @@ tool, no tokenizer, no transport). ``ratio_turns`` = ours / turns is the cost
 of the actor loop and transport alone; ``ratio`` = ours / raw also counts the
 observations' work against the actor.
 
-All use one torch thread. Prints sampled tokens/s of each and both ratios, per run; with
+All use one torch thread, and every timed side runs with its process's start-up heap frozen
+(``gc.freeze``, as ``actors.main`` freezes the actor's): one full pass of the cyclic collector over
+torch's and transformers' objects takes 150-330 ms here, and would otherwise land in a side's timed
+section by chance (before, one in every actor batch; in the baselines, now and then). Prints sampled tokens/s of each and both ratios, per run; with
 ``--repeats N`` the whole measurement (a fresh actor, fresh raw engines) runs N times and the RESULT
 line gives the median of each ratio with its min and max (on a shared machine single runs scatter widely).
 Multi-turn episodes need a model that calls the tool: the demo's SFT warm start (``make demo``) calls
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import subprocess
 import sys
@@ -146,6 +150,7 @@ def measure(args, work: Path, model: Path) -> tuple[float, float, float, str]:
     coord = Timed(DataStream(rows, shuffle=False, seed=0), batch_groups=args.prompts, group_size=args.chains, max_staleness=0, peer_timeout_s=600)
     server = LearnerServer(coord, "127.0.0.1", port)
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    freeze_heap()  # the server side's share of ours runs in this process
     actor = subprocess.Popen(
         [sys.executable, "-m", "actors.main", "--config", str(cfg_path), "--actor-id", "actor-0", "--learner", f"127.0.0.1:{port}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -195,9 +200,13 @@ def measure(args, work: Path, model: Path) -> tuple[float, float, float, str]:
         await engine.close()
         return sum(done), dt, cpu
 
-    raw_tokens, t_raw, cpu_raw = asyncio.run(raw(build_engine(cfg, str(model), seed=0)))
+    engine = build_engine(cfg, str(model), seed=0)
+    freeze_heap()
+    raw_tokens, t_raw, cpu_raw = asyncio.run(raw(engine))
     raw_tps = raw_tokens / t_raw
-    turns_tokens, t_turns, cpu_turns = asyncio.run(raw_turns(build_engine(cfg, str(model), seed=0)))
+    engine = build_engine(cfg, str(model), seed=0)
+    freeze_heap()
+    turns_tokens, t_turns, cpu_turns = asyncio.run(raw_turns(engine))
     turns_tps = turns_tokens / t_turns
     turns = sum(t.stats.num_turns for t in trajs) / len(trajs)
     observed = sum(len(o) for _, ts in episodes for _, o in ts)
@@ -212,6 +221,14 @@ def measure(args, work: Path, model: Path) -> tuple[float, float, float, str]:
                  f"token ours/raw {(sum(sampled) / cpu_ours) / (raw_tokens / cpu_raw):.2f}, "
                  f"ours/turns {(sum(sampled) / cpu_ours) / (turns_tokens / cpu_turns):.2f}")
     return ours_tps, raw_tps, turns_tps, line
+
+
+def freeze_heap() -> None:
+    """Collect, then freeze everything this process holds, as ``actors.main`` does before its actor serves:
+    a full pass of the cyclic collector over torch's and transformers' objects takes 150-330 ms here, so
+    without this one lands in a timed section of either side by chance (a baseline that met one read low)."""
+    gc.collect()
+    gc.freeze()
 
 
 def cpu_s(pid: int | None = None) -> float:
