@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from actors.engines.base import Engine, SamplingSettings
-from actors.rollout import EpisodeLimits, ToolBox
+from actors.rollout import EpisodeLimits, ToolBox, encode
 from configs.schema import RelayConfig
 
 
@@ -36,7 +36,7 @@ def build_parts(cfg: RelayConfig, model_path: str) -> Parts:
     tools = list(agent.tools.values())
 
     def count_tokens(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(encode(tokenizer, text))
 
     toolbox = ToolBox(tools, cfg.agent.tool_timeout_s, cfg.agent.tool_max_output_tokens, count_tokens)
     stop_ids = {tokenizer.convert_tokens_to_ids(s) for s in agent.stop_strings}

@@ -374,3 +374,31 @@ def test_huge_result_is_truncated_off_the_event_loop():
     result = call(huge, max_output_tokens=50, count_tokens=count)
     assert len(result.text) <= 50 and "truncated" in result.text
     assert threads and threading.main_thread() not in threads
+
+
+def test_inline_tool_runs_on_the_loop_thread_with_the_same_checks_and_errors():
+    import threading
+
+    ran_on = []
+
+    @tool(inline=True)
+    def double(x: int) -> str:
+        ran_on.append(threading.current_thread())
+        if x < 0:
+            raise SystemExit(2)
+        return str(2 * x)
+
+    assert double.inline and get_tool("calculator").inline and get_tool("answer").inline
+    assert call(double, x=21) == ToolResult(text="42")
+    assert ran_on == [threading.main_thread()]  # no worker thread
+    assert call(double, x=-1) == ToolResult(text="Error: SystemExit: 2", error=True)
+    assert call(double, y=1).error  # argument checks as for any tool
+    assert call(double, max_output_tokens=1, x=10**10).text == "2000"  # truncated like any result: 4 characters
+
+
+def test_inline_is_refused_for_async_functions():
+    async def later(x: int) -> str:
+        return str(x)
+
+    with pytest.raises(TypeError, match="inline=True is for sync functions"):
+        tool(later, inline=True)

@@ -128,3 +128,50 @@ def test_prompt_that_does_not_fit_the_context_is_a_typed_error(tiny_model_dir):
     settings = SamplingSettings(max_tokens=8, stop_token_ids=(tok.eos_token_id,))
     with pytest.raises(PromptTooLong, match="leaves no room in a context of 16"):
         asyncio.run(run_episode(engine, make_agent("hf", tok, tools), tok, ToolBox(tools, 5, 64, None), {"question": "q"}, limits, settings))
+
+
+TEXTS = [
+    "",
+    "408",
+    "What is 343 * 85?",
+    "<|im_start|>system\nYou are a helpful assistant.\nTools: calculator<|im_end|>\n<|im_start|>user\nWhat is 343 * 85?<|im_end|>\n<|im_start|>assistant\n",
+    "\n<|im_start|>user\n<tool_response>\n29155\n</tool_response><|im_end|>\n<|im_start|>assistant\n",
+    "  leading and trailing spaces  \n\n\ttabs",
+    "caf\u00e9 \u00fcber na\u0308ive \u65e5\u672c\u8a9e \U0001f600 <tool_call>{\"a\": 1}</tool_call><|endoftext|>",
+]
+
+
+def test_encode_through_the_backend_equals_the_tokenizers_own_call(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from actors.rollout import encode, plain_backend
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert plain_backend(tok) is tok._tokenizer  # the tiny model's Qwen2Tokenizer takes the direct path
+    for text in TEXTS:
+        assert encode(tok, text) == tok(text, add_special_tokens=False)["input_ids"], text
+    assert encode(tok, "<|im_end|>") == [tok.convert_tokens_to_ids("<|im_end|>")]  # special tokens stay whole
+
+
+def test_encode_takes_the_full_call_when_the_backend_would_not_match(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from actors.rollout import encode, plain_backend
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = TEXTS[3]
+    full = tok(text, add_special_tokens=False)["input_ids"]
+    tok._tokenizer.enable_truncation(max_length=3)  # left on by an earlier call with truncation=True
+    assert plain_backend(tok) is None
+    assert encode(tok, text) == full  # transformers' call turns truncation off again first
+    assert plain_backend(tok) is tok._tokenizer
+    tok.split_special_tokens = True  # special tokens as text: the backend is switched before encoding
+    assert plain_backend(tok) is None
+    assert encode(tok, "<|im_end|>") == tok("<|im_end|>", add_special_tokens=False)["input_ids"] != [tok.convert_tokens_to_ids("<|im_end|>")]
+
+    class Custom(type(tok)):
+        def _encode_plus(self, *a, **kw):
+            return super()._encode_plus(*a, **kw)
+
+    tok.__class__ = Custom  # a subclass with its own encoding steps is always called as it is
+    assert plain_backend(tok) is None

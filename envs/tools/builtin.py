@@ -77,7 +77,7 @@ def evaluate(expression: str) -> int | float:
     return _eval(_parse(expression.strip()))
 
 
-@tool
+@tool(inline=True)  # bounded: MAX_EXPONENT and MAX_INT_DIGITS cap every step
 def calculator(expression: str) -> str:
     """Evaluate an arithmetic expression and return the number.
 
@@ -87,7 +87,7 @@ def calculator(expression: str) -> str:
     return format_number(evaluate(expression))
 
 
-@tool
+@tool(inline=True)
 def answer(answer: str) -> ToolResult:
     """Submit the final answer; this ends the episode.
 
