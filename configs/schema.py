@@ -634,20 +634,24 @@ class TransportConfig(Section):
     """Unused: weights travel in buckets of ``weights_bucket_mb`` (kept so older configs load)."""
     weights_bucket_mb: int = Field(256, ge=1)
     """Weights are gathered from the FSDP shards, checksummed and sent (zmq message, filesystem
-    shard) in buckets of at most this many MiB; a larger tensor (an embedding) is gathered and
+    shard, nccl broadcasts) in buckets of at most this many MiB; a larger tensor (an embedding) is gathered and
     sent as row pieces in successive buckets, so the filesystem transport holds about one bucket
     on learner rank 0 (plus the piece being gathered) whatever the model size."""
     weights_window: int = Field(2, ge=0)
-    """``weights=zmq``: buckets learner rank 0 may hold while it streams a version. Each bucket is
-    sent to the actors as soon as it is gathered (the version is announced when its stream
-    opens) and freed once every actor behind it has received it, so rank 0 holds about
-    ``weights_window`` buckets (or the largest tensor) whatever the model size. 0 = gather the
-    whole version first and keep it until the next publish (one copy of the model in the serve
-    dtype; actors may fetch at any time)."""
+    """Buckets learner rank 0 may hold while it streams a version (``weights=zmq`` and ``nccl``).
+    Each bucket is sent to the actors as soon as it is gathered and freed once every actor behind
+    it has received it, so rank 0 holds about ``weights_window`` buckets (or the largest tensor)
+    whatever the model size. ``zmq`` announces the version when its stream opens; ``nccl``
+    announces a round and streams it once every actor joined (within ``weights_subscribe_s``,
+    else that version is gathered whole and broadcast by a thread when they join). 0 = gather the
+    whole version first (one copy of the model in the serve dtype; zmq keeps it until the next
+    publish, so actors may fetch at any time)."""
     weights_subscribe_s: float = Field(10.0, gt=0)
-    """``weights=zmq`` streaming: how long a new version's stream waits for an actor that has not
+    """Streaming: ``weights=zmq``: how long a new version's stream waits for an actor that has not
     asked for it yet before streaming past it; that actor gets the version sent again when it
-    asks (the learner re-publishes while it waits for data) or takes the next one."""
+    asks (the learner re-publishes while it waits for data) or takes the next one.
+    ``weights=nccl``: how long a round waits for every actor to join before it is handed, whole,
+    to the broadcast thread (training goes on; the thread waits up to ``recv_timeout_s``)."""
 
 
 # --------------------------------------------------------------------------- root
