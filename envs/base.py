@@ -66,6 +66,9 @@ class Conversation:
 
     messages: list[dict[str, Any]]
     row: dict[str, Any]
+    seen: tuple[int, str] | None = None
+    """``(n, text)``: the text the model has been shown for ``messages[:n]`` (the prompt's render, each
+    assistant turn with its stop string, each observation), kept by ``ChatAgent``; None: not known."""
 
 
 class Agent(abc.ABC):

@@ -181,3 +181,103 @@ def test_code_agent_parse_and_run(tokenizers):
     assert agent.parse("```python\nprint(1)\n").parse_error == "unclosed ```python block"
     with pytest.raises(ValueError, match="code_interpreter"):
         make_agent("code", tokenizers["qwen2.5"], [get_tool("calculator")], template="qwen2.5")
+
+
+def _counting(agent):
+    """Count the agent's renders (its own render function, called through)."""
+    calls = []
+    render = agent._render
+
+    def counted(messages, add_generation_prompt):
+        calls.append(len(messages))
+        return render(messages, add_generation_prompt)
+
+    agent._render = counted
+    return calls
+
+
+EPISODES = {  # agent type -> (tools, [(assistant turn, tool results)...]); each turn but the last calls tools
+    "hf": (["calculator", "answer"], [
+        (CALL_TEXT, ["5535"]),
+        (CALL_TEXT + "\n" + CALL_TEXT.replace("123*45", "5535+1"), ["5535", "5536"]),  # two results, one turn
+        ("<tool_call>\n{not json}\n</tool_call>", []),  # a parse error goes back as a tool message
+        ("The answer is 5536.", None),
+    ]),
+    "react": (["calculator"], [
+        ('Thought: use it\nAction: calculator\nAction Input: {"expression": "123*45"}', ["5535"]),
+        ("I am not sure", []),
+        ("Thought: done\nFinal Answer: 5535", None),
+    ]),
+    "code": (["code_interpreter"], [
+        ("```python\nprint(123*45)\n```", ["5535\n"]),
+        ("```python\nprint(1)", []),
+        ("The answer is 5535.", None),
+    ]),
+}
+
+
+@pytest.mark.parametrize("agent_type", sorted(EPISODES))
+@pytest.mark.parametrize("template", TEMPLATES + [None])
+def test_one_render_observation_equals_observation_delta_and_a_fresh_render(tokenizers, agent_type, template):
+    tok = tokenizers[template or "qwen2.5"]  # None: the tokenizer's own template (qwen2.5's)
+    tools, turns = EPISODES[agent_type]
+    agent = make_agent(agent_type, tok, [get_tool(n) for n in tools], template=template, system_prompt="Be brief.")
+    stop = agent.stop_strings[0]
+    renders = _counting(agent)
+    conv = agent.start({"question": "What is 123*45+1?"})
+    text = agent.prompt_text(conv)
+    for turn, results in turns:
+        agent.add_assistant(conv, turn)
+        text += turn + stop
+        if results is None:
+            break
+        action = agent.parse(turn)
+        expected = observation_delta(agent._render, conv.messages, agent.result_messages(action, [ToolResult(r) for r in results]), stop)
+        before = len(renders)
+        delta = agent.observation_text(conv, action, [ToolResult(r) for r in results])
+        assert delta == expected
+        assert len(renders) == before + 1  # one render, not two
+        text += delta
+        assert text == agent._render(conv.messages, True)  # what the model saw is a fresh render, turn after turn
+
+
+def test_observation_falls_back_to_two_renders_when_the_model_saw_other_text(tokenizers):
+    tok = tiny_chat_tokenizer(None)
+    # this template trims assistant turns: the model saw " 42 " but the history renders "42"
+    tok.chat_template = CHAT_TEMPLATES["chatml"].replace("message['content']", "message['content'] | trim")
+    agent = make_agent("react", tok, [get_tool("calculator")])
+    renders = _counting(agent)
+    conv = agent.start({"question": "q"})
+    agent.prompt_text(conv)
+    turn = ' Action: calculator\nAction Input: {"expression": "6*7"} '
+    agent.add_assistant(conv, turn)
+    results = [ToolResult("42")]
+    expected = observation_delta(agent._render, conv.messages, agent.result_messages(agent.parse(turn), results), "<|im_end|>")
+    n = len(renders)
+    assert agent.observation_text(conv, agent.parse(turn), results) == expected
+    assert len(renders) == n + 3 and conv.seen is None  # the one render did not start with the text seen; two more
+    # messages added by hand: the text seen is not known for them, the two renders are used at once
+    conv = agent.start({"question": "q"})
+    agent.prompt_text(conv)
+    conv.messages.append({"role": "assistant", "content": "Action: calculator\nAction Input: {\"expression\": \"1\"}"})
+    n = len(renders)
+    agent.observation_text(conv, agent.parse(conv.messages[-1]["content"]), [ToolResult("1")])
+    assert len(renders) == n + 2
+
+
+def test_prompt_renders_are_reused_for_equal_messages(tokenizers):
+    agent = hf_agent(tokenizers["qwen2.5"], "qwen2.5")
+    renders = _counting(agent)
+    row = {"question": "What is 2+2?"}
+    texts = [agent.prompt_text(agent.start(row)) for _ in range(4)]  # a group's four chains
+    assert renders == [2] and len(set(texts)) == 1
+    assert agent.prompt_text(agent.start({"question": "What is 2+3?"})) == agent._render(agent.start({"question": "What is 2+3?"}).messages, True)
+    assert agent.prompt_text(agent.start({"question": [{"role": "user", "content": "hi", "n": 1}]})) is not None
+    assert renders[-1] == 2 and len(renders) == 4  # 2+3 (and the direct render), then a message with a non-string value
+    clock = tiny_chat_tokenizer(None)
+    clock.chat_template = "{{ strftime_now('%Y') }}" + CHAT_TEMPLATES["chatml"]
+    agent = hf_agent(clock)
+    renders = _counting(agent)
+    agent.prompt_text(agent.start(row))
+    agent.prompt_text(agent.start(row))
+    assert len(renders) == 2  # a template that reads the clock is rendered every time

@@ -10,9 +10,14 @@ from __future__ import annotations
 import abc
 from typing import Any
 
+from collections import OrderedDict
+
 from envs.base import Action, Agent, Conversation, ToolResult
-from envs.templates import make_render, observation_delta, stop_strings_for
+from envs.templates import get_template, make_render, observation_delta, stop_strings_for
 from envs.tools.base import Tool
+
+PROMPT_CACHE_SIZE = 256
+"""Prompt renders kept per agent (a group's chains start from one prompt)."""
 
 
 class ChatAgent(Agent):
@@ -32,6 +37,9 @@ class ChatAgent(Agent):
         schemas = [t.schema for t in tools] if self.schemas_in_template else None
         self._render = make_render(tokenizer, template, schemas)
         self._stop_strings = stop_strings_for(tokenizer, template)
+        source = get_template(template) if template is not None else tokenizer.chat_template
+        # a template that reads the clock (strftime_now: Llama 3's date line) may render one prompt two ways
+        self._prompts: OrderedDict[tuple, str] | None = None if "strftime_now" in source else OrderedDict()
 
     def build_system_prompt(self, system_prompt: str | None) -> str | None:
         """The system message text (``None``: no system message; the template may add its default)."""
@@ -50,18 +58,53 @@ class ChatAgent(Agent):
         return Conversation(messages=messages, row=row)
 
     def prompt_text(self, conv: Conversation) -> str:
-        return self._render(conv.messages, True)
+        """The render of ``conv.messages`` with the generation prompt; a prompt rendered lately (messages
+        of plain strings, equal key for key and in order) is not rendered again."""
+        key = _plain_key(conv.messages) if self._prompts is not None else None
+        text = self._prompts.get(key) if key is not None else None
+        if text is None:
+            text = self._render(conv.messages, True)
+            if key is not None:
+                self._prompts[key] = text
+                if len(self._prompts) > PROMPT_CACHE_SIZE:
+                    self._prompts.popitem(last=False)
+        conv.seen = (len(conv.messages), text)
+        return text
+
+    def add_assistant(self, conv: Conversation, text: str) -> None:
+        super().add_assistant(conv, text)
+        if conv.seen is not None and conv.seen[0] == len(conv.messages) - 1:  # the turn's ids end with the stop string
+            conv.seen = (len(conv.messages), conv.seen[1] + text + self._stop_strings[0])
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
         return self._stop_strings
 
     def observation_text(self, conv: Conversation, action: Action, results: list[ToolResult]) -> str:
+        """The text after the sampled turn up to the next assistant header, such that the model's text
+        equals a fresh render of the conversation. One render: when the render with the new messages
+        starts with the text the model has seen (``conv.seen``), the delta is the rest of it (the same text
+        ``observation_delta`` cuts from its second render); else (a template that renders earlier turns
+        otherwise than the model saw them, messages added by hand) ``observation_delta``'s two renders."""
         new = self.result_messages(action, results)
+        seen = conv.seen if conv.seen is not None and conv.seen[0] == len(conv.messages) else None
+        after = self._render(conv.messages + new, True) if seen is not None else None
+        if after is not None and after.startswith(seen[1]):
+            delta = after[len(seen[1]) :]
+            conv.messages.extend(new)
+            conv.seen = (len(conv.messages), after)
+            return delta
         delta = observation_delta(self._render, conv.messages, new, self._stop_strings[0])
         conv.messages.extend(new)
+        conv.seen = None  # the two renders from now on
         return delta
 
     @abc.abstractmethod
     def result_messages(self, action: Action, results: list[ToolResult]) -> list[dict[str, Any]]:
         """The messages that carry ``results`` (or ``action.parse_error``) back to the model."""
+
+
+def _plain_key(messages: list[dict[str, Any]]) -> tuple | None:
+    """A hashable copy of ``messages`` when every key and value is a string (None otherwise)."""
+    key = tuple(tuple(m.items()) for m in messages)
+    return key if all(isinstance(x, str) for m in key for kv in m for x in kv) else None
