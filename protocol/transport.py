@@ -619,6 +619,9 @@ class ActorClient:
         self.push_sock.setsockopt(zmq.SNDHWM, hwm)
         self.push_sock.setsockopt(zmq.LINGER, 30_000)  # flush queued trajectories on close
         self.push_sock.connect(self.data_ep)
+        self._push_now = zmq.Socket.shadow(self.push_sock.underlying)
+        """The same PUSH socket, blocking API (it does not own it): a send with room in the queue needs
+        neither a poll nor the asyncio socket's futures (~4 us instead of ~75 us per trajectory)."""
         self._lock = asyncio.Lock()
         self.bytes_received = 0
 
@@ -691,12 +694,18 @@ class ActorClient:
 
     async def push(self, traj: m.Trajectory, timeout_s: float) -> None:
         """Queue one trajectory for the learner, waiting (bounded) if the queue is full."""
+        body = m.encode(traj)
+        frames = [self.mac.tag(DATA, body), body]
+        try:
+            self._push_now.send_multipart(frames, flags=zmq.NOBLOCK)  # all frames or none (ZeroMQ's multipart)
+            return
+        except zmq.Again:  # the queue is full (SNDHWM) or not connected yet: wait for room, bounded
+            pass
         if not await self.push_sock.poll(timeout_s * 1000, zmq.POLLOUT):
             raise TransportTimeout(
                 f"the learner at {self.data_ep} accepted no trajectory within {timeout_s:.0f}s (queue full)"
             )
-        body = m.encode(traj)
-        await self.push_sock.send_multipart([self.mac.tag(DATA, body), body])
+        await self.push_sock.send_multipart(frames)
 
     def close(self) -> None:
         self._reset()

@@ -64,3 +64,53 @@ def test_a_work_request_waits_for_the_next_version_and_is_answered_the_moment_it
     assert [i.sample_id for i in first.items] == ["0:0"]  # credit for one group at v0
     assert second.items == [] and second.learner_version == 1  # held until v1 existed, then told at once
     assert waited < 20  # answered by the wake-up, not by the end of its wait
+
+
+def _trajectory(i: int) -> m.Trajectory:
+    return m.Trajectory(
+        actor_id="a0", sample_id=f"s{i}", chain=0, prompt_ids=m.pack([1, 2], "int32"), response_ids=m.pack([3, i], "int32"),
+        loss_mask=m.pack([1, 1], "uint8"), logprobs=m.pack([-0.5, -0.25], "float32"), versions=m.pack([0, 0], "int32"),
+        reward=float(i), reward_components={"reward": float(i)}, turn_rewards=[],
+        stats=m.EpisodeStats(num_turns=1, tool_calls={}, tool_errors=0, truncated=False, finish_reason="answer", gen_tokens=2,
+                             gen_time_s=0.0, tool_time_s=0.0),
+    )
+
+
+def test_pushed_trajectories_arrive_in_order_and_a_push_with_nowhere_to_go_times_out():
+    import pytest
+    import zmq
+
+    from launcher.local import free_port
+    from protocol.auth import DATA
+    from protocol.transport import TransportTimeout, endpoints
+
+    port = free_port(pairs=2)
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.bind(endpoints("127.0.0.1", port)[1])
+    client = ActorClient("127.0.0.1", port)
+    try:
+        async def push_all():
+            for i in range(5):
+                await client.push(_trajectory(i), timeout_s=5)
+
+        asyncio.run(push_all())
+        got = []
+        for _ in range(5):
+            assert pull.poll(5000)
+            tag, body = pull.recv_multipart()
+            assert client.mac.verify(DATA, tag, body)
+            got.append(m.decode(body))
+        assert [t.sample_id for t in got] == [f"s{i}" for i in range(5)] and got[3].response_ids.tolist() == [3, 3]
+    finally:
+        client.close()
+        pull.close(0)
+        ctx.term()
+    nobody = ActorClient("127.0.0.1", free_port(pairs=2), hwm=1)  # no learner listens: one trajectory fills the queue
+    try:
+        asyncio.run(nobody.push(_trajectory(0), timeout_s=0.2))
+        with pytest.raises(TransportTimeout, match="accepted no trajectory within 0s"):
+            asyncio.run(nobody.push(_trajectory(1), timeout_s=0.2))
+    finally:
+        nobody.push_sock.setsockopt(zmq.LINGER, 0)
+        nobody.close()
