@@ -136,7 +136,7 @@ class VLLMEngine(Engine):
         from transformers import AutoConfig
 
         # vLLM's layerwise reload updates a tied lm_head only if lm_head.weight itself arrives (an
-        # embedding alone would leave the old output head serving): send the embedding under both names
+        # embedding alone would leave the old output head serving): the worker loads it under both names
         self._tied = bool(getattr(AutoConfig.from_pretrained(model_path), "tie_word_embeddings", False))
         self.broken: BaseException | None = None
         self._zmq = None
@@ -169,7 +169,7 @@ class VLLMEngine(Engine):
         endpoint = f"ipc://{tempfile.gettempdir()}/relay-vllm-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._push.bind(endpoint)
         await llm.init_weight_transfer_engine(
-            WeightTransferInitRequest(init_info={"endpoint": endpoint, "timeout_s": self.rpc_timeout_s})
+            WeightTransferInitRequest(init_info={"endpoint": endpoint, "timeout_s": self.rpc_timeout_s, "tied_head": self._tied})
         )
         # A gate on the engine loop: a weight update closes it, waits for running turns, swaps, reopens.
         # So every request is sampled by one version, even when the actor updates in flight.
@@ -252,7 +252,7 @@ class VLLMEngine(Engine):
 
         started = False
         try:
-            for i, bucket in enumerate(buckets_of(self._with_tied_head(named_tensors), self.bucket_bytes)):
+            for i, bucket in enumerate(buckets_of(named_tensors, self.bucket_bytes)):
                 # the receiver verified this bucket before yielding it: only now does vLLM change
                 if not started:
                     self._run(self._begin_update(), self.rpc_timeout_s, f"vLLM weight update to v{version}: drain and start")
@@ -278,20 +278,6 @@ class VLLMEngine(Engine):
             self.broken = e
             self._loop.call_soon_threadsafe(self._open.set)  # waiting requests fail instead of hanging
             raise EngineBroken(f"vLLM weight update to v{version} failed after it began; this engine cannot serve") from e
-
-    def _with_tied_head(self, named: Iterable[tuple[str, torch.Tensor]]):
-        """The stream, plus the input embedding again as ``lm_head.weight`` for a tied model that
-        was sent without it (as the learner sends it: once)."""
-        head_seen = False
-        embedding = []  # the embedding, or its row pieces (protocol.weights.Rows) in order
-        for name, t in named:
-            head_seen |= name == "lm_head.weight"
-            if self._tied and name == "model.embed_tokens.weight":
-                embedding.append(t)
-            yield name, t
-        if self._tied and not head_seen:
-            for t in embedding:
-                yield "lm_head.weight", t
 
     async def _begin_update(self) -> None:
         """Close the gate, let running requests finish, start the update."""

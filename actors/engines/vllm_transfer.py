@@ -20,7 +20,8 @@ registers it when the worker imports the extension module):
   ``load_weights`` (which maps HF names, fuses q/k/v and gate/up); a tensor
   larger than a bucket comes as row pieces in successive buckets and is joined
   in the worker first (the loaders take whole tensors), so the worker holds one
-  such tensor while it arrives;
+  such tensor while it arrives; for a tied model the embedding is loaded as the
+  output head too (``RelayInitInfo.tied_head``), so it crosses the socket once;
 - ``start_weight_update`` / ``finish_weight_update`` run vLLM's layerwise
   reload (``initialize_layerwise_reload`` / ``finalize_layerwise_reload``), which
   redoes the platform's post-load processing layer by layer (the CPU backend
@@ -53,6 +54,12 @@ class RelayInitInfo(WeightTransferInitInfo):
     """The actor's local PUSH socket (``ipc://...``)."""
     timeout_s: float = 600.0
     """Longest wait for one bucket's bytes."""
+    tied_head: bool = False
+    """The model ties its output head to the input embedding: load each received
+    ``model.embed_tokens.weight`` as ``lm_head.weight`` too (vLLM's layerwise reload redoes a
+    layer's post-load processing only for a layer whose weights arrive, so without it the CPU
+    backend would keep the old head's packed copy; the learner sends a tied head once, as the
+    embedding)."""
 
 
 @dataclass
@@ -84,6 +91,7 @@ class RelayWeightTransferEngine(WeightTransferEngine[RelayInitInfo, RelayUpdateI
         self._timeout_s = 600.0
         self.buckets_loaded = 0
         self._joining: tuple[str, torch.Tensor, int] | None = None  # a tensor arriving in row pieces
+        self._tied_head = False
 
     def init_transfer_engine(self, init_info: RelayInitInfo) -> None:
         self.shutdown()
@@ -92,6 +100,7 @@ class RelayWeightTransferEngine(WeightTransferEngine[RelayInitInfo, RelayUpdateI
         self._pull.setsockopt(zmq.LINGER, 0)
         self._pull.connect(init_info.endpoint)
         self._timeout_s = init_info.timeout_s
+        self._tied_head = init_info.tied_head
 
     def start_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
@@ -150,6 +159,8 @@ class RelayWeightTransferEngine(WeightTransferEngine[RelayInitInfo, RelayUpdateI
             if t.last:
                 tensors.append((name, buf))
                 self._joining = None
+        if self._tied_head:  # the head is the embedding: processed as a layer of its own
+            tensors += [("lm_head.weight", t) for name, t in tensors if name == "model.embed_tokens.weight"]
         if tensors:
             self.model.load_weights(weights=tensors)
         self.buckets_loaded += 1
