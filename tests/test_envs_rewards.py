@@ -216,7 +216,7 @@ def test_code_reward_wait_is_bounded():
 
 
 def test_reward_threads_are_reused_and_a_stuck_one_holds_only_itself():
-    fn = get_reward("math_reward_string_equal", timeout_s=30)
+    fn = RewardFn("threaded", get_reward("math_reward_string_equal").fn, timeout_s=30)  # not inline: a reward thread
     names = []
 
     def scored():
@@ -239,3 +239,22 @@ def test_reward_threads_are_reused_and_a_stuck_one_holds_only_itself():
         assert len(names) == 6 and names[-1] != names[0]
     finally:
         release.set()
+
+
+def test_an_inline_reward_is_called_in_place_and_its_errors_are_reward_errors():
+    assert get_reward("math_reward_string_equal").inline and get_reward("gsm8k_reward").inline
+    assert not get_reward("math_reward").inline and not get_reward("qa_em").inline  # sympy, or not declared bounded
+    ran_on = []
+
+    def scored(final_answer, trajectory):
+        ran_on.append(threading.current_thread())
+        if final_answer is None:
+            raise ValueError("no answer")
+        return {"reward": 0.5, "format": 1.0}
+
+    fn = RewardFn("in_place", scored, timeout_s=30, inline=True)
+    assert asyncio.run(run_reward(fn, lambda: fn("x", TRAJ), sample="s0")) == {"reward": 0.5, "format": 1.0}
+    assert ran_on == [threading.main_thread()]  # no reward thread
+    with pytest.raises(RewardError, match="reward 'in_place' failed on sample s1 chain 0: ValueError: no answer") as info:
+        asyncio.run(run_reward(fn, lambda: fn(None, TRAJ), sample="s1 chain 0"))
+    assert (info.value.reward, info.value.sample) == ("in_place", "s1 chain 0")

@@ -40,14 +40,14 @@ def gsm8k_ground_truth(answer: str) -> str:
     return normalize_number(answer.split("####")[-1])
 
 
-@reward("math_reward_string_equal")
+@reward("math_reward_string_equal", inline=True)
 def math_reward_string_equal(final_answer: str | None, trajectory: TrajectoryInfo, answer: str) -> float:
     """1.0 when the last number of the final answer equals ``answer`` after normalisation."""
     pred = last_number(final_answer)
     return float(pred is not None and normalize_number(pred) == normalize_number(str(answer)))
 
 
-@reward("gsm8k_reward")
+@reward("gsm8k_reward", inline=True)
 def gsm8k_reward(final_answer: str | None, trajectory: TrajectoryInfo, answer: str) -> float:
     """1.0 when the last number of the final answer equals the ``#### N`` line of ``answer``."""
     pred = last_number(final_answer)
