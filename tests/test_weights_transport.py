@@ -293,6 +293,43 @@ def test_nccl_streams_each_bucket_as_it_is_gathered_or_hands_the_version_to_its_
         assert_bit_exact(got[2], v2)
 
 
+def join_and_die(port: int) -> None:
+    """An nccl actor process that joins the next round, takes its first bucket and dies."""
+    client = ActorClient("127.0.0.1", port)
+
+    async def go():
+        welcome = await client.call(m.Register(actor_id="actor-0", host="localhost", pid=os.getpid(), engine="none"), timeout_s=60)
+        rx = make_receiver("nccl", welcome, client=client, actor_id="actor-0", weights_dir=None, timeout_s=60)
+        while await rx.fetch(0, timeout_s=60) is None:
+            await asyncio.sleep(0.05)
+        os._exit(3)  # mid-round: the learner is still broadcasting
+
+    asyncio.run(go())
+
+
+def test_an_nccl_actor_dying_mid_round_fails_the_publish_with_the_round_named(tmp_path):
+    from launcher.local import free_port
+
+    port = free_port(pairs=2)
+    server = LearnerServer(FakeLearner(), "127.0.0.1", port)
+    pub = make_publisher("nccl", server=server, bucket_bytes=CHUNK, weights_dir=None, host="127.0.0.1",
+                         n_actors=1, backend="gloo", timeout_s=30, window=1, subscribe_s=60)
+    proc = mp.get_context("spawn").Process(target=join_and_die, args=(port,))
+    try:
+        pub.publish(0, sample_arrays(0))
+        proc.start()
+        big = [(f"model.layers.{i}.weight", torch.full((64, 256), float(i))) for i in range(40)]  # 40 buckets
+        with pytest.raises(TransportTimeout, match=r"weights round 0 \(v1\): broadcast #\d+ failed or timed out"):
+            pub.publish(1, big)  # raises (gloo sees the connection drop), not a hang
+        proc.join(timeout=60)
+        assert proc.exitcode == 3
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        pub.close()
+        server.close()
+
+
 def test_timeouts_say_what_they_waited_for(tmp_path):
     # zmq: a learner socket that never answers
     ctx = zmq.Context()
