@@ -153,6 +153,22 @@ def test_encode_through_the_backend_equals_the_tokenizers_own_call(tiny_model_di
     assert encode(tok, "<|im_end|>") == [tok.convert_tokens_to_ids("<|im_end|>")]  # special tokens stay whole
 
 
+def test_decode_through_the_backend_equals_the_tokenizers_own_decode(tiny_model_dir):
+    import random
+
+    from transformers import AutoTokenizer
+
+    from actors.rollout import decode, encode
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rng = random.Random(0)
+    samples = [encode(tok, t) for t in TEXTS] + [[rng.randrange(len(tok)) for _ in range(rng.randint(1, 40))] for _ in range(50)]
+    for cleanup in (False, True):  # a BPE model: transformers skips the clean-up even when asked
+        tok.clean_up_tokenization_spaces = cleanup
+        for ids in samples:  # random ids cut UTF-8 characters and put special tokens anywhere
+            assert decode(tok, ids) == tok.decode(ids, skip_special_tokens=False), ids
+
+
 def test_encode_takes_the_full_call_when_the_backend_would_not_match(tiny_model_dir):
     from transformers import AutoTokenizer
 
