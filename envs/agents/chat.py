@@ -40,6 +40,10 @@ class ChatAgent(Agent):
         source = get_template(template) if template is not None else tokenizer.chat_template
         # a template that reads the clock (strftime_now: Llama 3's date line) may render one prompt two ways
         self._prompts: OrderedDict[tuple, str] | None = None if "strftime_now" in source else OrderedDict()
+        try:  # the template is compiled at its first render (~5 ms): now, not in an actor's first batch
+            self._render([{"role": "user", "content": ""}], True)
+        except Exception:  # noqa: BLE001  a template that refuses this conversation is compiled at its first real one
+            pass
 
     def build_system_prompt(self, system_prompt: str | None) -> str | None:
         """The system message text (``None``: no system message; the template may add its default)."""
