@@ -8,16 +8,15 @@ template (``schemas_in_template``) or into the system prompt text.
 from __future__ import annotations
 
 import abc
-from typing import Any
-
 from collections import OrderedDict
+from typing import Any
 
 from envs.base import Action, Agent, Conversation, ToolResult
 from envs.templates import get_template, make_render, observation_delta, stop_strings_for
 from envs.tools.base import Tool
 
 PROMPT_CACHE_SIZE = 256
-"""Prompt renders kept per agent (a group's chains start from one prompt)."""
+"""Prompt renders kept per agent, the latest distinct ones (a group's chains start from one prompt)."""
 
 
 class ChatAgent(Agent):
@@ -62,8 +61,8 @@ class ChatAgent(Agent):
         return Conversation(messages=messages, row=row)
 
     def prompt_text(self, conv: Conversation) -> str:
-        """The render of ``conv.messages`` with the generation prompt; a prompt rendered lately (messages
-        of plain strings, equal key for key and in order) is not rendered again."""
+        """The render of ``conv.messages`` with the generation prompt; one of the last ``PROMPT_CACHE_SIZE``
+        prompts rendered (messages of plain strings, equal key for key and in order) is not rendered again."""
         key = _plain_key(conv.messages) if self._prompts is not None else None
         text = self._prompts.get(key) if key is not None else None
         if text is None:
