@@ -108,12 +108,10 @@ def encode(tokenizer, text: str) -> list[int]:
 
 def decode(tokenizer, ids: list[int]) -> str:
     """``tokenizer.decode(ids, skip_special_tokens=False)``; through the backend (``plain_backend``) when
-    transformers would not clean up spaces after it (``clean_up_tokenization_spaces`` off, or a BPE model,
-    for which transformers skips it unless forced): transformers' own call converts the ids one by one first."""
+    the tokenizer does not clean up spaces after it (``clean_up_tokenization_spaces`` off, as Qwen's and
+    Llama's are): transformers' own call converts the ids one by one first."""
     backend = plain_backend(tokenizer)
-    if backend is None or tokenizer.clean_up_tokenization_spaces and (
-        type(backend.model).__name__ != "BPE" or tokenizer.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output
-    ):
+    if backend is None or tokenizer.clean_up_tokenization_spaces:
         return tokenizer.decode(ids, skip_special_tokens=False)
     return backend.decode(ids, skip_special_tokens=False)
 

@@ -163,7 +163,7 @@ def test_decode_through_the_backend_equals_the_tokenizers_own_decode(tiny_model_
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     rng = random.Random(0)
     samples = [encode(tok, t) for t in TEXTS] + [[rng.randrange(len(tok)) for _ in range(rng.randint(1, 40))] for _ in range(50)]
-    for cleanup in (False, True):  # a BPE model: transformers skips the clean-up even when asked
+    for cleanup in (False, True):  # with the clean-up on, transformers' own decode is called
         tok.clean_up_tokenization_spaces = cleanup
         for ids in samples:  # random ids cut UTF-8 characters and put special tokens anywhere
             assert decode(tok, ids) == tok.decode(ids, skip_special_tokens=False), ids
