@@ -127,7 +127,8 @@ def plain_backend(tokenizer):
     ``_decode`` (they run ``encode_batch([text])`` on the backend with truncation and padding off and
     ``encode_special_tokens = split_special_tokens``, and the backend's ``decode``) and has no input/target
     modes, while the backend's state is that: no truncation, no padding, the same ``encode_special_tokens``
-    (else transformers would change it first; the full call then runs, and resets it)."""
+    (else transformers would change it first; the full call then runs, and resets it). Read from
+    transformers 5.19; ``tests/test_rollout.py`` checks the equality on the installed version."""
     cls = type(tokenizer)
     plain = _PLAIN_CLASSES.get(cls)
     if plain is None:
