@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import logging
 import os
 import signal
@@ -22,6 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s learner-{rank} %(levelname)s %(message)s")
 
+    # Start-up (torch, transformers, the model, FSDP: ~400k tracked objects that live as long as the
+    # process) runs without the cyclic collector: its full passes over them took 1.7-1.9 s of the
+    # start here (7 passes, up to 0.4 s each). One pass at the end (0.6-0.9 s; it finds ~14k
+    # unreachable objects), then they are frozen: passes during training skip them
+    gc.disable()
     import torch
 
     from configs.loader import load_config
@@ -33,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = load_prompts(cfg, cfg.data.train_files, "train")
     trainer = Trainer(cfg, rows)
     trainer.setup()
+    gc.collect()
+    gc.freeze()
+    gc.enable()
     trainer.train()
     trainer.cleanup()
     logging.info("learner rank %d done at v%d", rank, trainer.version)
