@@ -122,3 +122,26 @@ def run_ranks(fn, args: tuple, what: str, nprocs: int = 2, timeout_s: float = 30
                 p.kill()
             pytest.fail(f"{what} did not finish within {timeout_s:g} s")
 
+
+
+def sync_engine_over_zmq(engine, port: int, actor_id: str, timeout_s: float = 30.0) -> None:
+    """Register ``actor_id`` with the learner at ``127.0.0.1:port``, fetch its newest version over
+    the zmq weight channel and load it into ``engine`` (what an actor's ``sync_weights`` does)."""
+    import asyncio
+
+    from protocol.transport import ActorClient
+    from protocol.weights import make_receiver
+
+    client = ActorClient("127.0.0.1", port)
+
+    async def sync():
+        welcome = await client.call(m.Register(actor_id=actor_id, host="localhost", pid=os.getpid(), engine=type(engine).__name__),
+                                    timeout_s=timeout_s)
+        rx = make_receiver("zmq", welcome, client=client, actor_id=actor_id, weights_dir=None, timeout_s=timeout_s)
+        version, stream = await rx.fetch(engine.version, timeout_s=timeout_s)
+        await asyncio.to_thread(engine.load_weights, stream, version)
+
+    try:
+        asyncio.run(sync())
+    finally:
+        client.close()

@@ -212,13 +212,9 @@ def test_trainer_publish_sends_the_embedding_in_pieces_and_the_hf_actor_serves_t
     layer's 384 x 128 gate/up projections, 192 KiB, in 256 + 128 rows; its 128 x 384 down
     projection, 1536-byte rows, in 85 + 43) and the HF engine that fetched them over zmq serves
     exactly the learner's weights."""
-    import asyncio
-
     from actors.engines.hf_engine import HFEngine
     from learner.model import PIECES_PER_BUCKET, stream_full_tensors
-    from protocol.transport import ActorClient
-    from protocol.weights import make_receiver
-    from tests.learner_support import learner_config, make_trajs, trainer_world_1
+    from tests.learner_support import learner_config, make_trajs, sync_engine_over_zmq, trainer_world_1
 
     cfg = learner_config(tiny_model_dir, tmp_path, "transport.weights_bucket_mb=1", "transport.weights_window=0")
     engine = HFEngine(tiny_model_dir, seed=0)
@@ -231,17 +227,7 @@ def test_trainer_publish_sends_the_embedding_in_pieces_and_the_hf_actor_serves_t
         mlp = [(f"model.layers.{i}.mlp.{proj}_proj.weight", rows) for i in range(2)
                for proj, cut in (("gate", 256), ("up", 256), ("down", 85)) for rows in ((0, cut), (cut, 384 if cut == 256 else 128))]
         assert pieces == [("model.embed_tokens.weight", (0, 256)), ("model.embed_tokens.weight", (256, 512)), *mlp]
-        client = ActorClient("127.0.0.1", cfg.transport.port)
-        try:
-            async def sync():
-                welcome = await client.call(m.Register(actor_id="actor-p", host="localhost", pid=os.getpid(), engine="HFEngine"), timeout_s=30)
-                rx = make_receiver("zmq", welcome, client=client, actor_id="actor-p", weights_dir=None, timeout_s=30)
-                version, stream = await rx.fetch(engine.version, timeout_s=30)
-                await asyncio.to_thread(engine.load_weights, stream, version)
-
-            asyncio.run(sync())
-        finally:
-            client.close()
+        sync_engine_over_zmq(engine, cfg.transport.port, "actor-p")
         learner = list(stream_full_tensors(trainer.model, torch.float32))
     assert engine.version == 1
     state = engine.model.state_dict()

@@ -540,7 +540,7 @@ def test_lora_adapters_alone_reach_a_peft_hf_engine_which_then_matches_the_learn
     log-probs then equal the learner's (the log-prob guard's measure, ~1e-6)."""
     from actors.engines.hf_engine import HFEngine
     from learner.model import stream_full_tensors
-    from tests.learner_support import learner_config, make_trajs, trainer_world_1
+    from tests.learner_support import learner_config, make_trajs, sync_engine_over_zmq, trainer_world_1
     from tests.test_logprob_guard import sampled_group
 
     lora = ["actor_rollout_ref.model.lora_rank=4", "actor_rollout_ref.model.lora_alpha=8", "actor_rollout_ref.actor.optim.lr=5e-2"]
@@ -552,17 +552,7 @@ def test_lora_adapters_alone_reach_a_peft_hf_engine_which_then_matches_the_learn
         trainer.train_step(trainer.step_batch(make_trajs()).batch)  # the adapters move (B != 0)
         trainer.version += 1
         trainer.publish()
-        client = ActorClient("127.0.0.1", cfg.transport.port)
-        try:
-            async def sync():
-                welcome = await client.call(m.Register(actor_id="actor-lora", host="localhost", pid=os.getpid(), engine="HFEngine"), timeout_s=30)
-                rx = make_receiver("zmq", welcome, client=client, actor_id="actor-lora", weights_dir=None, timeout_s=30)
-                version, stream = await rx.fetch(engine.version, timeout_s=30)
-                await asyncio.to_thread(engine.load_weights, stream, version)
-
-            asyncio.run(sync())
-        finally:
-            client.close()
+        sync_engine_over_zmq(engine, cfg.transport.port, "actor-lora")
         assert engine.version == 1
         sent = [n for n, _ in view(stream_full_tensors(trainer.model, view.gather_dtype, view.keep))]
         assert sent and all(".lora_A." in n or ".lora_B." in n for n in sent)
