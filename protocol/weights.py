@@ -1134,12 +1134,14 @@ class CollectivePublisher:
             return
         with self._cond:
             self._pending = None  # a version not yet on the wire is replaced by this one
+        announced = False
         # streamed unless the thread still has a round on the wire (then wait for it as long as for actors)
         if self.window > 0 and not hold and self._wire.acquire(timeout=self.subscribe_s):
             try:
                 r = self.round
                 self._announce(self.store, r, version)
                 announce()
+                announced = True
                 if self._joined(self.store, r, timedelta(seconds=self.subscribe_s)):
                     self._send(self.store, r, version, buckets_of(named, self.bucket_bytes))
                     self.rounds_streamed += 1
@@ -1152,8 +1154,9 @@ class CollectivePublisher:
         with self._cond:
             self._pending = (version, buckets)
             self._cond.notify_all()
-        self.store.set("latest", str(version))
-        announce()
+        if not announced:
+            self.store.set("latest", str(version))
+            announce()
 
     def check(self) -> None:
         """Raise if the broadcast thread failed."""
