@@ -19,6 +19,11 @@ pairs of bare_time / ours_time. Prints median tokens/s of each and the ratio
 (target >= 0.9). A second line does the same with 2 mini-batches per step,
 where ``train_step`` must also recompute the proximal log-probs (one extra
 forward, an algorithmic cost, not overhead).
+
+A third and fourth line are the GRPO case: each group's rows share one prompt (``--group-prompt-frac``
+of each row's tokens, 0.72 as in issue 14's job), ``train_step`` with ``model.share_prefix`` (the
+prompt runs once per group, ``learner.packing``) and without, each against the bare loop on the
+same batch.
 """
 
 from __future__ import annotations
@@ -53,13 +58,19 @@ def build_model(out: Path) -> str:
     return str(out)
 
 
-def trajectories(rows: int, length: int, chains: int, prompt_frac: float = 0.25, ragged: bool = False) -> list[m.Trajectory]:
+def trajectories(
+    rows: int, length: int, chains: int, prompt_frac: float = 0.25, ragged: bool = False, group_prompt: bool = False
+) -> list[m.Trajectory]:
     """``rows`` two-turn episodes of ``length`` tokens (``prompt_frac`` of them prompt, an observation
-    inside); ``ragged``: the responses of rows 1, 2, 3 (mod 4) are 1/4, 1/2, 3/4 shorter (padding)."""
+    inside); ``ragged``: the responses of rows 1, 2, 3 (mod 4) are 1/4, 1/2, 3/4 shorter (padding);
+    ``group_prompt``: the ``chains`` rows of a group share one prompt (GRPO), else every row has its own."""
     rng = np.random.default_rng(0)
     out = []
+    prompts: dict[int, np.ndarray] = {}
     for i in range(rows):
         p = max(1, int(length * prompt_frac))
+        prompt = prompts.setdefault(i // chains, rng.integers(2, SMALL["vocab_size"], p)) if group_prompt else rng.integers(
+            2, SMALL["vocab_size"], p)
         r = length - p
         if ragged:
             r = max(4, r - (i % 4) * r // 4)
@@ -68,7 +79,7 @@ def trajectories(rows: int, length: int, chains: int, prompt_frac: float = 0.25,
         out.append(
             m.Trajectory(
                 actor_id="bench", sample_id=f"0:{i // chains}", chain=i % chains,
-                prompt_ids=m.pack(rng.integers(2, SMALL["vocab_size"], p), "int32"),
+                prompt_ids=m.pack(prompt, "int32"),
                 response_ids=m.pack(rng.integers(2, SMALL["vocab_size"], r), "int32"),
                 loss_mask=m.pack(mask, "uint8"),
                 logprobs=m.pack([-9.0 if k else 0.0 for k in mask], "float32"),
@@ -97,8 +108,9 @@ def bare_step(trainer, batch) -> None:
 
 
 def measure(
-    model_dir: str, run_dir: Path, rows: int, length: int, steps: int, minis: int, prompt_frac: float, ragged: bool = False
-) -> tuple[float, float]:
+    model_dir: str, run_dir: Path, rows: int, length: int, steps: int, minis: int, prompt_frac: float, ragged: bool = False,
+    group_prompt: bool = False, share_prefix: bool = True,
+) -> tuple[float, float, float]:
     from configs.loader import load_config
     from launcher.local import free_port
     from learner.trainer import Trainer
@@ -112,13 +124,13 @@ def measure(
         f"actor_rollout_ref.actor.ppo_mini_batch_size={groups // minis}",
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4",
-        f"transport.port={free_port(pairs=2)}",
+        f"transport.port={free_port(pairs=2)}", f"actor_rollout_ref.model.share_prefix={str(share_prefix).lower()}",
     ])
     os.environ.setdefault("RELAY_SECRET", secrets.token_hex(32))  # the learner's sockets refuse to start without one
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
     trainer = Trainer(cfg, [{"question": "q"}] * 8)
     trainer.setup()
-    batch = trainer.step_batch(trajectories(rows, length, chains, prompt_frac, ragged)).batch
+    batch = trainer.step_batch(trajectories(rows, length, chains, prompt_frac, ragged, group_prompt)).batch
     tokens = float(batch.attention_mask.sum())
     ours, bare = [], []
     try:
@@ -143,7 +155,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ragged", action="store_true", help="responses of unequal length (padding in every micro-batch)")
-    ap.add_argument("--prompt-frac", type=float, default=0.25, help="prompt share of each row's tokens (issue 14's job: ~0.72)")
+    ap.add_argument("--prompt-frac", type=float, default=0.25, help="prompt share of each row's tokens")
+    ap.add_argument("--group-prompt-frac", type=float, default=0.72, help="the same, in the shared-prompt case (issue 14's job: ~0.72)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import logging
@@ -159,6 +172,15 @@ def main() -> int:
                 flush=True,
             )
             print(f"RESULT learner minibatches={minis} ours_tok_s={ours:.0f} bare_tok_s={bare:.0f} ratio={ratio:.2f}", flush=True)
+        for share in (True, False):
+            ours, bare, ratio = measure(model_dir, Path(tmp) / f"share{share}", args.rows, args.len, args.steps, 1,
+                                        args.group_prompt_frac, args.ragged, group_prompt=True, share_prefix=share)
+            print(
+                f"learner train_step vs bare, groups sharing a prompt ({args.group_prompt_frac:.0%} of each row), "
+                f"model.share_prefix={share}: {ours:,.0f} vs {bare:,.0f} tokens/s -> ratio {ratio:.2f}", flush=True,
+            )
+            print(f"RESULT learner case=group_prompt share_prefix={str(share).lower()} ours_tok_s={ours:.0f} "
+                  f"bare_tok_s={bare:.0f} ratio={ratio:.2f}", flush=True)
     return 0
 
 

@@ -452,6 +452,15 @@ class ModelConfig(Section):
     varlen flash-attention where the model runs with it, else SDPA with a block mask). Pays when
     padding is large and attention is cheap next to the MLP: forward+backward measured on CPU at 25%
     padding, 1.11x faster at Qwen2.5-0.5B width, 1.23x slower on the tiny demo model."""
+    share_prefix: bool = True
+    """The rows of a prompt group run the tokens they all start with (the prompt) through the policy
+    and the reference once per learner forward, each row's remaining tokens attending to that
+    prefix and to themselves (``learner.packing``): the same log-probs and gradients as the padded
+    forward (tested to float rounding) on fewer tokens. Used per micro-batch where the model's
+    attention is SDPA (not flash-attention) and the layout is smaller than the padded batch (a long
+    response after a short prompt shares little); it then takes the place of
+    ``use_remove_padding``. Forward+backward on the tiny demo model, 4 groups x 8 rows of a
+    72-token prompt and 5-24 response tokens: 3.4x faster."""
     lora_rank: int = Field(0, ge=0)
     """LoRA rank; 0 trains all weights."""
     lora_alpha: int = Field(16, ge=1)

@@ -58,16 +58,28 @@ class TrainBatch:
     into several training sequences has several rows."""
     segment_index: torch.Tensor
     """[N] long: the row's place in its chain's episode (``Trajectory.segment``); 0 for a chain of one row."""
+    host_lengths: torch.Tensor
+    """[N] long, always on the host (``to`` leaves the ``HOST_FIELDS`` there): the row's real tokens.
+    With ``host_groups`` and ``shared_prefix`` it plans a forward's shared-prefix layout
+    (``learner.packing``) without reading the device."""
+    host_groups: torch.Tensor
+    """[N] long, on the host: ``group_index``."""
+    shared_prefix: torch.Tensor
+    """[N] long, on the host: the leading tokens every row of the row's group starts with (the
+    group's prompt, at least, when its chains were sampled from one prompt)."""
+
+    HOST_FIELDS = ("host_lengths", "host_groups", "shared_prefix")
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def select(self, idx: torch.Tensor | list[int]) -> "TrainBatch":
         idx = torch.as_tensor(idx, dtype=torch.long)
-        return TrainBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        return TrainBatch(**{f.name: getattr(self, f.name)[idx.cpu() if f.name in self.HOST_FIELDS else idx] for f in fields(self)})
 
     def to(self, device: torch.device) -> "TrainBatch":
-        return TrainBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return TrainBatch(**{f.name: getattr(self, f.name) if f.name in self.HOST_FIELDS else getattr(self, f.name).to(device)
+                             for f in fields(self)})
 
 
 OVERLONG_REASONS = ("token_budget", "length")
@@ -114,6 +126,7 @@ def collate(
     rew = np.zeros((n, L - 1), dtype=np.float32)
     ver = np.full((n, L - 1), -1, dtype=np.int64)
     chain_of: dict[tuple[str, int, bool], int] = {}
+    groups = [group_of[t.sample_id] for t in trajs]
     for i, t in enumerate(trajs):
         p, r = t.prompt_ids.numpy(), t.response_ids.numpy()
         P, R = len(p), len(r)
@@ -141,14 +154,31 @@ def collate(
         behaviour_logprobs=torch.from_numpy(blp),
         token_rewards=torch.from_numpy(rew),
         versions=torch.from_numpy(ver),
-        group_index=torch.tensor([group_of[t.sample_id] for t in trajs], dtype=torch.long),
+        group_index=torch.tensor(groups, dtype=torch.long),
         rewards=torch.tensor([t.reward for t in trajs], dtype=torch.float32),
         baseline_rewards=torch.tensor([baselines.get(t.sample_id, float("nan")) for t in trajs], dtype=torch.float32),
         response_lengths=torch.tensor([len(t.response_ids) for t in trajs], dtype=torch.long),
         overlong=torch.tensor([t.stats.truncated and t.stats.finish_reason in OVERLONG_REASONS for t in trajs]),
         chain_index=torch.tensor([chain_of[(t.sample_id, t.chain, t.greedy)] for t in trajs], dtype=torch.long),
         segment_index=torch.tensor([t.segment for t in trajs], dtype=torch.long),
+        host_lengths=torch.tensor(lengths, dtype=torch.long),
+        host_groups=torch.tensor(groups, dtype=torch.long),
+        shared_prefix=torch.from_numpy(group_prefixes(ids, lengths, groups)),
     )
+
+
+def group_prefixes(ids: np.ndarray, lengths: list[int], groups: list[int]) -> np.ndarray:
+    """[N] int64: for each row of ``ids`` [N, L] (``lengths`` real tokens each), how many leading
+    tokens every row with the same ``groups`` value starts with (a row alone: its length)."""
+    out = np.zeros(len(lengths), dtype=np.int64)
+    members: dict[int, list[int]] = {}
+    for r, g in enumerate(groups):
+        members.setdefault(g, []).append(r)
+    for rows in members.values():
+        prefix = min(lengths[r] for r in rows)
+        differ = (ids[rows, :prefix] != ids[rows[0], :prefix]).any(0).nonzero()[0]
+        out[rows] = differ[0] if len(differ) else prefix
+    return out
 
 
 def over_chains(adv_fn, inputs, cfg, chain_index: torch.Tensor, segment_index: torch.Tensor):

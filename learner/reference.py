@@ -38,6 +38,7 @@ from configs.schema import RelayConfig
 from learner import algos
 from learner.batch import TrainBatch
 from learner.model import fsdp_shard
+from learner.packing import prefix_layout, shares_prefix
 from learner.sharding import MicroBatching, map_chunks, micro_batching
 
 
@@ -71,7 +72,8 @@ class ResponseLogits:
 
 
 def next_token_logits(
-    model, mb: TrainBatch, temperature: float, where: torch.Tensor | None = None, packed: bool = False
+    model, mb: TrainBatch, temperature: float, where: torch.Tensor | None = None, packed: bool = False,
+    share_prefix: bool = False,
 ) -> ResponseLogits:
     """Logits predicting the next token at ``where`` ([n, L-1] bool; default the sampled
     positions, ``mb.loss_mask > 0``).
@@ -84,11 +86,24 @@ def next_token_logits(
     positions restarting at 0 for each sequence and no attention mask, from which
     transformers builds the per-sequence (block-diagonal causal) mask: a 4-D mask for
     SDPA on CPU, varlen flash-attention on GPU. Tested equal to the padded forward on
-    one rank; the trainer and the reference pack when ``model.use_remove_padding``."""
+    one rank; the trainer and the reference pack when ``model.use_remove_padding``.
+
+    ``share_prefix``: the rows of a group run their shared prefix (the prompt) once
+    (``learner.packing``), where the model's attention takes the layout's mask and the layout is
+    smaller than the padded batch (``prefix_layout``); it then takes the place of ``packed``.
+    Tested equal to the padded forward, values and gradients."""
     where = mb.loss_mask > 0 if where is None else where
     at = torch.nn.functional.pad(where, (0, 1))  # [n, L]: the last column predicts nothing
     pos = (mb.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    if packed:
+    layout = (
+        prefix_layout(mb.input_ids, mb.host_lengths.tolist(), mb.host_groups.tolist(), mb.shared_prefix.tolist())
+        if share_prefix and shares_prefix(model) else None
+    )
+    if layout is not None:
+        inputs = dict(input_ids=layout.input_ids, position_ids=layout.position_ids, attention_mask=layout.attention_mask,
+                      use_cache=False)
+        pick = layout.source[at]  # [K]: each gathered position's token in the flattened layout (a prefix one repeats)
+    elif packed:
         real = mb.attention_mask > 0
         # use_cache=False: with a KV cache transformers skips the per-sequence mask (one causal mask
         # over the packed row, sequences attending to each other; tested)
@@ -120,10 +135,12 @@ class NoReference:
 
 class Reference:
     def __init__(self, model, temperature: float, micro: int | MicroBatching, world: int, precompute: bool = True,
-                 packed: bool = False):
+                 packed: bool = False, share_prefix: bool = False):
         self.model = model
         self.packed = packed
         """``model.use_remove_padding``: forward passes on packed rows (``next_token_logits``)."""
+        self.share_prefix = share_prefix
+        """``model.share_prefix``: a group's shared prefix runs once (``next_token_logits``)."""
         self.precompute = precompute
         """Whether a KL term needs the whole shard's reference log-probs (not ``full`` KL loss alone)."""
         self.temperature = temperature
@@ -133,7 +150,7 @@ class Reference:
     @torch.no_grad()
     def logits(self, mb: TrainBatch, where: torch.Tensor | None = None) -> ResponseLogits:
         """Reference logits at ``where`` (default the sampled positions)."""
-        return next_token_logits(self.model, mb, self.temperature, where, packed=self.packed)
+        return next_token_logits(self.model, mb, self.temperature, where, packed=self.packed, share_prefix=self.share_prefix)
 
     @torch.no_grad()
     def logprobs(self, shard: TrainBatch, n: int) -> torch.Tensor | None:
@@ -239,7 +256,8 @@ def build_kl_terms(cfg: RelayConfig, device: torch.device, world: int):
     precompute = alg.use_kl_in_reward or (arc.actor.use_kl_loss and arc.actor.kl_loss_type != "full")
     micro = micro_batching(arc.ref.log_prob_micro_batch_size_per_gpu, arc.ref.log_prob_use_dynamic_bsz,
                            arc.ref.log_prob_max_token_len_per_gpu)
-    reference = Reference(model, arc.rollout.temperature, micro, world, precompute, packed=arc.model.use_remove_padding)
+    reference = Reference(model, arc.rollout.temperature, micro, world, precompute, packed=arc.model.use_remove_padding,
+                          share_prefix=arc.model.share_prefix)
     kl_loss = (
         KLLoss(kl_tokens(arc.actor.kl_loss_type, reference), arc.actor.kl_loss_coef, arc.actor.loss_agg_mode,
                arc.actor.loss_agg_horizon)

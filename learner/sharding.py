@@ -175,7 +175,7 @@ def map_chunks(fn, shard, n: int, world: int, size: int | MicroBatching) -> torc
     rank; returns [n_r, L-1, *] in the shard's row order. Each pass is cut to its longest row
     (``take``); the columns it did not run are 0 (padding in every one of its rows)."""
     batching = _as_batching(size)
-    lengths = shard.attention_mask.sum(-1).tolist()  # one host read per call, not per pass
+    lengths = shard.host_lengths.tolist()  # kept on the host: no device read
     if batching.max_tokens is None:
         passes = chunks(len(shard), n, world, batching.rows)
     else:

@@ -432,7 +432,9 @@ class Trainer:
     def forward(self, mb: TrainBatch) -> ResponseLogits:
         """Logits predicting the next token at the micro-batch's sampled positions."""
         arc = self.cfg.actor_rollout_ref
-        return next_token_logits(self.model, mb, arc.rollout.temperature, packed=arc.model.use_remove_padding)
+        return next_token_logits(
+            self.model, mb, arc.rollout.temperature, packed=arc.model.use_remove_padding, share_prefix=arc.model.share_prefix
+        )
 
     @torch.no_grad()
     def logprobs(self, shard: TrainBatch, n: int) -> torch.Tensor:
