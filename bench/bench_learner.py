@@ -94,7 +94,7 @@ def trajectories(
 def bare_step(trainer, batch) -> None:
     """forward + masked cross-entropy + backward + clip + AdamW, same micro-batches."""
     shard = batch.to(trainer.device)
-    for mini in trainer.policy_plan(shard.loss_mask):
+    for mini in trainer.policy_plan(shard.loss_mask, batch.host_lengths):
         trainer.optimizer.zero_grad(set_to_none=True)
         for micro in mini:
             mb = shard.select(micro.idx)
