@@ -389,7 +389,9 @@ class Rank0:
         deadline = time.monotonic() + 1800
         while not self.sides[i].poll(1000):
             if not self.procs[i].is_alive():
-                raise RuntimeError(f"bench actor {i} exited with {self.procs[i].exitcode}")
+                code = self.procs[i].exitcode
+                hint = " (SIGKILL: out of memory? --publish-only measures rank 0 without actors)" if code == -9 else ""
+                raise RuntimeError(f"bench actor {i} exited with {code}{hint}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"bench actor {i} did not answer within 1800s")
         return msgspec.msgpack.decode(self.sides[i].recv())
@@ -455,8 +457,12 @@ class Rank0:
         )
 
     def close(self) -> None:
-        for side in self.sides:
-            side.send(msgspec.msgpack.encode(["stop"]))
+        for side, proc in zip(self.sides, self.procs):
+            if proc.is_alive():  # a PAIR socket's send blocks while its peer is gone
+                try:
+                    side.send(msgspec.msgpack.encode(["stop"]), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
         for proc in self.procs:
             proc.join(timeout=60)
             if proc.is_alive():
