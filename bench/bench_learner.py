@@ -66,11 +66,10 @@ def trajectories(
     ``group_prompt``: the ``chains`` rows of a group share one prompt (GRPO), else every row has its own."""
     rng = np.random.default_rng(0)
     out = []
-    prompts: dict[int, np.ndarray] = {}
     for i in range(rows):
         p = max(1, int(length * prompt_frac))
-        prompt = prompts.setdefault(i // chains, rng.integers(2, SMALL["vocab_size"], p)) if group_prompt else rng.integers(
-            2, SMALL["vocab_size"], p)
+        if not group_prompt or i % chains == 0:  # a group's first row draws the prompt its other rows share
+            prompt = rng.integers(2, SMALL["vocab_size"], p)
         r = length - p
         if ragged:
             r = max(4, r - (i % 4) * r // 4)

@@ -459,8 +459,9 @@ class ModelConfig(Section):
     forward (tested to float rounding) on fewer tokens. Used per micro-batch where the model's
     attention is SDPA (not flash-attention) and the layout is smaller than the padded batch (a long
     response after a short prompt shares little); it then takes the place of
-    ``use_remove_padding``. Forward+backward on the tiny demo model, 4 groups x 8 rows of a
-    72-token prompt and 5-24 response tokens: 3.4x faster."""
+    ``use_remove_padding``. ``bench/bench_learner.py``'s shared-prompt case (groups of 4 rows, the
+    prompt 72% of each): 6,755 tokens/s against 4,126 without; on the demo SFT model's 4 x 8 job the
+    learner step took 0.036 s instead of 0.084 s."""
     lora_rank: int = Field(0, ge=0)
     """LoRA rank; 0 trains all weights."""
     lora_alpha: int = Field(16, ge=1)
