@@ -2,10 +2,11 @@
 
 import asyncio
 
+import pytest
 import torch
 
 from actors.engines.base import SamplingSettings
-from actors.engines.hf_engine import HFEngine
+from actors.engines.hf_engine import DRIVERS, HFEngine
 
 
 def full_forward_logprobs(model, prompt, gen, temperature=1.0):
@@ -15,8 +16,9 @@ def full_forward_logprobs(model, prompt, gen, temperature=1.0):
     return torch.log_softmax(logits, -1).gather(1, torch.tensor(gen)[:, None])[:, 0]
 
 
-def test_concurrent_requests_are_batched_and_logprobs_match_a_full_forward(tiny_model_dir):
-    engine = HFEngine(tiny_model_dir, seed=0)
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_concurrent_requests_are_batched_and_logprobs_match_a_full_forward(tiny_model_dir, driver):
+    engine = HFEngine(tiny_model_dir, seed=0, driver=driver)
     prompts = [[1, 5, 6, 7, 8], [1, 9], [1, 11, 12, 13, 14, 15, 16]]
     settings = [SamplingSettings(max_tokens=n, temperature=t) for n, t in [(12, 1.0), (7, 0.7), (9, 1.0)]]
 
@@ -183,8 +185,9 @@ def test_seeded_sampled_request_alone_equals_the_same_request_admitted_mid_batch
     assert other_seed.token_ids != alone.token_ids  # the seed, not the engine, chose the tokens
 
 
-def test_a_request_arriving_while_others_decode_is_served_before_they_end(tiny_model_dir):
-    engine = HFEngine(tiny_model_dir, seed=0)
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_request_arriving_while_others_decode_is_served_before_they_end(tiny_model_dir, driver):
+    engine = HFEngine(tiny_model_dir, seed=0, driver=driver)
 
     async def go():  # the long ones ask for 1000 tokens; they are cancelled once the short one is served
         long = [asyncio.create_task(engine.generate(p, SamplingSettings(max_tokens=1000, temperature=1.0))) for p in OTHERS]
@@ -203,8 +206,9 @@ def test_a_request_arriving_while_others_decode_is_served_before_they_end(tiny_m
     assert short.extra["first_step"] > 2 and short.extra["last_step"] == short.extra["first_step"] + 3
 
 
-def test_rows_decode_one_token_per_step_while_others_come_and_go(tiny_model_dir):
-    engine = HFEngine(tiny_model_dir, seed=0)
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_rows_decode_one_token_per_step_while_others_come_and_go(tiny_model_dir, driver):
+    engine = HFEngine(tiny_model_dir, seed=0, driver=driver)
 
     async def go():
         long = asyncio.create_task(engine.generate([1, 5, 6], SamplingSettings(max_tokens=60, temperature=1.0)))
@@ -231,9 +235,10 @@ def test_the_next_turn_takes_over_the_previous_turns_cached_prefix(tiny_model_di
     assert torch.allclose(torch.tensor(second.logprobs), ref, atol=1e-5, rtol=0)
 
 
-def test_many_rows_finishing_at_different_steps_keep_exact_logprobs(tiny_model_dir):
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_many_rows_finishing_at_different_steps_keep_exact_logprobs(tiny_model_dir, driver):
     """Rows retire (and move slots) at every step while others keep decoding and new ones join."""
-    engine = HFEngine(tiny_model_dir, seed=3, max_batch=5, parked_rows=2)
+    engine = HFEngine(tiny_model_dir, seed=3, max_batch=5, parked_rows=2, driver=driver)
     prompts = [[1] + [10 + (i * 7 + j) % 400 for j in range(1 + i % 9)] for i in range(14)]
     settings = [SamplingSettings(max_tokens=2 + (i * 5) % 13, temperature=[1.0, 0.0, 0.7][i % 3], top_k=[-1, 5][i % 2]) for i in range(14)]
 
@@ -248,13 +253,14 @@ def test_many_rows_finishing_at_different_steps_keep_exact_logprobs(tiny_model_d
         assert torch.allclose(torch.tensor(g.logprobs), ref, atol=1e-5, rtol=0)
 
 
-def test_a_weight_swap_waits_for_running_requests_and_drops_stale_prefixes(tiny_model_dir):
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_weight_swap_waits_for_running_requests_and_drops_stale_prefixes(tiny_model_dir, driver):
     import threading
 
     from transformers import AutoModelForCausalLM
 
     v0 = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    engine = HFEngine(tiny_model_dir, seed=0)
+    engine = HFEngine(tiny_model_dir, seed=0, driver=driver)
     gen = torch.Generator().manual_seed(0)  # the same v1 every run (unseeded noise made the 1e-5 checks a lottery)
     new = {k: v + 0.3 * torch.randn(v.shape, generator=gen) for k, v in engine.model.state_dict().items() if k != "lm_head.weight"}
     s = SamplingSettings(max_tokens=50, temperature=1.0)
@@ -314,10 +320,11 @@ def test_requests_with_one_prompt_share_its_prefill_and_sample_apart(tiny_model_
         assert torch.allclose(torch.tensor(g.logprobs), ref, atol=1e-5, rtol=0)
 
 
-def test_close_fails_running_requests_and_a_later_request_restarts_the_worker(tiny_model_dir):
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_close_fails_running_requests_and_a_later_request_restarts_the_worker(tiny_model_dir, driver):
     import pytest
 
-    engine = HFEngine(tiny_model_dir, seed=0)
+    engine = HFEngine(tiny_model_dir, seed=0, driver=driver)
 
     async def go():
         running = asyncio.create_task(engine.generate([1, 5, 6], SamplingSettings(max_tokens=500, temperature=1.0)))
@@ -331,11 +338,12 @@ def test_close_fails_running_requests_and_a_later_request_restarts_the_worker(ti
     assert len(g.token_ids) == 4 and all(o is None or not hasattr(o, "req") for o in engine._owner)
 
 
-def test_each_turn_continues_in_its_parked_slot_while_others_decode_with_exact_logprobs(tiny_model_dir):
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_each_turn_continues_in_its_parked_slot_while_others_decode_with_exact_logprobs(tiny_model_dir, driver):
     """Episodes of three turns, started together, two per prompt (a GRPO group's chains), continuing at
     different steps as an actor's do: each later turn takes over its previous turn's slot where it is
     while the other rows decode, sit parked or leave, and every log-prob is a full forward's."""
-    engine = HFEngine(tiny_model_dir, seed=5)
+    engine = HFEngine(tiny_model_dir, seed=5, driver=driver)
 
     async def episode(i):
         tokens = [1] + [10 + (i // 2 * 11 + j) % 300 for j in range(3 + i // 2 % 7)]
@@ -359,7 +367,7 @@ def test_each_turn_continues_in_its_parked_slot_while_others_decode_with_exact_l
             assert torch.allclose(torch.tensor(g.logprobs), ref, atol=1e-5, rtol=0)
 
 
-def test_an_idle_worker_exits_and_an_engine_dropped_without_close_is_freed(tiny_model_dir, monkeypatch):
+def test_an_idle_worker_thread_exits_and_an_engine_dropped_without_close_is_freed(tiny_model_dir, monkeypatch):
     """Many tests and scripts drop engines without closing them: the idle worker thread (which holds
     the engine) exits, so the engine and its KV cache are freed, and a later request starts a new one."""
     import gc
@@ -369,7 +377,7 @@ def test_an_idle_worker_exits_and_an_engine_dropped_without_close_is_freed(tiny_
     import actors.engines.hf_engine as hf
 
     monkeypatch.setattr(hf, "IDLE_EXIT_S", 0.2)
-    engine = HFEngine(tiny_model_dir, seed=0)
+    engine = HFEngine(tiny_model_dir, seed=0, driver="thread")
     s = SamplingSettings(max_tokens=4, temperature=0.0)
     first = asyncio.run(engine.generate([1, 5, 6], s))
     worker = engine._thread
@@ -387,6 +395,74 @@ def test_an_idle_worker_exits_and_an_engine_dropped_without_close_is_freed(tiny_
         gc.collect()
         time.sleep(0.05)
     assert ref() is None
+
+
+def test_the_default_driver_is_the_event_loop_on_a_cpu_and_a_typo_is_refused(tiny_model_dir):
+    assert HFEngine(tiny_model_dir, seed=0).driver == "loop"
+    with pytest.raises(ValueError, match=r"driver must be one of \('loop', 'thread'\), got 'threads'"):
+        HFEngine(tiny_model_dir, seed=0, driver="threads")
+
+
+def test_on_the_loop_driver_a_next_turn_asked_on_its_wakeup_joins_the_very_next_step(tiny_model_dir):
+    """The loop driver resolves a finished row in place: the episode's next turn (asked at once, here;
+    an actor first runs its tool) is queued before the next step runs, so it starts there."""
+    engine = HFEngine(tiny_model_dir, seed=0, driver="loop")
+    s = SamplingSettings(max_tokens=3, temperature=0.0)
+
+    async def episode():
+        prompt, turns = [1, 5, 6], []
+        for _ in range(4):
+            g = await engine.generate(prompt, s)
+            turns.append(g)
+            prompt = prompt + g.token_ids + [30]
+        return turns
+
+    async def go():
+        long = asyncio.create_task(engine.generate([1, 40, 41], SamplingSettings(max_tokens=40, temperature=1.0)))
+        turns = await episode()
+        return turns, await long
+
+    turns, long = asyncio.run(go())
+    assert long.extra["last_step"] - long.extra["first_step"] == 39  # the steps ran back to back throughout
+    for a, b in zip(turns, turns[1:]):
+        assert b.extra["first_step"] == a.extra["last_step"] + 1
+    assert engine.prefix_hits == 3
+
+
+def test_on_the_loop_driver_a_new_event_loop_takes_over_from_one_that_stopped_mid_request(tiny_model_dir):
+    """An event loop closed with a request still running (not cancelled: ``asyncio.run`` would cancel it,
+    and its rounds retire it) leaves the row behind, holding the batch lock: a weight swap from outside
+    any loop does not wait for it, and the next loop's request is served (the row dropped)."""
+    import gc
+    import weakref
+
+    engine = HFEngine(tiny_model_dir, seed=0, driver="loop")
+    s = SamplingSettings(max_tokens=4, temperature=0.0)
+    first = asyncio.run(engine.generate([1, 5, 6], s))
+
+    def abandon():
+        loop = asyncio.new_event_loop()
+
+        async def start():
+            task = asyncio.create_task(engine.generate([1, 7, 8], SamplingSettings(max_tokens=1000, temperature=1.0)))
+            await steps_reach(engine, engine.steps + 2, "the abandoned request decoding")
+            return task
+
+        task = loop.run_until_complete(start())
+        loop.close()  # the request is neither done nor cancelled
+        assert not task.done() and engine._rows and engine._held
+
+    abandon()
+    engine.load_weights(engine.model.state_dict().items(), version=1)  # returns: the row no longer holds the gate
+    assert engine.version == 1 and not engine._rows and not engine._held
+    abandon()
+    again = asyncio.run(engine.generate([1, 5, 6], s))
+    assert again.token_ids == first.token_ids and again.version == 1 and not engine._rows and not engine._held
+
+    ref = weakref.ref(engine)
+    del engine
+    gc.collect()
+    assert ref() is None  # no thread holds a loop-driven engine
 
 
 def test_the_kv_reservation_is_not_charged_to_commit_accounting(tmp_path):

