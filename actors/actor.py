@@ -76,7 +76,7 @@ class Scorer:
             num_turns=ep.num_turns,
             tool_calls=ep.tool_calls,
             truncated=ep.truncated,
-            response_text=ep.response_text(self.tokenizer),
+            response_text=lambda: ep.response_text(self.tokenizer),  # decoded only if the reward reads it
             turn_tool_errors=list(ep.turn_tool_errors),
         )
         return self.reward_fn(ep.final_answer, info, **row)
@@ -88,6 +88,8 @@ def turn_rewards_by_run(loss_mask: list[int], turn_ends: list[int], rewards: lis
     ``Trajectory.turn_rewards``: each on its run's last token. Turns with no observation between
     them form one run and share it (summed); a turn that sampled nothing goes to the next run (the
     last one if none follows). Trailing zeros are dropped ([] when every reward is 0)."""
+    if not any(rewards):  # outcome-only rewards, the common case: nothing to place
+        return []
     ends = m.sampled_run_ends(loss_mask)
     out = [0.0] * len(ends)
     if ends:

@@ -258,3 +258,28 @@ def test_an_inline_reward_is_called_in_place_and_its_errors_are_reward_errors():
     with pytest.raises(RewardError, match="reward 'in_place' failed on sample s1 chain 0: ValueError: no answer") as info:
         asyncio.run(run_reward(fn, lambda: fn(None, TRAJ), sample="s1 chain 0"))
     assert (info.value.reward, info.value.sample) == ("in_place", "s1 chain 0")
+
+
+def test_the_actors_scorer_decodes_the_response_only_for_a_reward_that_reads_it():
+    from actors.actor import Scorer
+    from actors.rollout import Episode
+
+    class CountingTokenizer:  # decode is all a Scorer asks of its tokenizer
+        decodes = 0
+        clean_up_tokenization_spaces = True
+
+        def decode(self, ids, skip_special_tokens=False):
+            self.decodes += 1
+            return " ".join(map(str, ids))
+
+    ep = Episode(prompt_ids=[1], response_ids=[7, 8, 9], loss_mask=[1, 1, 1], num_turns=1, final_answer="7")
+    tok = CountingTokenizer()
+    outcome = Scorer(get_reward("math_reward_string_equal"), tok)(ep, {"answer": "7"})
+    assert outcome == {"reward": 1.0} and tok.decodes == 0
+
+    def reads(final_answer, trajectory, **row):
+        return float(trajectory.response_text == "7 8 9" and trajectory.response_text == "7 8 9")
+
+    assert Scorer(RewardFn("reads", reads, 5.0, inline=True), tok)(ep, {})["reward"] == 1.0 and tok.decodes == 1  # decoded once, at the first read
+    given = TrajectoryInfo(messages=[], num_turns=1, response_text="as given")
+    assert given.response_text == "as given" and TRAJ.response_text == ""

@@ -55,6 +55,26 @@ from typing import Any, Callable
 RewardResult = float | dict[str, Any]
 
 
+class _ReadOnFirstUse:
+    """A ``str`` dataclass field that may also be given as a zero-argument callable: called at its
+    first read, and the text kept (the actor's decode of an episode's response is skipped for the
+    rewards that never read it)."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj, objtype=None) -> str:
+        if obj is None:
+            return ""  # the field's default
+        value = obj.__dict__[self.slot]
+        if callable(value):
+            value = obj.__dict__[self.slot] = value()
+        return value
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__[self.slot] = value
+
+
 @dataclass
 class TrajectoryInfo:
     """What a reward may look at besides the final answer."""
@@ -66,8 +86,10 @@ class TrajectoryInfo:
     """Names of the tools called, in order, one entry per call."""
     truncated: bool = False
     """The episode hit the token or turn limit."""
-    response_text: str = ""
-    """All assistant text of the episode, concatenated."""
+    response_text: str = _ReadOnFirstUse()
+    """The episode's response decoded: everything after the prompt, its sampled turns and the
+    observations between them (verl's ``solution_str``). May be given as a zero-argument callable
+    that returns it: called at the first read."""
     turn_tool_errors: list[int] = field(default_factory=list)
     """Per assistant turn, in order: its tool calls that failed (an unparsable tool call counts as
     one, unless the turn was cut by its token limit; a tool that returned an error as one each); 0
