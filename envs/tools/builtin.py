@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import operator
 
@@ -84,6 +85,13 @@ def calculator(expression: str) -> str:
     Args:
         expression: Arithmetic using numbers, + - * / // % ** and parentheses, e.g. "123*45".
     """
+    return _calculate(expression)
+
+
+@functools.lru_cache(maxsize=4096)
+def _calculate(expression: str) -> str:
+    """``calculator``'s answer, kept for the latest distinct expressions (a pure function; a group's
+    chains often ask the same one). An expression that raises is not kept: it raises each time."""
     return format_number(evaluate(expression))
 
 
