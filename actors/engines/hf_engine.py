@@ -233,14 +233,8 @@ class HFEngine(Engine):
                 loop.call_later(SWAP_POLL_S, self._drive, loop)
                 return
             self._held = True
-            if self.version != self._kv_version:  # new weights: the parked prefixes are stale
-                for p in list(self._parked.values()):
-                    self._drop_parked(p)
-                self._kv_version = self.version
-        try:
-            self._step([r for r in newcomers if not r.fut.done()])
-        except Exception as e:  # not a forward's failure (those fail only their rows): fail everything, keep serving
-            self._fail_all(e, newcomers)
+            self._drop_stale_prefixes()
+        self._round(newcomers)
         if self._rows or self._queue:
             loop.call_soon(self._drive, loop)
         else:
@@ -309,14 +303,8 @@ class HFEngine(Engine):
                             self._queue[:0] = newcomers
                         continue
                     held = True
-                    if self.version != self._kv_version:  # new weights: the parked prefixes are stale
-                        for p in list(self._parked.values()):
-                            self._drop_parked(p)
-                        self._kv_version = self.version
-                try:
-                    self._step([r for r in newcomers if not r.fut.done()])
-                except Exception as e:  # not a forward's failure (those fail only their rows): fail everything, keep serving
-                    self._fail_all(e, newcomers)
+                    self._drop_stale_prefixes()
+                self._round(newcomers)
         finally:
             if held:
                 self._lock.release()
@@ -324,6 +312,22 @@ class HFEngine(Engine):
                 return  # nothing ran or waited on this worker
             with self._cond:
                 self._shut(RuntimeError("HF engine closed"))
+
+    # -- what both drivers run -----------------------------------------------------------------
+
+    def _drop_stale_prefixes(self) -> None:
+        """Just after taking the batch lock: new weights make the parked prefixes' KV stale."""
+        if self.version != self._kv_version:
+            for p in list(self._parked.values()):
+                self._drop_parked(p)
+            self._kv_version = self.version
+
+    def _round(self, newcomers: list[_Request]) -> None:
+        """One step, admitting ``newcomers`` (those still awaited)."""
+        try:
+            self._step([r for r in newcomers if not r.fut.done()])
+        except Exception as e:  # not a forward's failure (those fail only their rows): fail everything, keep serving
+            self._fail_all(e, newcomers)
 
     def _fail_all(self, e: BaseException, newcomers: list[_Request]) -> None:
         for r in newcomers + [row.req for row in self._rows]:
