@@ -17,11 +17,12 @@ Who runs the steps (``driver``):
   episode's next turn (its tool call, its tokens) runs before the next step
   and is admitted at it. Nothing runs in parallel with a step; nothing competes
   with it either: with a worker thread, the episode loop's Python and the
-  engine's take turns on the GIL at every op the engine releases it for, and
-  on this machine each millisecond of episode work cost the engine's steps
-  ~2.5 ms (``bench/bench_actor.py``: the same steps took 1.5 ms in the bare
-  engine and 3.0 ms beside the actor loop). Tool calls and sockets are served
-  between steps. One event loop at a time serves requests.
+  engine's take turns on the GIL at every op the engine releases it for: on
+  this machine, traced in ``bench/bench_actor.py``, steps with few rows took
+  1.5 ms in the bare engine and 3.0 ms beside the actor loop (1.6 ms on the
+  loop), and 0.1 ms of busy work per turn added to a replay of the same turns
+  cost it 2.5 times that. Tool calls and sockets are served between steps.
+  One event loop at a time serves requests.
 - ``thread`` (the default on a GPU, where a step's kernels run while the loop
   works): ``generate`` calls made in one event-loop tick are handed together to
   a worker thread that runs the steps; the event loop keeps serving tool calls
