@@ -397,8 +397,12 @@ def test_an_idle_worker_thread_exits_and_an_engine_dropped_without_close_is_free
     assert ref() is None
 
 
-def test_the_default_driver_is_the_event_loop_on_a_cpu_and_a_typo_is_refused(tiny_model_dir):
+def test_the_default_driver_is_the_event_loop_on_a_cpu_for_a_small_model_and_a_typo_is_refused(tiny_model_dir, monkeypatch):
+    import actors.engines.hf_engine as hf
+
     assert HFEngine(tiny_model_dir, seed=0).driver == "loop"
+    monkeypatch.setattr(hf, "LOOP_MAX_PARAMS", 1000)  # the tiny model has ~0.5M: now "larger"
+    assert HFEngine(tiny_model_dir, seed=0).driver == "thread"
     with pytest.raises(ValueError, match=r"driver must be one of \('loop', 'thread'\), got 'threads'"):
         HFEngine(tiny_model_dir, seed=0, driver="threads")
 

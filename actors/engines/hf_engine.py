@@ -12,8 +12,9 @@ prefill), so admitting costs no forward of its own; a registered attention
 the same prompt in one round share one prefill.
 
 Who runs the steps (``driver``):
-- ``loop`` (the default on a CPU): the event loop of the requests, one step per
-  loop iteration. A finished row's future is resolved in place, so the
+- ``loop`` (the default on a CPU for a model of at most ``LOOP_MAX_PARAMS``
+  parameters, whose step takes milliseconds): the event loop of the requests,
+  one step per loop iteration. A finished row's future is resolved in place, so the
   episode's next turn (its tool call, its tokens) runs before the next step
   and is admitted at it. Nothing runs in parallel with a step; nothing competes
   with it either: with a worker thread, the episode loop's Python and the
@@ -24,7 +25,9 @@ Who runs the steps (``driver``):
   cost it 2.5 times that. Tool calls and sockets are served between steps.
   One event loop at a time serves requests.
 - ``thread`` (the default on a GPU, where a step's kernels run while the loop
-  works): ``generate`` calls made in one event-loop tick are handed together to
+  works, and for a larger model on a CPU, whose steps are long enough to delay
+  heartbeats and tool calls and whose Python is a small share of a step):
+  ``generate`` calls made in one event-loop tick are handed together to
   a worker thread that runs the steps; the event loop keeps serving tool calls
   meanwhile.
 
@@ -92,6 +95,11 @@ from protocol.weights import Rows, place
 DRIVERS = ("loop", "thread")
 """Who runs the steps: the requests' event loop, or a worker thread (module doc)."""
 
+LOOP_MAX_PARAMS = 50_000_000
+"""The largest model whose steps run on the event loop by default on a CPU: the tiny demo model
+(0.5M parameters) steps in 1.5-100 ms here; a 0.5B model's steps take seconds, too long to hold the loop
+(heartbeats, tool calls), and its Python is a small share of each."""
+
 SWAP_POLL_S = 0.001
 """How often the loop driver looks again while a weight swap holds or wants the batch lock."""
 
@@ -112,15 +120,13 @@ class HFEngine(Engine):
         finished rows kept for their prefix (a finished row stays parked until a new row needs its
         slot: all of an actor's episodes between two turns keep theirs, however many there are; 0: none
         kept); ``swap_timeout_s``: how long a weight swap waits for the running requests; ``driver``:
-        ``loop`` | ``thread``, who runs the steps (module doc; None: ``thread`` on a GPU, else ``loop``)."""
+        ``loop`` | ``thread``, who runs the steps (module doc; None: ``loop`` on a CPU for a model of at most
+        ``LOOP_MAX_PARAMS`` parameters, else ``thread``)."""
         from transformers import AutoModelForCausalLM
 
         self.device = torch.device(device)
-        if driver is None:
-            driver = "thread" if self.device.type == "cuda" else "loop"
-        if driver not in DRIVERS:
+        if driver not in (None, *DRIVERS):
             raise ValueError(f"HF engine: driver must be one of {DRIVERS}, got {driver!r}")
-        self.driver = driver
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.dtype = dtype
@@ -134,6 +140,10 @@ class HFEngine(Engine):
             model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none"))
         self.lora = lora if lora is not None and lora[0] > 0 else None
         self.model = model.to(self.device).eval()
+        if driver is None:
+            small = sum(p.numel() for p in self.model.parameters()) <= LOOP_MAX_PARAMS
+            driver = "loop" if self.device.type == "cpu" and small else "thread"
+        self.driver = driver
         self.pad_id = self.model.config.pad_token_id or 0
         self.vocab_size = self.model.config.vocab_size
         self.max_batch = max_batch
