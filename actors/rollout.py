@@ -13,15 +13,16 @@ engine batches the others' turns.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import time
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from actors.engines.base import Engine, SamplingSettings
 from envs.base import Action, Agent, ToolCall, ToolResult
+from envs.lru import SizedLRU
 
 
 class PromptTooLong(ValueError):
@@ -98,35 +99,33 @@ class ToolBox:
         )
 
 
-ENCODE_CACHE_SIZE = 4096
-"""Texts whose ids ``encode`` keeps per tokenizer, the latest distinct ones."""
+ENCODE_CACHE_BYTES = 16 << 20
+"""Per tokenizer, the budget of ``encode``'s kept ids: texts and ids (4 bytes each) of the latest
+distinct texts."""
 
-_ENCODED: "weakref.WeakKeyDictionary[object, OrderedDict[tuple[str, bool], tuple[int, ...]]]" = weakref.WeakKeyDictionary()
+_ENCODED: "weakref.WeakKeyDictionary[object, SizedLRU]" = weakref.WeakKeyDictionary()
 
 
 def encode(tokenizer, text: str) -> list[int]:
     """``tokenizer(text, add_special_tokens=False)["input_ids"]``. A transformers tokenizer backed by a
     ``tokenizers.Tokenizer`` is asked through that backend directly (``plain_backend``): the same call
-    transformers makes, without its ~0.012 ms of Python around it; and a text it encoded among the last
-    ``ENCODE_CACHE_SIZE`` distinct ones is not encoded again (the backend's encode is a function of the
-    text: its settings are those ``plain_backend`` checks, and they are part of the key). A group's
-    chains start from one prompt and often get the same tool results: on the demo's episodes the
-    backend took 0.02-0.04 ms a text, ~40% of the episode loop's own time."""
+    transformers makes, without its ~0.012 ms of Python around it; and a text it encoded lately (within
+    ``ENCODE_CACHE_BYTES``) is not encoded again (the backend's encode is a function of the text: its
+    settings are those ``plain_backend`` checks, and the one that may differ is part of the key). A
+    group's chains start from one prompt and often get the same tool results: on the demo's episodes
+    the backend took 0.02-0.04 ms a text, ~40% of the episode loop's own time."""
     backend = plain_backend(tokenizer)
     if backend is None:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     cache = _ENCODED.get(tokenizer)
     if cache is None:
-        cache = _ENCODED[tokenizer] = OrderedDict()
+        cache = _ENCODED[tokenizer] = SizedLRU(ENCODE_CACHE_BYTES)
     key = (text, backend.encode_special_tokens)
     ids = cache.get(key)
     if ids is None:
-        ids = cache[key] = tuple(backend.encode(text, add_special_tokens=False).ids)
-        if len(cache) > ENCODE_CACHE_SIZE:
-            cache.popitem(last=False)
-    else:
-        cache.move_to_end(key)
-    return list(ids)
+        ids = array.array("i", backend.encode(text, add_special_tokens=False).ids)
+        cache.put(key, ids, len(text) + 4 * len(ids))
+    return ids.tolist()
 
 
 def decode(tokenizer, ids: list[int]) -> str:

@@ -8,15 +8,16 @@ template (``schemas_in_template``) or into the system prompt text.
 from __future__ import annotations
 
 import abc
-from collections import OrderedDict
 from typing import Any
 
 from envs.base import Action, Agent, Conversation, ToolResult
+from envs.lru import SizedLRU
 from envs.templates import get_template, make_render, observation_delta, stop_strings_for
 from envs.tools.base import Tool
 
-RENDER_CACHE_SIZE = 1024
-"""Renders kept per agent, the latest distinct conversations (``ChatAgent._render_cached``)."""
+RENDER_CACHE_BYTES = 16 << 20
+"""Per agent, the budget of kept renders (``ChatAgent._render_cached``): each conversation's text
+(its key) and its render."""
 
 
 class ChatAgent(Agent):
@@ -38,7 +39,7 @@ class ChatAgent(Agent):
         self._stop_strings = stop_strings_for(tokenizer, template)
         source = get_template(template) if template is not None else tokenizer.chat_template
         # a template that reads the clock (strftime_now: Llama 3's date line) may render one prompt two ways
-        self._renders: OrderedDict[tuple, str] | None = None if "strftime_now" in source else OrderedDict()
+        self._renders: SizedLRU | None = None if "strftime_now" in source else SizedLRU(RENDER_CACHE_BYTES)
         try:  # the template is compiled at its first render (~5 ms): now, not in an actor's first batch
             self._render([{"role": "user", "content": ""}], True)
         except Exception:  # noqa: BLE001  a template that refuses this conversation is compiled at its first real one
@@ -67,17 +68,15 @@ class ChatAgent(Agent):
         return text
 
     def _render_cached(self, messages: list[dict[str, Any]]) -> str:
-        """``self._render(messages, True)``; one of the last ``RENDER_CACHE_SIZE`` conversations rendered
-        (messages of plain strings, equal key for key and in order) is not rendered again: a group's chains
+        """``self._render(messages, True)``; a conversation rendered lately (messages of plain strings, equal
+        key for key and in order; within ``RENDER_CACHE_BYTES``) is not rendered again: a group's chains
         start from one prompt, and chains that said the same and got the same tool results continue alike."""
         key = _plain_key(messages) if self._renders is not None else None
         text = self._renders.get(key) if key is not None else None
         if text is None:
             text = self._render(messages, True)
             if key is not None:
-                self._renders[key] = text
-                if len(self._renders) > RENDER_CACHE_SIZE:
-                    self._renders.popitem(last=False)
+                self._renders.put(key, text, len(text) + sum(len(x) for m in key for kv in m for x in kv))
         return text
 
     def add_assistant(self, conv: Conversation, text: str) -> None:

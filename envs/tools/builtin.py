@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import ast
-import functools
 import math
 import operator
 
 from envs.base import ToolResult
+from envs.lru import SizedLRU
 from envs.tools.base import tool
 
 MAX_EXPONENT = 1000
@@ -85,14 +85,15 @@ def calculator(expression: str) -> str:
     Args:
         expression: Arithmetic using numbers, + - * / // % ** and parentheses, e.g. "123*45".
     """
-    return _calculate(expression)
+    answer = _ANSWERS.get(expression)
+    if answer is None:  # a pure function: a group's chains often ask the same; one that raises is not kept
+        answer = format_number(evaluate(expression))
+        _ANSWERS.put(expression, answer, len(expression) + len(answer))
+    return answer
 
 
-@functools.lru_cache(maxsize=4096)
-def _calculate(expression: str) -> str:
-    """``calculator``'s answer, kept for the latest distinct expressions (a pure function; a group's
-    chains often ask the same one). An expression that raises is not kept: it raises each time."""
-    return format_number(evaluate(expression))
+_ANSWERS = SizedLRU(4 << 20)
+"""``calculator``'s latest answers, by expression."""
 
 
 @tool(inline=True)
