@@ -433,6 +433,20 @@ def test_on_the_loop_driver_a_next_turn_asked_on_its_wakeup_joins_the_very_next_
     assert engine.prefix_hits == 3
 
 
+def test_on_the_loop_driver_a_failure_outside_a_step_fails_the_requests_and_the_next_ones_are_served(tiny_model_dir, monkeypatch):
+    engine = HFEngine(tiny_model_dir, seed=0, driver="loop")
+    s = SamplingSettings(max_tokens=4, temperature=0.0)
+    monkeypatch.setattr(engine, "_drop_stale_prefixes", lambda: 1 / 0)  # raises where no step runs
+
+    async def go():
+        return await asyncio.gather(*(engine.generate([1, 5, 6 + i], s) for i in range(3)), return_exceptions=True)
+
+    assert all(isinstance(r, ZeroDivisionError) for r in asyncio.run(go()))
+    assert not engine._rows and not engine._held and engine._driver_loop is None
+    monkeypatch.undo()
+    assert len(asyncio.run(engine.generate([1, 5, 6], s)).token_ids) == 4
+
+
 def test_on_the_loop_driver_a_new_event_loop_takes_over_from_one_that_stopped_mid_request(tiny_model_dir):
     """An event loop closed with a request still running (not cancelled: ``asyncio.run`` would cancel it,
     and its rounds retire it) leaves the row behind, holding the batch lock: a weight swap from outside

@@ -229,22 +229,29 @@ class HFEngine(Engine):
     def _drive(self, loop: asyncio.AbstractEventLoop) -> None:
         """One round on the event loop: admit what is queued (unless a weight swap waits), one step; the
         next round is scheduled behind the callbacks the step's finished rows woke, so their next turns
-        are queued by then. Holds the swap gate while rows run; without rows it lets it go."""
+        are queued by then. Holds the swap gate while rows run; without rows it lets it go. Anything that
+        escapes a round fails the requests with it and ends the rounds: never a request left unserved."""
         if self._driver_loop is not loop:  # superseded (closed, or another loop took over)
             return
-        newcomers: list[_Request] = []
-        if not self._lock.swap_waiting:
-            room = self.max_batch - len(self._rows)
-            newcomers, self._queue = self._queue[:room], self._queue[room:]
+        try:
+            self._drive_round(loop)
+        except BaseException as e:
+            self._driver_loop = None
+            self._shut(e if isinstance(e, Exception) else RuntimeError(f"HF engine: {type(e).__name__} in a step"))
+            if not isinstance(e, Exception):
+                raise
+
+    def _drive_round(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._held and not self._rows and self._lock.swap_waiting:
             self._release()  # drained: let the swap happen
         if not self._held:
             if not self._lock.try_acquire_for_requests():  # a swap holds or wants the gate: a swap takes microseconds
-                self._queue[:0] = newcomers
                 loop.call_later(SWAP_POLL_S, self._drive, loop)
                 return
             self._held = True
             self._drop_stale_prefixes()
+        room = 0 if self._lock.swap_waiting else self.max_batch - len(self._rows)
+        newcomers, self._queue = self._queue[:room], self._queue[room:]  # from here on _round answers for them
         self._round(newcomers)
         if self._rows or self._queue:
             loop.call_soon(self._drive, loop)
