@@ -13,7 +13,6 @@ engine batches the others' turns.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import time
 import weakref
@@ -100,8 +99,8 @@ class ToolBox:
 
 
 ENCODE_CACHE_BYTES = 16 << 20
-"""Per tokenizer, the budget of ``encode``'s kept ids: texts and ids (4 bytes each) of the latest
-distinct texts."""
+"""Per tokenizer, the budget of ``encode``'s kept ids: texts and ids of the latest distinct texts (an id
+kept as a Python int in a tuple: counted as 36 bytes)."""
 
 _ENCODED: "weakref.WeakKeyDictionary[object, SizedLRU]" = weakref.WeakKeyDictionary()
 
@@ -123,9 +122,9 @@ def encode(tokenizer, text: str) -> list[int]:
     key = (text, backend.encode_special_tokens)
     ids = cache.get(key)
     if ids is None:
-        ids = array.array("i", backend.encode(text, add_special_tokens=False).ids)
-        cache.put(key, ids, len(text) + 4 * len(ids))
-    return ids.tolist()
+        ids = tuple(backend.encode(text, add_special_tokens=False).ids)
+        cache.put(key, ids, len(text) + 36 * len(ids))
+    return list(ids)
 
 
 def decode(tokenizer, ids: list[int]) -> str:
