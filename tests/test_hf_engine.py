@@ -433,6 +433,39 @@ def test_on_the_loop_driver_a_next_turn_asked_on_its_wakeup_joins_the_very_next_
     assert engine.prefix_hits == 3
 
 
+def test_on_the_loop_driver_a_second_running_event_loop_is_refused_and_queues_nothing(tiny_model_dir):
+    import threading
+
+    engine = HFEngine(tiny_model_dir, seed=0, driver="loop")
+    started, stop = threading.Event(), threading.Event()
+    result = {}
+
+    def first_loop():  # serves a long request until told to stop
+        async def go():
+            task = asyncio.create_task(engine.generate([1, 5, 6], SamplingSettings(max_tokens=100_000, temperature=1.0)))
+            await steps_reach(engine, 2, "the first loop's request decoding")
+            started.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.01)
+            task.cancel()
+            result["first"] = await asyncio.gather(task, return_exceptions=True)
+
+        asyncio.run(go())
+
+    t = threading.Thread(target=first_loop)
+    t.start()
+    try:
+        assert started.wait(120)
+        with pytest.raises(RuntimeError, match=r"another event loop is running requests; one loop at a time, or driver='thread'"):
+            asyncio.run(engine.generate([1, 7, 8], SamplingSettings(max_tokens=4)))
+        assert all(r.prompt == [1, 5, 6] for r in engine._queue)  # the refused request was never queued
+    finally:
+        stop.set()
+        t.join(60)
+    assert isinstance(result["first"][0], asyncio.CancelledError)
+    assert len(asyncio.run(engine.generate([1, 7, 8], SamplingSettings(max_tokens=4))).token_ids) == 4  # that loop is gone: served
+
+
 def test_on_the_loop_driver_a_failure_outside_a_step_fails_the_requests_and_the_next_ones_are_served(tiny_model_dir, monkeypatch):
     engine = HFEngine(tiny_model_dir, seed=0, driver="loop")
     s = SamplingSettings(max_tokens=4, temperature=0.0)

@@ -48,3 +48,21 @@ def test_the_calculator_answers_alike_from_its_kept_answers_and_keeps_no_error()
         with pytest.raises(ZeroDivisionError):
             fn("1/0")
     assert _ANSWERS.get("1/0") is None
+
+
+def test_the_agents_renders_are_kept_within_their_budget_and_equal_fresh_ones(tiny_model_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    import envs.agents.chat as chat
+    from envs.agents import agent_for_config
+    from configs.loader import load_config
+
+    monkeypatch.setattr(chat, "RENDER_CACHE_BYTES", 3000)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    agent = agent_for_config(load_config(["demo"], [f"actor_rollout_ref.model.path={tiny_model_dir}"]), tok)
+    rows = [{"question": f"What is {i} * {i + 3}? " * (1 + i % 4), "answer": "0"} for i in range(40)]
+    for _ in range(2):  # the second pass reads what is still kept
+        for row in rows:
+            conv = agent.start(row)
+            assert agent.prompt_text(conv) == agent._render(conv.messages, True)
+    assert 0 < len(agent._renders) < len(rows) and agent._renders.nbytes <= 3000

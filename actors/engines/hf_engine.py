@@ -185,11 +185,11 @@ class HFEngine(Engine):
         loop = asyncio.get_running_loop()
         req = _Request(prompt, settings, loop.create_future())
         if self.driver == "loop":
-            self._queue.append(req)
             if self._driver_loop is not loop:
-                self._adopt(loop)
+                self._adopt(loop)  # refuses a second running loop before anything is queued
                 self._driver_loop = loop
                 loop.call_soon(self._drive, loop)
+            self._queue.append(req)
             return await req.fut
         tick = self._ticks.get(loop)
         if tick is None:  # the first request of this tick: hand the tick's requests over once it ends
@@ -260,9 +260,9 @@ class HFEngine(Engine):
             self._driver_loop = None
 
     def _adopt(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        """Before ``loop`` drives (or a swap, ``None``): rows left by an event loop that stopped with requests running (an
-        ``asyncio.run`` that ended, its tasks cancelled) are dropped; a loop still running elsewhere
-        cannot share the engine."""
+        """Before ``loop`` drives (or a swap, ``None``): requests left by an event loop that stopped with them
+        running (closed before they were done or cancelled) are failed and their rows dropped; a loop still
+        running elsewhere cannot share the engine (``RuntimeError``)."""
         old = self._driver_loop
         if old is None:
             return
