@@ -87,8 +87,6 @@ def build_engine(cfg: RelayConfig, model_path: str, seed: int = 0) -> Engine:
             max_num_batched_tokens=rollout.max_num_batched_tokens,
             dtype="auto" if _has_cuda() else "float32",  # CPU: the learner's fp32, not vLLM-CPU's default bf16
         )
-    from actors.engines.hf_engine import HFEngine
-
     import torch
 
     from protocol.weights import serve_dtype
@@ -96,4 +94,8 @@ def build_engine(cfg: RelayConfig, model_path: str, seed: int = 0) -> Engine:
     cuda = torch.cuda.is_available()
     model = cfg.actor_rollout_ref.model  # LoRA: the learner sends only the adapters to HF engines
     lora = (model.lora_rank, model.lora_alpha, model.target_modules) if model.lora_rank > 0 else None
-    return HFEngine(model_path, device="cuda" if cuda else "cpu", seed=seed, dtype=serve_dtype(rollout.dtype, cuda), lora=lora)
+    if rollout.hf_engine_process:
+        from actors.engines.hf_process import HFProcessEngine as engine_class
+    else:
+        from actors.engines.hf_engine import HFEngine as engine_class
+    return engine_class(model_path, device="cuda" if cuda else "cpu", seed=seed, dtype=serve_dtype(rollout.dtype, cuda), lora=lora)

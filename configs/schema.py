@@ -475,6 +475,13 @@ class RolloutConfig(Section):
 
     name: Literal["hf", "vllm"] = "hf"
     """Inference engine: ``hf`` (transformers, CPU or GPU) or ``vllm``."""
+    hf_engine_process: bool = False
+    """``hf`` engine: serve it from a process of its own beside the actor's (``actors.engines.hf_process``,
+    as vLLM runs its engine core), so the episodes' Python runs on another core than the engine's steps.
+    Off by default: measured on this 2-core CPU with the demo's tiny model it is slower than the engine on
+    the actor's event loop (``bench/bench_actor.py`` multi-turn ``ratio_turns``, 8 interleaved runs each:
+    median 0.74 against 0.97); there a finished turn's next one joins the child's steps one step later and
+    every step's results cross a socket (which of these costs what is not traced). Not run on a GPU yet."""
     num_actors: int | None = Field(None, ge=1)
     """Actor processes generating episodes. None = chosen for this machine when the run starts
     (``launcher.shape.fit_shape``): on CPU one per 2 cores left beside the learner ranks, at least

@@ -84,7 +84,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from transformers.cache_utils import Cache
@@ -173,8 +173,17 @@ class HFEngine(Engine):
         self._owner: list[_Row | _Parked | None] = []  # what each slot holds
         self._standby: dict[frozenset, dict[str, torch.Tensor]] = {}
         self.loading = threading.Lock()  # one update at a time
+        self.after_step: Callable[[], None] | None = None
+        """The loop driver calls this on the event loop after each step, once the callbacks of the
+        requests that step finished have run and before the next step (``hf_process`` sends the
+        step's results there)."""
 
     async def generate(self, prompt_ids: list[int], settings: SamplingSettings) -> Generation:
+        return await self.submit(prompt_ids, settings)
+
+    def submit(self, prompt_ids: list[int], settings: SamplingSettings) -> asyncio.Future:
+        """``generate`` without the coroutine: the future of its ``Generation``, on the running event
+        loop (a process serving the engine submits many requests at once, without a task for each)."""
         prompt = list(prompt_ids)
         if not prompt:
             raise ValueError("generate: the prompt holds no token ids")
@@ -190,13 +199,13 @@ class HFEngine(Engine):
                 self._driver_loop = loop
                 loop.call_soon(self._drive, loop)
             self._queue.append(req)
-            return await req.fut
+            return req.fut
         tick = self._ticks.get(loop)
         if tick is None:  # the first request of this tick: hand the tick's requests over once it ends
             tick = self._ticks[loop] = []
             loop.call_soon(self._hand_over, loop)
         tick.append(req)
-        return await req.fut
+        return req.fut
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
         reqs = self._ticks.pop(loop, [])
@@ -253,6 +262,8 @@ class HFEngine(Engine):
         room = 0 if self._lock.swap_waiting else self.max_batch - len(self._rows)
         newcomers, self._queue = self._queue[:room], self._queue[room:]  # from here on _round answers for them
         self._round(newcomers)
+        if self.after_step is not None:  # behind the callbacks of the step's finished requests, before the next step
+            loop.call_soon(self.after_step)
         if self._rows or self._queue:
             loop.call_soon(self._drive, loop)
         else:
