@@ -36,6 +36,18 @@ def gather(engine, prompts, settings):
     return asyncio.run(go())
 
 
+def test_the_config_key_serves_the_engine_from_a_process_of_its_own(tiny_model_dir):
+    from actors.build import build_engine
+    from configs.loader import load_config
+
+    assert type(build_engine(load_config([], []), tiny_model_dir)) is HFEngine  # the default
+    engine = build_engine(load_config([], ["actor_rollout_ref.rollout.hf_engine_process=true"]), tiny_model_dir)
+    try:
+        assert type(engine) is HFProcessEngine and engine.proc.poll() is None
+    finally:
+        engine._reaper()
+
+
 def test_seeded_and_greedy_requests_give_the_in_process_engines_tokens_and_logprobs(tiny_model_dir, child):
     prompts = [[1, 5, 6, 7, 8], [1, 9], [1, 11, 12, 13, 14, 15, 16], [1, 9]]
     settings = [SamplingSettings(max_tokens=12, temperature=1.0, seed=7), SamplingSettings(max_tokens=7, temperature=0.0),

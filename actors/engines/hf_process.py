@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import faulthandler
 import gc
 import json
@@ -78,12 +79,18 @@ demo run, and without the look one such wait hung the run). The child also reads
 
 
 
+_SETTINGS = tuple(f.name for f in dataclasses.fields(SamplingSettings))
+
+
 def _pack_settings(s: SamplingSettings) -> list:
-    return [s.max_tokens, s.temperature, s.top_p, s.top_k, list(s.stop_token_ids), s.seed]
+    """Every field of ``s``, in field order (a field added to ``SamplingSettings`` travels too)."""
+    return [getattr(s, name) for name in _SETTINGS]
 
 
 def _unpack_settings(v: list) -> SamplingSettings:
-    return SamplingSettings(v[0], v[1], v[2], v[3], tuple(v[4]), v[5])
+    fields = dict(zip(_SETTINGS, v, strict=True))
+    fields["stop_token_ids"] = tuple(fields["stop_token_ids"])  # msgpack returns lists
+    return SamplingSettings(**fields)
 
 
 def _error(kind: str, text: str) -> Exception:
