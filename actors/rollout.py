@@ -112,7 +112,13 @@ def encode(tokenizer, text: str) -> list[int]:
     ``ENCODE_CACHE_BYTES``) is not encoded again (the backend's encode is a function of the text: its
     settings are those ``plain_backend`` checks, and the one that may differ is part of the key). A
     group's chains start from one prompt and often get the same tool results: on the demo's episodes
-    the backend took 0.02-0.04 ms a text, ~40% of the episode loop's own time."""
+    the backend took 0.02-0.04 ms a text, ~40% of the episode loop's own time.
+
+    A text the backend has not seen whole is cut at its added tokens (``SpecialSplit``, where the
+    backend's pipeline allows it) and each piece between them encoded (or found) on its own: a
+    prompt's system text and a template's headers around a tool result are encoded once, not once
+    per text that holds them (the tiny demo tokenizer's backend takes ~0.9 us a token: a third of the
+    actor loop's Python on a batch of new texts, sampled with py-spy)."""
     backend = plain_backend(tokenizer)
     if backend is None:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -122,19 +128,130 @@ def encode(tokenizer, text: str) -> list[int]:
     key = (text, backend.encode_special_tokens)
     ids = cache.get(key)
     if ids is None:
-        ids = tuple(backend.encode(text, add_special_tokens=False).ids)
+        split = None if backend.encode_special_tokens else SpecialSplit.of(tokenizer, backend)
+        if split is None:
+            ids = tuple(backend.encode(text, add_special_tokens=False).ids)
+        else:
+            ids = split.encode(text, lambda piece: _encode_piece(cache, backend, piece))
         cache.put(key, ids, len(text) + 36 * len(ids))
     return list(ids)
+
+
+def _encode_piece(cache: SizedLRU, backend, piece: str) -> tuple[int, ...]:
+    key = (piece, False)
+    ids = cache.get(key)
+    if ids is None:
+        ids = tuple(backend.encode(piece, add_special_tokens=False).ids)
+        cache.put(key, ids, len(piece) + 36 * len(ids))
+    return ids
+
+
+SPLIT_NORMALIZERS = frozenset({"NFC", "NFD", "NFKC", "NFKD", "Lowercase"})
+"""Normalizers (``tokenizer.json`` ``type``) that map each character on its own (``Sequence``s of them too)."""
+
+SPLIT_PRE_TOKENIZERS = frozenset({"Split", "Digits", "Punctuation", "Whitespace", "WhitespaceSplit", "ByteLevel"})
+"""Pre-tokenizers that split a piece by its own content alone (``ByteLevel`` only without ``add_prefix_space``;
+``Sequence``s of them too). Not ``Metaspace``: its ``prepend_scheme="first"`` marks the text's first piece."""
+
+
+class SpecialSplit:
+    """A text cut at the added tokens a ``tokenizers.Tokenizer`` takes out before anything else.
+
+    The backend's ``encode`` first finds its added tokens that match the raw text (``normalized:
+    false``; leftmost, longest first), then normalizes, pre-tokenizes and encodes each piece between
+    them by itself. So encoding the pieces one by one and putting the added tokens' ids between
+    them gives the same ids, when nothing in the pipeline looks past a piece: no added token strips
+    the whitespace beside it or must stand alone as a word (``lstrip``, ``rstrip``, ``single_word``),
+    the normalizer and pre-tokenizer work within a piece (``SPLIT_NORMALIZERS``,
+    ``SPLIT_PRE_TOKENIZERS``) and the model samples nothing (no BPE dropout). ``of`` answers None
+    for any other tokenizer. ``tests/test_rollout.py`` compares the ids with the backend's own."""
+
+    def __init__(self, pattern: "re.Pattern[str]", ids: dict[str, int], vocab_size: int):
+        self.pattern = pattern
+        self.ids = ids
+        self.vocab_size = vocab_size
+
+    @classmethod
+    def of(cls, tokenizer, backend) -> "SpecialSplit | None":
+        """The split for ``backend`` (``tokenizer._tokenizer``), read once from its ``tokenizer.json``
+        (again when its vocabulary grows: tokens added since), or None where it would change the ids."""
+        size = backend.get_vocab_size(with_added_tokens=True)
+        known = _SPLITS.get(tokenizer)
+        if known is not None and known[0] is backend and known[1] == size:
+            return known[2]
+        split = cls._read(backend, size)
+        _SPLITS[tokenizer] = (backend, size, split)
+        return split
+
+    @classmethod
+    def _read(cls, backend, size: int) -> "SpecialSplit | None":
+        import json
+
+        spec = json.loads(backend.to_str())
+        if not _within_pieces(spec.get("normalizer"), SPLIT_NORMALIZERS) or not _within_pieces(spec.get("pre_tokenizer"), SPLIT_PRE_TOKENIZERS):
+            return None
+        if (spec.get("model") or {}).get("dropout") not in (None, 0, 0.0):
+            return None
+        tokens = spec.get("added_tokens") or []
+        if not tokens or any(t.get("lstrip") or t.get("rstrip") or t.get("single_word") for t in tokens):
+            return None
+        raw = {t["content"]: t["id"] for t in tokens if not t.get("normalized") and t["content"]}
+        if not raw:
+            return None
+        import re
+
+        alternatives = sorted(raw, key=len, reverse=True)  # at one position the longest matches first
+        return cls(re.compile("(" + "|".join(re.escape(a) for a in alternatives) + ")"), raw, size)
+
+    def encode(self, text: str, encode_piece: Callable[[str], tuple[int, ...]]) -> tuple[int, ...]:
+        """The ids of ``text``: ``encode_piece`` of each piece between added tokens, the tokens' own ids between."""
+        parts = self.pattern.split(text)  # piece, token, piece, ..., piece
+        ids: list[int] = []
+        for i, part in enumerate(parts):
+            if i % 2:
+                ids.append(self.ids[part])
+            elif part:
+                ids.extend(encode_piece(part))
+        return tuple(ids)
+
+
+_SPLITS: "weakref.WeakKeyDictionary[object, tuple[object, int, SpecialSplit | None]]" = weakref.WeakKeyDictionary()
+
+
+def _within_pieces(spec: dict | None, allowed: frozenset[str]) -> bool:
+    """Whether a normalizer or pre-tokenizer (its ``tokenizer.json`` entry) works within each piece alone."""
+    if spec is None:
+        return True
+    kind = spec.get("type")
+    if kind == "Sequence":
+        return all(_within_pieces(s, allowed) for s in spec.get("normalizers") or spec.get("pretokenizers") or [])
+    if kind == "ByteLevel":
+        return kind in allowed and not spec.get("add_prefix_space")
+    return kind in allowed
 
 
 def decode(tokenizer, ids: list[int]) -> str:
     """``tokenizer.decode(ids, skip_special_tokens=False)``; through the backend (``plain_backend``) when
     the tokenizer does not clean up spaces after it (``clean_up_tokenization_spaces`` off, as Qwen's and
-    Llama's are): transformers' own call converts the ids one by one first."""
+    Llama's are): transformers' own call converts the ids one by one first. Ids decoded lately are not
+    decoded again (``_DECODED``)."""
     backend = plain_backend(tokenizer)
     if backend is None or tokenizer.clean_up_tokenization_spaces:
         return tokenizer.decode(ids, skip_special_tokens=False)
-    return backend.decode(ids, skip_special_tokens=False)
+    cache = _DECODED.get(tokenizer)
+    if cache is None:
+        cache = _DECODED[tokenizer] = SizedLRU(ENCODE_CACHE_BYTES)
+    key = tuple(ids)
+    text = cache.get(key)
+    if text is None:
+        text = backend.decode(ids, skip_special_tokens=False)
+        cache.put(key, text, len(text) + 36 * len(key))
+    return text
+
+
+_DECODED: "weakref.WeakKeyDictionary[object, SizedLRU]" = weakref.WeakKeyDictionary()
+"""Per tokenizer, ``decode``'s latest texts (a group's chains often sample the same turn), within
+``ENCODE_CACHE_BYTES``."""
 
 
 _PLAIN_CLASSES: dict[type, bool] = {}
@@ -187,19 +304,25 @@ async def run_episode(
     if budget <= 0:
         raise PromptTooLong(f"prompt of {len(ep.prompt_ids)} tokens leaves no room in a context of {limits.max_context}")
     stop_ids = set(settings.stop_token_ids)
+    full_turn: SamplingSettings | None = None  # a turn with room for max_tokens_per_turn: the same settings each time
     for turn in range(limits.max_turns):
         room = budget - len(ep.response_ids)
         if room <= 0:
             ep.truncated, ep.finish_reason = True, "token_budget"
             break
-        turn_settings = SamplingSettings(
-            max_tokens=min(limits.max_tokens_per_turn, room),
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            top_k=settings.top_k,
-            stop_token_ids=settings.stop_token_ids,
-            seed=settings.seed,
-        )
+        if room >= limits.max_tokens_per_turn and full_turn is not None:
+            turn_settings = full_turn
+        else:
+            turn_settings = SamplingSettings(
+                max_tokens=min(limits.max_tokens_per_turn, room),
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                top_k=settings.top_k,
+                stop_token_ids=settings.stop_token_ids,
+                seed=settings.seed,
+            )
+            if room >= limits.max_tokens_per_turn:
+                full_turn = turn_settings
         t0 = time.perf_counter()
         gen = await engine.generate(ep.prompt_ids + ep.response_ids, turn_settings)
         ep.gen_time_s += time.perf_counter() - t0

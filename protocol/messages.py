@@ -15,7 +15,9 @@ copied into an intermediate blob.
 
 from __future__ import annotations
 
+import array
 import math
+import sys
 from typing import Any, Union
 
 import msgspec
@@ -76,9 +78,28 @@ class Packed(msgspec.Struct, frozen=True):
 
 
 def pack(values, dtype: str) -> Packed:
-    """Pack a sequence (list, numpy array or CPU tensor) as a 1-D array of ``dtype``."""
+    """Pack a sequence (list, numpy array or CPU tensor) as a 1-D array of ``dtype``. A list goes through
+    ``array.array`` (``bytes`` for ``uint8``) where that holds the same values: ~1 us sooner an array
+    than numpy, five arrays a trajectory."""
+    if isinstance(values, list):
+        code = _ARRAY_CODES.get(dtype)
+        if code is not None:
+            try:
+                data = bytes(values) if code == "B" else array.array(code, values).tobytes()
+            except (TypeError, ValueError, OverflowError):  # a value the type cannot hold: numpy's casting says what becomes of it
+                pass
+            else:
+                return Packed(dtype=dtype, data=data)
     arr = np.ascontiguousarray(np.asarray(values, dtype=np.dtype(dtype).newbyteorder("<"))).reshape(-1)
     return Packed(dtype=dtype, data=arr.tobytes())
+
+
+_ARRAY_CODES = {
+    dtype: code
+    for dtype, code in {"uint8": "B", "int32": "i", "float32": "f", "int64": "q", "float64": "d"}.items()
+    if sys.byteorder == "little" and array.array(code).itemsize == np.dtype(dtype).itemsize
+}
+"""``array.array`` type codes that pack exactly as numpy's little-endian dtypes (on a little-endian machine)."""
 
 
 # ----------------------------------------------------------------- control

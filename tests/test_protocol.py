@@ -36,6 +36,25 @@ def test_trajectory_round_trip_is_exact():
     assert back.min_version == 3
 
 
+@pytest.mark.parametrize("values, dtype", [
+    ([1, 0, 1, True], "uint8"), ([], "uint8"), ([5, -3, 2**31 - 1], "int32"), ([1.7, -2.2], "int32"), ([2**40, -1], "int64"),
+    ([0.1, -2.5, float("nan"), float("inf"), 1e40], "float32"), ([0.1, 1e300], "float64"), ([3, 4], "float32"),
+])
+def test_pack_of_a_list_holds_the_bytes_numpy_would(values, dtype):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # 1e40 overflows float32 to inf, as numpy says
+        expected = np.asarray(values, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+        assert m.pack(values, dtype).data == expected
+
+
+def test_pack_refuses_a_value_its_type_cannot_hold_as_numpy_does():
+    for values, dtype in (([300], "uint8"), ([-1], "uint8"), ([2**31], "int32")):
+        with pytest.raises(OverflowError):
+            m.pack(values, dtype)
+
+
 def test_token_ids_travel_packed_not_as_int_lists():
     t = make_traj(response_ids=m.pack(list(range(1000)), "int32"), loss_mask=m.pack([1] * 1000, "uint8"),
                   logprobs=m.pack([-1.0] * 1000, "float32"), versions=m.pack([0] * 1000, "int32"))

@@ -153,6 +153,60 @@ def test_encode_through_the_backend_equals_the_tokenizers_own_call(tiny_model_di
     assert encode(tok, "<|im_end|>") == [tok.convert_tokens_to_ids("<|im_end|>")]  # special tokens stay whole
 
 
+def test_encode_by_pieces_between_added_tokens_equals_the_backend(tiny_model_dir):
+    import random
+
+    from transformers import AutoTokenizer
+
+    from actors.rollout import SpecialSplit, encode
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    backend = tok._tokenizer
+    assert SpecialSplit.of(tok, backend) is not None  # NFC, the Qwen2 split regex, ByteLevel: cut at added tokens
+    rng = random.Random(0)
+    alphabet = list("ab Z1\n\t.<|>/_'") + ["<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>",
+                                           "</tool_response>", "<|im_end", "im_end|>", "  ", "\u00e9", "e", "\u0301", "'s", "\U0001f600"]
+    for _ in range(1500):  # pieces shared across texts come from the cache: each text still encodes as a whole would
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        assert encode(tok, text) == backend.encode(text, add_special_tokens=False).ids, repr(text)
+    tok.add_tokens(["<new>"])  # a token added later is cut out as well
+    assert encode(tok, "a<new>b<|im_end|>") == tok("a<new>b<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert tok.convert_tokens_to_ids("<new>") in encode(tok, "a<new>b")
+
+
+def test_encode_by_pieces_is_refused_where_the_pipeline_looks_past_a_piece(tiny_model_dir):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from actors.rollout import SpecialSplit
+
+    spec = json.loads(AutoTokenizer.from_pretrained(tiny_model_dir)._tokenizer.to_str())
+
+    def split_of(change):
+        s = json.loads(json.dumps(spec))
+        change(s)
+        return SpecialSplit.of(type("Key", (), {})(), Tokenizer.from_str(json.dumps(s)))
+
+    assert split_of(lambda s: None) is not None
+    assert split_of(lambda s: s["added_tokens"][2].update(lstrip=True)) is None  # <|im_end|> would eat the space before it
+    assert split_of(lambda s: s["added_tokens"][1].update(single_word=True)) is None
+    assert split_of(lambda s: s["pre_tokenizer"]["pretokenizers"][1].update(add_prefix_space=True)) is None
+    assert split_of(lambda s: s.update(pre_tokenizer={"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": True})) is None
+    assert split_of(lambda s: s["model"].update(dropout=0.1)) is None
+    assert split_of(lambda s: s.update(normalizer={"type": "Prepend", "prepend": "\u2581"})) is None
+
+
+def test_decode_remembers_what_it_decoded(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from actors.rollout import decode, encode
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = encode(tok, TEXTS[1])
+    first = decode(tok, ids)
+    assert decode(tok, list(ids)) is first == tok.decode(ids, skip_special_tokens=False)
+
+
 def test_decode_through_the_backend_equals_the_tokenizers_own_decode(tiny_model_dir):
     import random
 
