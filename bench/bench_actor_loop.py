@@ -99,6 +99,7 @@ def play_and_record(engine, parts, batches, chains):
     every batch, and each episode's ``(prompt ids, [(sampled count, observation ids), ...])``."""
     from actors.engines.base import Engine
     from actors.rollout import run_episode
+    from bench.bench_actor import episode_turns
 
     records, turns = [], []
     for rows in batches:
@@ -121,22 +122,6 @@ def play_and_record(engine, parts, batches, chains):
         records.append(rec)
         turns.append([(ep.prompt_ids, episode_turns(ep.loss_mask, ep.response_ids)) for ep in eps])
     return records, turns
-
-
-def episode_turns(loss_mask: list[int], response_ids: list[int]) -> list[tuple[int, list[int]]]:
-    """``(sampled tokens, observation ids after them)`` per run of ``loss_mask`` 1s, e.g. mask
-    ``[1, 1, 0, 1]``, ids ``[a, b, o, c]`` -> ``[(2, [o]), (1, [])]``."""
-    out, i = [], 0
-    while i < len(loss_mask):
-        j = i
-        while j < len(loss_mask) and loss_mask[j] == 1:
-            j += 1
-        k = j
-        while k < len(loss_mask) and loss_mask[k] == 0:
-            k += 1
-        out.append((j - i, response_ids[j:k]))
-        i = k
-    return out
 
 
 def replay_engine(engine, turns) -> float:
