@@ -14,6 +14,7 @@ engine batches the others' turns.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -166,10 +167,9 @@ class SpecialSplit:
     ``SPLIT_PRE_TOKENIZERS``) and the model samples nothing (no BPE dropout). ``of`` answers None
     for any other tokenizer. ``tests/test_rollout.py`` compares the ids with the backend's own."""
 
-    def __init__(self, pattern: "re.Pattern[str]", ids: dict[str, int], vocab_size: int):
+    def __init__(self, pattern: "re.Pattern[str]", ids: dict[str, int]):
         self.pattern = pattern
         self.ids = ids
-        self.vocab_size = vocab_size
 
     @classmethod
     def of(cls, tokenizer, backend) -> "SpecialSplit | None":
@@ -179,12 +179,12 @@ class SpecialSplit:
         known = _SPLITS.get(tokenizer)
         if known is not None and known[0] is backend and known[1] == size:
             return known[2]
-        split = cls._read(backend, size)
+        split = cls._read(backend)
         _SPLITS[tokenizer] = (backend, size, split)
         return split
 
     @classmethod
-    def _read(cls, backend, size: int) -> "SpecialSplit | None":
+    def _read(cls, backend) -> "SpecialSplit | None":
         import json
 
         spec = json.loads(backend.to_str())
@@ -201,7 +201,7 @@ class SpecialSplit:
         import re
 
         alternatives = sorted(raw, key=len, reverse=True)  # at one position the longest matches first
-        return cls(re.compile("(" + "|".join(re.escape(a) for a in alternatives) + ")"), raw, size)
+        return cls(re.compile("(" + "|".join(re.escape(a) for a in alternatives) + ")"), raw)
 
     def encode(self, text: str, encode_piece: Callable[[str], tuple[int, ...]]) -> tuple[int, ...]:
         """The ids of ``text``: ``encode_piece`` of each piece between added tokens, the tokens' own ids between."""
@@ -304,25 +304,13 @@ async def run_episode(
     if budget <= 0:
         raise PromptTooLong(f"prompt of {len(ep.prompt_ids)} tokens leaves no room in a context of {limits.max_context}")
     stop_ids = set(settings.stop_token_ids)
-    full_turn: SamplingSettings | None = None  # a turn with room for max_tokens_per_turn: the same settings each time
+    full_turn = dataclasses.replace(settings, max_tokens=limits.max_tokens_per_turn)  # every turn with room for it
     for turn in range(limits.max_turns):
         room = budget - len(ep.response_ids)
         if room <= 0:
             ep.truncated, ep.finish_reason = True, "token_budget"
             break
-        if room >= limits.max_tokens_per_turn and full_turn is not None:
-            turn_settings = full_turn
-        else:
-            turn_settings = SamplingSettings(
-                max_tokens=min(limits.max_tokens_per_turn, room),
-                temperature=settings.temperature,
-                top_p=settings.top_p,
-                top_k=settings.top_k,
-                stop_token_ids=settings.stop_token_ids,
-                seed=settings.seed,
-            )
-            if room >= limits.max_tokens_per_turn:
-                full_turn = turn_settings
+        turn_settings = full_turn if room >= limits.max_tokens_per_turn else dataclasses.replace(settings, max_tokens=room)
         t0 = time.perf_counter()
         gen = await engine.generate(ep.prompt_ids + ep.response_ids, turn_settings)
         ep.gen_time_s += time.perf_counter() - t0

@@ -169,6 +169,10 @@ def test_encode_by_pieces_between_added_tokens_equals_the_backend(tiny_model_dir
     for _ in range(1500):  # pieces shared across texts come from the cache: each text still encodes as a whole would
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
         assert encode(tok, text) == backend.encode(text, add_special_tokens=False).ids, repr(text)
+    from actors.rollout import _ENCODED
+
+    encode(tok, "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nhi")
+    assert _ENCODED[tok].get(("system\nYou are terse.", False)) is not None  # the piece is kept for the next prompt
     tok.add_tokens(["<new>"])  # a token added later is cut out as well
     assert encode(tok, "a<new>b<|im_end|>") == tok("a<new>b<|im_end|>", add_special_tokens=False)["input_ids"]
     assert tok.convert_tokens_to_ids("<new>") in encode(tok, "a<new>b")
