@@ -226,9 +226,13 @@ class Coordinator:
         items = self._grant_validation(info, max_groups)
         max_groups -= len(items)
         credit = (info.version + self.max_staleness + 1) * self.batch_groups - self.consumed - len(self.outstanding) - self._buffered()
-        # no actor holds more than its share of what may be in flight, so every live actor gets work
+        # no actor holds more than its share of the window (its groups in flight plus its fresh complete
+        # groups waiting for the learner), so every live actor gets work each version, however fast the others
         fair_share = -(-(self.max_staleness + 1) * self.batch_groups // max(1, len(self.actors)))
-        n = max(0, min(max_groups, credit, fair_share - len(info.outstanding)))
+        oldest = self.version - self.max_staleness
+        held = len(info.outstanding) + sum(1 for _, group in self.complete
+                                           if group[0].actor_id == info.actor_id and min(t.min_version for t in group) >= oldest)
+        n = max(0, min(max_groups, credit, fair_share - held))
         for _ in range(n):
             sid = self.stream.next()
             self.outstanding[sid] = info.actor_id

@@ -109,6 +109,29 @@ def test_no_work_until_min_actors_registered_then_fair_shares():
     assert len(second.items) == 2  # a1 gets the other half
 
 
+def test_a_fast_actor_does_not_take_a_slow_actors_share_of_a_version():
+    # max_staleness=0: one batch per version, so each of two actors rolls out half of every batch.
+    # A fast actor that finished its half before the other asked gets nothing more until the
+    # learner steps (it once took the whole batch and a slow-loading actor never got work).
+    c = Coordinator(DataStream([{"question": f"q{i}"} for i in range(20)], shuffle=False, seed=0),
+                    batch_groups=4, group_size=2, max_staleness=0, peer_timeout_s=60)
+    for aid in ("a0", "a1"):
+        c.on_request("p", m.Register(actor_id=aid, host="h", pid=1, engine="x"))
+    for version in (0, 1):
+        fast = ask(c, version)
+        assert len(fast.items) == 2
+        finish(c, fast, version)
+        assert ask(c, version).items == []  # its half is waiting for the learner: still its share
+        slow = c.on_request("p", m.WorkRequest(actor_id="a1", version=version, max_groups=10))
+        assert len(slow.items) == 2
+        for item in slow.items:
+            for k in range(item.group_size):
+                c.on_trajectory(traj(item.sample_id, k, version, actor="a1"))
+        batch, _ = c.take_batch(timeout_s=1)
+        assert sorted(g[0].actor_id for _, g in batch) == ["a0", "a0", "a1", "a1"]
+        c.advance(version + 1)
+
+
 def test_work_an_actor_cannot_roll_out_is_dropped_counted_and_never_granted_again():
     c = coordinator(staleness=0)
     g = ask(c, 0)
