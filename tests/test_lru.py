@@ -22,6 +22,40 @@ def test_the_least_recently_used_entries_leave_first_when_the_budget_is_passed()
         SizedLRU(0)
 
 
+def test_threads_sharing_one_lru_never_raise_and_keep_its_byte_count_true():
+    # a tool's long output is counted in a worker thread while the event loop encodes through the
+    # same cache: unguarded, a get raised KeyError (a put dropped the key between its two steps) and
+    # concurrent puts lost each other's byte counts
+    import random
+    import sys
+    import threading
+
+    lru, errors = SizedLRU(50), []
+
+    def hammer(seed):
+        rng = random.Random(seed)
+        try:
+            for _ in range(50_000):
+                k = rng.randrange(30)
+                if lru.get(k) is None:
+                    lru.put(k, k, rng.randrange(1, 10))
+        except Exception as e:  # noqa: BLE001  collected for the assert
+            errors.append(e)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=hammer, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert lru.nbytes == sum(n for _, n in lru._items.values()) <= 50
+
+
 def test_encode_keeps_recent_texts_within_its_budget_and_answers_as_the_tokenizer(tiny_model_dir, monkeypatch):
     from transformers import AutoTokenizer
 
