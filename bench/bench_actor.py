@@ -29,7 +29,9 @@ line gives the median of each ratio with its min and max (on a shared machine si
 Multi-turn episodes need a model that calls the tool: the demo's SFT warm start (``make demo``) calls
 it in ~30% of episodes, the RL'd demo model (``runs/demo/rl/final``) in all of them (2.0 turns per
 episode); one trained on tool demonstrations only gives ~2 turns per episode.
-Usage: python bench/bench_actor.py [--engine hf|vllm] [--prompts 32] [--chains 4] [--model DIR] [--repeats 3] [--set KEY=VALUE]
+``--deepen 8`` measures the model with 8 layers, its own and identity ones (``deepen_model``: the same
+logits bit for bit, so the same episodes, with each engine step the cost of that depth).
+Usage: python bench/bench_actor.py [--engine hf|vllm] [--prompts 32] [--chains 4] [--model DIR] [--deepen LAYERS] [--repeats 3] [--set KEY=VALUE]
 """
 
 from __future__ import annotations
@@ -59,12 +61,17 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=48, help="max tokens per turn")
     ap.add_argument("--model", default=None, help="HF model dir (default: the random-init tiny model: 1-turn episodes); "
                     "a warm-started model (runs/demo/sft after make demo) gives multi-turn tool episodes")
+    ap.add_argument("--deepen", type=int, default=None, metavar="LAYERS",
+                    help="measure a copy of the model with this many layers, the added ones adding nothing "
+                    "(launcher.tiny_model.deepen_model: the same episodes, each step the cost of that depth)")
     ap.add_argument("--repeats", type=int, default=1, help="run the whole measurement this many times")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for our actor, e.g. actor_rollout_ref.rollout.hf_engine_process=true")
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    if args.deepen is not None and args.deepen < 1:
+        ap.error("--deepen must be >= 1")
 
     import torch
 
@@ -73,16 +80,23 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="relay-bench-actor-"))
     model = Path(args.model) if args.model else build_tiny_model(work / "tiny")
+    if args.deepen is not None:
+        from launcher.tiny_model import deepen_model
+
+        model = deepen_model(model, work / f"deep{args.deepen}", args.deepen)
+    import json
+
+    layers = json.loads((model / "config.json").read_text()).get("num_hidden_layers")
     ratios, turn_ratios = [], []
     for run in range(args.repeats):
         ours_tps, raw_tps, turns_tps, line = measure(args, work / f"run{run}", model)
         print(line, flush=True)
         ratios.append(ours_tps / raw_tps)
         turn_ratios.append(ours_tps / turns_tps)
-        print(f"RESULT actor_run engine={args.engine} run={run} ours_tok_s={ours_tps:.0f} raw_tok_s={raw_tps:.0f} "
+        print(f"RESULT actor_run engine={args.engine} layers={layers} run={run} ours_tok_s={ours_tps:.0f} raw_tok_s={raw_tps:.0f} "
               f"turns_tok_s={turns_tps:.0f} ratio={ours_tps / raw_tps:.2f} ratio_turns={ours_tps / turns_tps:.2f}", flush=True)
     (r_med, r_min, r_max), (t_med, t_min, t_max) = spread(ratios), spread(turn_ratios)
-    print(f"RESULT actor engine={args.engine} runs={len(ratios)} ratio={r_med:.2f} ratio_min={r_min:.2f} "
+    print(f"RESULT actor engine={args.engine} layers={layers} runs={len(ratios)} ratio={r_med:.2f} ratio_min={r_min:.2f} "
           f"ratio_max={r_max:.2f} ratio_turns={t_med:.2f} ratio_turns_min={t_min:.2f} ratio_turns_max={t_max:.2f} "
           f"(target >= 0.95)", flush=True)
     return 0

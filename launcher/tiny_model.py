@@ -113,3 +113,49 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
         shutil.rmtree(out)
     tmp.replace(out)
     return out
+
+
+def deepen_model(src_dir: str | Path, out_dir: str | Path, num_layers: int, seed: int = 0) -> Path:
+    """A copy of the Qwen2/Llama-style model at ``src_dir`` with ``num_layers`` decoder layers: its own
+    first, then new ones that compute (random attention and MLP weights, seeded) but add nothing to the
+    residual stream (``o_proj`` and ``down_proj`` zero), so the copy's logits equal the source's bit for
+    bit while each step costs what a model of that depth costs. ``bench/bench_actor.py --deepen`` uses
+    it: the demo's RL'd model is the only one here that calls its tool, and its 2 layers make a step
+    ~1.5 ms, where the actor loop's fixed Python per turn weighs most. Reuses ``out_dir`` when built."""
+    out = Path(out_dir)
+    if (out / "config.json").exists():
+        return out
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = Path(src_dir)
+    cfg = AutoConfig.from_pretrained(src)
+    have = cfg.num_hidden_layers
+    if num_layers < have:
+        raise ValueError(f"deepen_model: {src} has {have} layers; num_layers={num_layers} would drop some")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    cfg.num_hidden_layers = num_layers
+    if getattr(cfg, "layer_types", None) is not None:
+        cfg.layer_types = list(cfg.layer_types) + [cfg.layer_types[-1]] * (num_layers - have)
+    torch.manual_seed(seed)
+    deep = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    missing, unexpected = deep.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("model.layers.") for k in missing):
+        raise ValueError(f"deepen_model: {src}'s weights do not fit a deeper copy (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    with torch.no_grad():
+        for layer in deep.model.layers[have:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    deep.save_pretrained(tmp)
+    for f in src.iterdir():  # tokenizer, chat template, generation config: as they are
+        if f.is_file() and not (tmp / f.name).exists():
+            shutil.copy2(f, tmp / f.name)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return out
