@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -84,8 +85,6 @@ def main() -> int:
         from launcher.tiny_model import deepen_model
 
         model = deepen_model(model, work / f"deep{args.deepen}", args.deepen)
-    import json
-
     layers = json.loads((model / "config.json").read_text()).get("num_hidden_layers")
     ratios, turn_ratios = [], []
     for run in range(args.repeats):
