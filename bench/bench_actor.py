@@ -84,7 +84,10 @@ def main() -> int:
     if args.deepen is not None:
         from launcher.tiny_model import deepen_model
 
-        model = deepen_model(model, work / f"deep{args.deepen}", args.deepen)
+        try:
+            model = deepen_model(model, work / f"deep{args.deepen}", args.deepen)
+        except ValueError as e:  # fewer layers than the model has
+            ap.error(str(e))
     layers = json.loads((model / "config.json").read_text()).get("num_hidden_layers")
     ratios, turn_ratios = [], []
     for run in range(args.repeats):
