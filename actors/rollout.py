@@ -254,6 +254,14 @@ _DECODED: "weakref.WeakKeyDictionary[object, SizedLRU]" = weakref.WeakKeyDiction
 ``ENCODE_CACHE_BYTES``."""
 
 
+def forget_texts() -> None:
+    """Empty ``encode``'s and ``decode``'s caches of every tokenizer: what follows meets its texts as new
+    (``bench/bench_actor_loop.py`` replays each batch so; nothing else needs it, the caches are bounded)."""
+    for caches in (_ENCODED, _DECODED):
+        for cache in list(caches.values()):
+            cache.clear()
+
+
 _PLAIN_CLASSES: dict[type, bool] = {}
 
 

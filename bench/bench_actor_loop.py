@@ -223,9 +223,9 @@ def replay_loop(parts, batches, chains, records) -> tuple[float, dict[str, float
     async def run() -> float:
         total = 0.0
         for rows, rec in zip(batches, records):
-            for cache in (rollout._ENCODED, rollout._DECODED, getattr(parts.agent, "_renders", None)):  # new texts, as in the engine's pass
-                if cache is not None:
-                    cache.clear()
+            rollout.forget_texts()  # new texts, as in the engine's pass
+            if hasattr(parts.agent, "forget_renders"):
+                parts.agent.forget_renders()
             t0 = time.perf_counter()
             await batch(rows, rec)
             total += time.perf_counter() - t0

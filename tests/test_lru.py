@@ -71,6 +71,10 @@ def test_encode_keeps_recent_texts_within_its_budget_and_answers_as_the_tokenize
             got.append(-1)  # the caller's list is its own: the kept ids are not changed
     cache = rollout._ENCODED[tok]
     assert 0 < len(cache) < len(texts) and cache.nbytes <= 2000
+    rollout.decode(tok, [5, 6, 7])
+    rollout.forget_texts()  # bench_actor_loop's fresh start: nothing kept, answers unchanged
+    assert len(cache) == 0 and cache.nbytes == 0 and len(rollout._DECODED[tok]) == 0
+    assert rollout.encode(tok, texts[0]) == tok(texts[0], add_special_tokens=False)["input_ids"]
 
 
 def test_the_calculator_answers_alike_from_its_kept_answers_and_keeps_no_error():
@@ -100,3 +104,5 @@ def test_the_agents_renders_are_kept_within_their_budget_and_equal_fresh_ones(ti
             conv = agent.start(row)
             assert agent.prompt_text(conv) == agent._render(conv.messages, True)
     assert 0 < len(agent._renders) < len(rows) and agent._renders.nbytes <= 3000
+    agent.forget_renders()
+    assert len(agent._renders) == 0 and agent._renders.nbytes == 0

@@ -79,6 +79,11 @@ class ChatAgent(Agent):
                 self._renders.put(key, text, len(text) + sum(len(x) for m in key for kv in m for x in kv))
         return text
 
+    def forget_renders(self) -> None:
+        """Empty the render cache: the next conversations are rendered anew."""
+        if self._renders is not None:
+            self._renders.clear()
+
     def add_assistant(self, conv: Conversation, text: str) -> None:
         super().add_assistant(conv, text)
         if conv.seen is not None and conv.seen[0] == len(conv.messages) - 1:  # the turn's ids end with the stop string
