@@ -146,14 +146,20 @@ def deepen_model(src_dir: str | Path, out_dir: str | Path, num_layers: int, seed
         raise ValueError(f"deepen_model: {src}'s weights do not fit a deeper copy (missing {missing[:3]}, unexpected {unexpected[:3]})")
     with torch.no_grad():
         for layer in deep.model.layers[have:]:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
+            try:
+                outputs = (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight)
+            except AttributeError:
+                raise ValueError(f"deepen_model: {src} is not a Qwen2/Llama-style model (a layer without "
+                                 "self_attn.o_proj and mlp.down_proj)") from None
+            for w in outputs:
+                w.zero_()
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     deep.save_pretrained(tmp)
-    for f in src.iterdir():  # tokenizer, chat template, generation config: as they are
-        if f.is_file() and not (tmp / f.name).exists():
+    for f in src.iterdir():  # tokenizer, chat template: as they are; not the source's weights (or its tiny-model stamp)
+        weights = f.suffix in (".safetensors", ".bin", ".pt", ".pth") or f.name.endswith(".index.json")
+        if f.is_file() and not weights and f.name != "relay_model.json" and not (tmp / f.name).exists():
             shutil.copy2(f, tmp / f.name)
     if out.exists():
         shutil.rmtree(out)

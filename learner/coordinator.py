@@ -229,9 +229,8 @@ class Coordinator:
         # no actor holds more than its share of the window (its groups in flight plus its fresh complete
         # groups waiting for the learner), so every live actor gets work each version, however fast the others
         fair_share = -(-(self.max_staleness + 1) * self.batch_groups // max(1, len(self.actors)))
-        oldest = self.version - self.max_staleness
         held = len(info.outstanding) + sum(1 for _, group in self.complete
-                                           if group[0].actor_id == info.actor_id and min(t.min_version for t in group) >= oldest)
+                                           if group[0].actor_id == info.actor_id and self._age(group) <= self.max_staleness)
         n = max(0, min(max_groups, credit, fair_share - held))
         for _ in range(n):
             sid = self.stream.next()
@@ -267,6 +266,11 @@ class Coordinator:
 
     def _buffered(self) -> int:
         return len(self.complete)
+
+    def _age(self, group: list[m.Trajectory]) -> int:
+        """Versions between the learner's and the oldest that sampled a token of ``group`` (stale above
+        ``max_staleness``)."""
+        return self.version - min(t.min_version for t in group)
 
     def _grant_validation(self, info: ActorInfo, max_groups: int) -> list[m.WorkItem]:
         """Validation items for an actor serving exactly the version being validated."""
@@ -433,7 +437,7 @@ class Coordinator:
             while len(batch) < self.batch_groups:
                 while self.complete and len(batch) < self.batch_groups:
                     sid, group = self.complete.popleft()
-                    age = self.version - min(t.min_version for t in group)
+                    age = self._age(group)
                     if age > self.max_staleness:
                         stale_dropped += 1
                         self.counters["groups_dropped_stale"] += 1

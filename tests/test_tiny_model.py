@@ -23,6 +23,7 @@ def test_a_deepened_copy_gives_the_same_logits_bit_for_bit_with_more_layers(tmp_
     tok = AutoTokenizer.from_pretrained(deep_dir)  # the tokenizer and chat template come along
     assert tok.chat_template == AutoTokenizer.from_pretrained(tiny_model_dir).chat_template
     assert deepen_model(tiny_model_dir, tmp_path / "deep", 5) == deep_dir  # built once
+    assert not (deep_dir / "relay_model.json").exists()  # not stamped as the embedded tiny model
 
 
 def test_deepening_refuses_to_drop_layers(tmp_path, tiny_model_dir):
